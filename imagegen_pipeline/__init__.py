@@ -1,0 +1,1 @@
+"""Batch image generation pipeline built on Dagster."""

@@ -1,0 +1,19 @@
+"""The project's jobs: prepare a prompt set, then generate per prompt set and backend."""
+
+import dagster as dg
+
+from imagegen_pipeline.defs.partitions import prompt_set_partitions, prompt_set_x_backend_partitions
+
+prepare_prompts_job = dg.define_asset_job(
+    "prepare_prompts",
+    selection=dg.AssetSelection.groups("prompts"),
+    partitions_def=prompt_set_partitions,
+    description="Validate and enhance one prompt set.",
+)
+
+generate_images_job = dg.define_asset_job(
+    "generate_images",
+    selection=dg.AssetSelection.groups("images", "clips", "quality"),
+    partitions_def=prompt_set_x_backend_partitions,
+    description="Images, clips and quality reports of one prompt set and backend.",
+)

@@ -1,0 +1,31 @@
+"""Asset metadata the Dagster UI shows: Markdown tables and thumbnail previews."""
+
+import base64
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+from PIL import Image
+
+
+def markdown_table(frame: pd.DataFrame, columns: Sequence[str], rows: int = 10) -> dg.MetadataValue:
+    """The first ``rows`` rows of ``frame`` as a Markdown table."""
+    head = frame.loc[:, [c for c in columns if c in frame.columns]].head(rows)
+    text = head.to_markdown(index=False) if len(head) else "_no rows_"
+    return dg.MetadataValue.md(text)
+
+
+def thumbnails(paths: Sequence[str | Path], limit: int = 6, size: int = 128) -> dg.MetadataValue:
+    """Up to ``limit`` images inlined as small JPEG data URIs, so the UI shows them."""
+    cells = []
+    for path in list(paths)[:limit]:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        cells.append(f"![{Path(path).name}](data:image/jpeg;base64,{encoded})")
+    return dg.MetadataValue.md(" ".join(cells) if cells else "_no images_")

@@ -1,0 +1,57 @@
+"""Prompt enhancement: a template enhancer and LLM enhancers behind one protocol."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from imagegen_pipeline.enhancement.base import (
+    CLIP_TOKEN_LIMIT,
+    T5_TOKEN_LIMIT,
+    Enhancement,
+    PromptEnhancer,
+    count_clip_tokens,
+    estimate_t5_tokens,
+    score_prompt,
+)
+from imagegen_pipeline.enhancement.template import TemplateEnhancer
+
+__all__ = [
+    "Enhancement",
+    "PromptEnhancer",
+    "TemplateEnhancer",
+    "enhance_prompts",
+]
+
+PASSTHROUGH_COLUMNS = ("line", "style", "seed", "width", "height", "num_images", "backends")
+
+
+def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataFrame:
+    """One enhanced row per validated prompt row, with its quality score and token counts."""
+    rows = []
+    for prompt in prompts.to_dict("records"):
+        result = enhancer.enhance(prompt["prompt"], prompt["style"], prompt["negative_prompt"])
+        quality = score_prompt(prompt["prompt"])
+        clip_tokens = count_clip_tokens(result.text)
+        t5_tokens = estimate_t5_tokens(result.text)
+        rows.append(
+            {
+                "prompt_id": prompt["prompt_id"],
+                "original_prompt": prompt["prompt"],
+                "enhanced_prompt": result.text,
+                "negative_prompt": result.negative_prompt,
+                "method": result.method,
+                "model": result.model,
+                "fallback_reason": result.fallback_reason,
+                "quality_score": quality.score,
+                "quality_issues": quality.issues,
+                "clip_tokens": clip_tokens,
+                "clip_truncated": clip_tokens > CLIP_TOKEN_LIMIT,
+                "t5_tokens_estimate": t5_tokens,
+                "t5_truncated": t5_tokens > T5_TOKEN_LIMIT,
+                **{column: prompt[column] for column in PASSTHROUGH_COLUMNS},
+            }
+        )
+    table = pd.DataFrame(rows)
+    for column in ("seed", "width", "height"):
+        table[column] = table[column].astype("Int64")
+    return table
