@@ -161,8 +161,8 @@ def write_run_metadata(
 
 def load_run_metadata(base_dir: str | Path, table: str = "images") -> pd.DataFrame:
     """Every row ever written to ``table`` under ``base_dir`` as one pandas DataFrame."""
-    schema = TABLE_SCHEMAS[table]
     folder = run_metadata_dir(Path(base_dir), table)
+    schema = TABLE_SCHEMAS[table]
     files = sorted(folder.glob("*.parquet")) if folder.exists() else []
     if not files:
         return schema.empty_table().to_pandas()

@@ -1,0 +1,63 @@
+"""Run the whole graph for one prompt set in this process, on the embedded Dagster instance.
+
+The demo, the integration tests and the benchmarks use this; the UI and the sensors run the
+same assets through the jobs in ``defs/jobs.py``. A Dagster run has one partitions definition,
+so a prompt set takes one run for its prompts, one per backend, and one for the comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dagster as dg
+
+from imagegen_pipeline.defs.partitions import prompt_set_partitions
+
+PER_PROMPT_SET_GROUPS = ("prompts",)
+PER_BACKEND_GROUPS = ("images", "clips", "quality")
+AFTER_BACKENDS_GROUPS = ("comparison",)
+
+
+def _groups_present(defs: dg.Definitions, groups: Sequence[str]) -> list[str]:
+    asset_graph = defs.resolve_asset_graph()
+    present = {asset_graph.get(key).group_name for key in asset_graph.materializable_asset_keys}
+    return [group for group in groups if group in present]
+
+
+def materialize_prompt_set(
+    defs: dg.Definitions,
+    prompt_set: str,
+    backends: Sequence[str],
+    *,
+    instance: dg.DagsterInstance,
+    resources: Mapping[str, Any] | None = None,
+    raise_on_error: bool = True,
+) -> list[dg.ExecuteInProcessResult]:
+    """Materialize every asset of ``prompt_set`` for ``backends``; returns one result per run."""
+    if prompt_set not in instance.get_dynamic_partitions(prompt_set_partitions.name):
+        instance.add_dynamic_partitions(prompt_set_partitions.name, [prompt_set])
+    assets = [*defs.assets, *(defs.asset_checks or [])]
+    resources = dict(resources if resources is not None else defs.resources or {})
+
+    def run(groups: Sequence[str], partition_key: str) -> dg.ExecuteInProcessResult | None:
+        present = _groups_present(defs, groups)
+        if not present:
+            return None
+        return dg.materialize(
+            assets,
+            selection=dg.AssetSelection.groups(*present),
+            partition_key=partition_key,
+            instance=instance,
+            resources=resources,
+            raise_on_error=raise_on_error,
+            tags={"imagegen/prompt_set": prompt_set},
+        )
+
+    results = [run(PER_PROMPT_SET_GROUPS, prompt_set)]
+    if results[0] is not None and results[0].success:
+        for backend in backends:
+            key = dg.MultiPartitionKey({"prompt_set": prompt_set, "backend": backend})
+            results.append(run(PER_BACKEND_GROUPS, key))
+        results.append(run(AFTER_BACKENDS_GROUPS, prompt_set))
+    return [result for result in results if result is not None]
