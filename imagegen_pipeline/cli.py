@@ -37,13 +37,13 @@ def ensure_dagster_home() -> Path:
 
 def _choose_models(models_dir: Path) -> dict[str, tuple[str, bool]]:
     """Per local backend: (model, is_tiny). Real weights win when they are on this machine."""
-    from imagegen_pipeline.tiny_models import build_tiny_model
+    from imagegen_pipeline.tiny_models import build_tiny_model, is_tiny_model
 
     chosen = {}
     for backend, variable in LOCAL_MODELS.items():
         configured = os.getenv(variable)
         if configured:
-            chosen[backend] = (configured, False)
+            chosen[backend] = (configured, is_tiny_model(Path(configured)))
         elif is_cached(WEIGHT_SOURCES[backend].repo_id):
             chosen[backend] = (WEIGHT_SOURCES[backend].repo_id, False)
         else:

@@ -7,7 +7,6 @@ for nothing. Weights are pulled once, ahead of time, on a machine that can reach
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class ModelWeightsMissingError(RuntimeError):
 
 def missing_weights_message(model: str, revision: str | None, detail: str = "") -> str:
     """One message naming the model and every way to make its weights available."""
-    if Path(model).is_absolute() or model.startswith("."):
+    if model.startswith(("/", ".", "~")):
         text = f"Model folder {model!r} is missing or incomplete."
     else:
         text = (

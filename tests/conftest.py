@@ -9,6 +9,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import yaml
 
 from imagegen_pipeline.tiny_models import build_tiny_model
 
@@ -16,6 +17,7 @@ from imagegen_pipeline.tiny_models import build_tiny_model
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("GEMINI_API_KEY", None)
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE_SIDE = 64  # tiny models draw noise; small images keep the suite fast
 
 EXAMPLE_CSV = """prompt_id,prompt,style,seed,num_images,backends
@@ -51,8 +53,11 @@ def tiny_sdxl(tiny_models_dir: Path) -> Path:
 
 @pytest.fixture
 def dagster_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    """An ephemeral-disk Dagster instance in a temporary DAGSTER_HOME (SQLite, like the real one)."""
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+    """A Dagster instance in a temporary DAGSTER_HOME with the project's dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    overrides = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as instance:
         yield instance
 
 

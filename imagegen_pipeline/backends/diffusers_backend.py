@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from imagegen_pipeline.backends.base import (
     GenerationSettings,
@@ -84,10 +86,16 @@ def load_diffusers_pipeline(
     allow_download: bool,
 ) -> Any:
     """``pipeline_class.from_pretrained`` with one clear error when the weights are missing."""
-    if Path(model).expanduser().exists():
-        model = str(Path(model).expanduser())
+    # Progress bars would fill every step's compute log with carriage returns.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    local = Path(model).expanduser()
+    if local.exists():
+        model = str(local)
+    elif model.startswith(("/", ".", "~")):
+        raise ModelWeightsMissingError(missing_weights_message(model, revision))
     kwargs: dict[str, Any] = {
-        "torch_dtype": dtype,
+        "dtype": dtype,
         "revision": revision,
         "local_files_only": not allow_download,
     }
@@ -198,6 +206,16 @@ class DiffusersImageBackend(ImageBackend):
             )
             while pending:
                 batch = pending.popleft()
+                if len(batch) > self.batch_size:  # planned before an out-of-memory halving
+                    pending.extendleft(
+                        reversed(
+                            [
+                                batch[i : i + self.batch_size]
+                                for i in range(0, len(batch), self.batch_size)
+                            ]
+                        )
+                    )
+                    continue
                 try:
                     images, seconds, peak_mb = self._call(batch)
                 except Exception as exc:

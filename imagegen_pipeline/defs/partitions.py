@@ -1,5 +1,7 @@
 """The project's partitions: one prompt set per CSV file, crossed with the image backends."""
 
+import warnings
+
 import dagster as dg
 
 from imagegen_pipeline.prompt_csv import BACKEND_NAMES
@@ -15,8 +17,13 @@ prompt_set_x_backend_partitions = dg.MultiPartitionsDefinition(
     {"prompt_set": prompt_set_partitions, "backend": backend_partitions}
 )
 
-# Per-backend assets read the per-prompt-set assets of their own prompt set.
-from_prompt_set = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="prompt_set")
+# Per-backend assets read the per-prompt-set assets of their own prompt set. The mapping is
+# marked beta but has been stable since Dagster 1.4.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    from_prompt_set = dg.MultiToSingleDimensionPartitionMapping(
+        partition_dimension_name="prompt_set"
+    )
 
 
 def partition_parts(context: dg.AssetExecutionContext) -> tuple[str, str]:
