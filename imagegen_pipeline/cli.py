@@ -23,6 +23,12 @@ LOCAL_MODELS = {
     "sdxl_turbo": "IMAGEGEN_SDXL_TURBO_MODEL",
 }
 TINY_IMAGE_SIDE = 256  # the tiny models draw noise: small images keep the demo fast on a CPU
+# Tiny SVD's smallest clips (64 px is its minimum side; no guidance halves the UNet calls):
+# about a second each on a CPU, so a clip per prompt keeps the demo well under two minutes.
+TINY_SVD_SETTINGS = {
+    "width": 64, "height": 64, "num_frames": 4, "steps": 2, "decode_chunk_size": 4,
+    "max_guidance_scale": 1.0,
+}  # fmt: skip
 
 
 def ensure_dagster_home() -> Path:
@@ -51,6 +57,35 @@ def _choose_models(models_dir: Path) -> dict[str, tuple[str, bool]]:
     return chosen
 
 
+def _choose_clip_and_scoring_models(models_dir: Path) -> dict[str, tuple[str, bool]]:
+    """Per resource (svd, clip_scorer): (model, is_tiny). Real weights win when they are here."""
+    from imagegen_pipeline.model_weights import ModelWeightsMissingError
+    from imagegen_pipeline.scoring.clip_scorer import ClipScorerConfig, open_clip_source
+    from imagegen_pipeline.tiny_models import build_tiny_model, is_tiny_model
+
+    chosen = {}
+    svd_repo = WEIGHT_SOURCES["svd_xt"].repo_id
+    configured = os.getenv("IMAGEGEN_SVD_MODEL")
+    if configured:
+        chosen["svd"] = (configured, is_tiny_model(Path(configured)))
+    elif is_cached(svd_repo):
+        chosen["svd"] = (svd_repo, False)
+    else:
+        chosen["svd"] = (str(build_tiny_model("svd_xt", models_dir)), True)
+    configured = os.getenv("IMAGEGEN_CLIP_MODEL")
+    if configured:
+        folder = Path(configured.removeprefix("local-dir:"))
+        chosen["clip_scorer"] = (configured, is_tiny_model(folder))
+        return chosen
+    try:
+        open_clip_source(ClipScorerConfig())  # ViT-L-14/openai, from the local cache only
+        chosen["clip_scorer"] = (ClipScorerConfig().model, False)
+    except ModelWeightsMissingError:
+        tiny = build_tiny_model("open_clip_vit_l_14", models_dir)
+        chosen["clip_scorer"] = (f"local-dir:{tiny}", True)
+    return chosen
+
+
 def demo(args: argparse.Namespace) -> int:
     """Run the whole graph on one prompt CSV and say where everything landed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,6 +93,7 @@ def demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from imagegen_pipeline.definitions import defs
+    from imagegen_pipeline.defs.resources import reconfigured
     from imagegen_pipeline.local_runner import materialize_prompt_set
 
     csv_path = Path(args.prompts).resolve()
@@ -65,19 +101,24 @@ def demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     models = _choose_models(storage_dir / "models" / "tiny")
     resources = dict(defs.resources or {})
-    resources["storage"] = resources["storage"].model_copy(
-        update={"prompts_dir": str(csv_path.parent), "base_dir": str(storage_dir)}
+    resources["storage"] = reconfigured(
+        resources["storage"], prompts_dir=str(csv_path.parent), base_dir=str(storage_dir)
     )
-    resources["io_manager"] = resources["io_manager"].model_copy(
-        update={"storage": resources["storage"]}
-    )
+    resources["io_manager"] = reconfigured(resources["io_manager"], storage=resources["storage"])
     for backend, (model, tiny) in models.items():
         update: dict = {"model": model}
         if tiny:
             update |= {"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE}
             print(f"! {backend}: no real weights here, using a TINY RANDOM-WEIGHT model ({model}):")
             print("  its images are noise. `imagegen models pull` fetches the real weights.")
-        resources[backend] = resources[backend].model_copy(update=update)
+        resources[backend] = reconfigured(resources[backend], **update)
+    auxiliary = _choose_clip_and_scoring_models(storage_dir / "models" / "tiny")
+    for name, (model, tiny) in auxiliary.items():
+        update = {"model": model, **(TINY_SVD_SETTINGS if tiny and name == "svd" else {})}
+        if tiny:
+            print(f"! {name}: no real weights here, using a TINY RANDOM-WEIGHT model ({model}):")
+            print("  its clips and scores are noise. `imagegen models pull` fetches real weights.")
+        resources[name] = reconfigured(resources[name], **update)
     backends = list(models)
     if os.getenv("GEMINI_API_KEY"):
         backends.append("gemini")

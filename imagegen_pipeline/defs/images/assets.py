@@ -1,13 +1,19 @@
 """Images of one prompt set from one backend, with one run-metadata row per image."""
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
 from imagegen_pipeline.backends.base import ImageBackend
+from imagegen_pipeline.backends.gemini import GeminiBackend, GeminiKeyMissingError
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags
-from imagegen_pipeline.defs.images.resources import FluxSchnellResource, SdxlTurboResource
+from imagegen_pipeline.defs.images.resources import (
+    FluxSchnellResource,
+    GeminiResource,
+    SdxlTurboResource,
+)
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     from_prompt_set,
@@ -16,6 +22,7 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.image_generation import plan_images, run_images_step
+from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.run_metadata import write_run_metadata
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
@@ -35,6 +42,7 @@ def images(
     storage: StorageResource,
     flux_schnell: FluxSchnellResource,
     sdxl_turbo: SdxlTurboResource,
+    gemini: GeminiResource,
 ) -> dg.Output[pd.DataFrame]:
     """Generate every image of the prompt set that the backend lacks; one row per image.
 
@@ -47,6 +55,11 @@ def images(
         backend = flux_schnell.create_backend()
     elif backend_name == "sdxl_turbo":
         backend = sdxl_turbo.create_backend()
+    elif backend_name == "gemini":
+        try:
+            backend = gemini.create_backend()
+        except GeminiKeyMissingError as error:
+            raise dg.Failure(description=str(error)) from None
     else:
         raise dg.Failure(f"The {backend_name!r} backend is not implemented yet.")
 
@@ -62,6 +75,8 @@ def images(
             run_id=run_id,
             log=context.log.info,
         )
+    except ModelWeightsMissingError as error:
+        raise dg.Failure(description=str(error)) from None
     finally:
         backend.unload()  # free the GPU for the next step in this process
     label = f"{prompt_set}_{backend_name}"
@@ -73,6 +88,9 @@ def images(
     )
     table = pd.DataFrame(outcome.image_rows)
     counts = outcome.counts
+    gemini_metadata = (
+        gemini_totals(table, backend, context.log) if isinstance(backend, GeminiBackend) else {}
+    )
     available = counts["ok"] + counts["skipped_existing"]
     if planned and not available:
         raise dg.Failure(
@@ -98,8 +116,41 @@ def images(
             "run_metadata_images": dg.MetadataValue.path(str(images_file)),
             "run_metadata_steps": dg.MetadataValue.path(str(steps_file)),
             "cost_usd": float(step["cost_usd"] or 0.0),
+            **gemini_metadata,
         },
     )
+
+
+def gemini_totals(table: pd.DataFrame, backend: GeminiBackend, log: Any) -> dict[str, Any]:
+    """Tokens, retries and calls of a Gemini partition; logs a reached budget or daily quota."""
+
+    def total(column: str) -> int:
+        values = table[column] if column in table else pd.Series(dtype=float)
+        return int(pd.to_numeric(values, errors="coerce").fillna(0).sum())
+
+    stats = backend.last_run
+    budget = backend.config.budget_usd
+    skipped = int((table["status"] == "skipped_budget").sum()) if len(table) else 0
+    if stats.budget_reached:
+        log.warning(
+            f"Gemini budget of ${budget:.2f} reached (${stats.spent_usd:.4f} spent): "
+            f"{skipped} image(s) were not requested (status skipped_budget). Raise budget_usd "
+            "on the gemini resource and re-run to make them; finished images are kept."
+        )
+    if stats.daily_quota_exhausted:
+        log.error(
+            "The Gemini daily quota is exhausted: requests after it were not sent. Re-run after "
+            "the quota resets (midnight Pacific time) or use a key with a higher quota."
+        )
+    return {
+        "prompt_tokens": total("prompt_tokens"),
+        "output_tokens": total("output_tokens"),
+        "retries": total("retries"),
+        "http_calls": stats.http_calls,
+        **({"budget_usd": float(budget)} if budget is not None else {}),
+        "budget_reached": stats.budget_reached,
+        "daily_quota_exhausted": stats.daily_quota_exhausted,
+    }
 
 
 def image_paths(table: pd.DataFrame) -> list[Path]:
