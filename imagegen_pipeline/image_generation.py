@@ -125,7 +125,9 @@ def run_images_step(
     }
     rows: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def describe(item: PlannedImage, result: ImageResult, path: Path | None) -> dict[str, Any]:
+    def describe(
+        item: PlannedImage, result: ImageResult, path: Path | None, digest: str | None = None
+    ) -> dict[str, Any]:
         request = item.request
         details = result.details
         return {
@@ -141,7 +143,7 @@ def run_images_step(
             "status": result.status,
             "error": result.error,
             "path": str(path) if path else None,
-            "sha256": sha256_file(path) if path else None,
+            "sha256": digest or (sha256_file(path) if path else None),
             "seconds": result.seconds,
             "device": backend.device,
             "peak_gpu_memory_mb": details.get("peak_gpu_memory_mb"),
@@ -174,15 +176,14 @@ def run_images_step(
         for result in backend.generate([item.request for item in todo]):
             key = (result.request.prompt_id, result.request.image_index)
             item = by_key[key]
-            path = None
+            path = digest = None
             if result.status == "ok" and result.image is not None:
-                write_bytes_atomic(
-                    item.path, encode_png(result.image, png_text_chunks(backend, item))
-                )
-                path = item.path
+                png = encode_png(result.image, png_text_chunks(backend, item))
+                write_bytes_atomic(item.path, png)
+                path, digest = item.path, hashlib.sha256(png).hexdigest()
             elif result.status == "failed":
                 log(f"{item.request.prompt_id}[{item.request.image_index}] failed: {result.error}")
-            rows[key] = describe(item, result, path)
+            rows[key] = describe(item, result, path, digest)
 
     image_rows = [rows[(p.request.prompt_id, p.request.image_index)] for p in planned]
     counts = {
