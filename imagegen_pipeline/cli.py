@@ -94,7 +94,7 @@ def demo(args: argparse.Namespace) -> int:
 
     from imagegen_pipeline.definitions import defs
     from imagegen_pipeline.defs.resources import reconfigured
-    from imagegen_pipeline.local_runner import materialize_prompt_set
+    from imagegen_pipeline.local_runner import materialize_prompt_set, release_interrupted_runs
 
     csv_path = Path(args.prompts).resolve()
     storage_dir = Path(os.getenv("IMAGEGEN_STORAGE_DIR", "storage")).resolve()
@@ -119,14 +119,23 @@ def demo(args: argparse.Namespace) -> int:
             print(f"! {name}: no real weights here, using a TINY RANDOM-WEIGHT model ({model}):")
             print("  its clips and scores are noise. `imagegen models pull` fetches real weights.")
         resources[name] = reconfigured(resources[name], **update)
-    backends = list(models)
-    if os.getenv("GEMINI_API_KEY"):
-        backends.append("gemini")
-    else:
-        print("! gemini left out: GEMINI_API_KEY is not set.")
+    if all(tiny for _, tiny in [*models.values(), *auxiliary.values()]):
+        # Tiny models run tiny kernels: extra CPU threads only spin-wait, and stall for whole
+        # seconds per call when another process holds a core (SVD's many small ops worst).
+        import torch
+
+        torch.set_num_threads(1)
+    backends = [backend for backend in models if backend in args.backends]
+    if "gemini" in args.backends:
+        if os.getenv("GEMINI_API_KEY"):
+            backends.append("gemini")
+        else:
+            print("! gemini left out: GEMINI_API_KEY is not set.")
 
     prompt_set = prompt_set_name(csv_path)
     with dg.DagsterInstance.get() as instance:
+        for run_id in release_interrupted_runs(instance):
+            print(f"! run {run_id} was interrupted; marked failed and its GPU slot freed.")
         results = materialize_prompt_set(
             defs, prompt_set, backends, instance=instance, resources=resources, raise_on_error=False
         )
@@ -169,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="run the whole graph on one prompt CSV")
     demo_parser.add_argument("--prompts", default=str(PROJECT_ROOT / "prompts" / "example.csv"))
+    demo_parser.add_argument(
+        "--backends", nargs="+", default=["flux_schnell", "sdxl_turbo", "gemini"],
+        help="backends to run (gemini only when GEMINI_API_KEY is set)",
+    )  # fmt: skip
     demo_parser.set_defaults(func=demo)
     models_parser = commands.add_parser("models", help="get model weights")
     models_parser.add_argument("action", choices=["pull", "tiny"])

@@ -7,6 +7,7 @@ so a prompt set takes one run for its prompts, one per backend, and one for the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import dagster as dg
 
 from imagegen_pipeline.defs.partitions import prompt_set_partitions
 
+RUNNER_PID_TAG = "imagegen/runner_pid"
 PER_PROMPT_SET_GROUPS = ("prompts",)
 PER_BACKEND_GROUPS = ("images", "clips", "quality")
 AFTER_BACKENDS_GROUPS = ("comparison",)
@@ -23,6 +25,36 @@ def _groups_present(defs: dg.Definitions, groups: Sequence[str]) -> list[str]:
     asset_graph = defs.resolve_asset_graph()
     present = {asset_graph.get(key).group_name for key in asset_graph.materializable_asset_keys}
     return [group for group in groups if group in present]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Fail the in-process runs whose process died (killed, machine rebooted).
+
+    Such a run still holds its ``gpu`` pool slot, and with one slot every later GPU step would
+    wait for it forever; its slots are freed. Returns the ids of the runs released.
+    """
+    in_progress = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    records = instance.get_run_records(filters=dg.RunsFilter(statuses=in_progress))
+    released = []
+    for record in records:
+        run = record.dagster_run
+        pid = run.tags.get(RUNNER_PID_TAG)
+        if pid is None or _process_alive(int(pid)):
+            continue
+        instance.report_run_failed(run, "Interrupted: the process running it is gone.")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released
 
 
 def materialize_prompt_set(
@@ -51,7 +83,7 @@ def materialize_prompt_set(
             instance=instance,
             resources=resources,
             raise_on_error=raise_on_error,
-            tags={"imagegen/prompt_set": prompt_set},
+            tags={"imagegen/prompt_set": prompt_set, RUNNER_PID_TAG: str(os.getpid())},
         )
 
     results = [run(PER_PROMPT_SET_GROUPS, prompt_set)]
