@@ -1,9 +1,12 @@
 """The local image backends as Dagster resources: every GPU setting is per-op configuration."""
 
+import dataclasses
 from typing import Literal
 
 import dagster as dg
+from pydantic import Field
 
+from imagegen_pipeline.backends import gemini as gemini_api
 from imagegen_pipeline.backends.diffusers_backend import DiffusersImageBackend
 from imagegen_pipeline.backends.flux_schnell import FluxSchnellBackend, FluxSchnellConfig
 from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend, SdxlTurboConfig
@@ -67,3 +70,36 @@ class SdxlTurboResource(DiffusersBackendResource):
     def create_backend(self) -> SdxlTurboBackend:
         """A backend with this configuration, not yet loaded."""
         return self._sized(SdxlTurboBackend(SdxlTurboConfig(**self._config_fields())))
+
+
+class GeminiResource(dg.ConfigurableResource):
+    """Gemini image generation (gemini-2.5-flash-image) through the google-genai SDK."""
+
+    # GEMINI_API_KEY: default_resources() passes dg.EnvVar("GEMINI_API_KEY") when it is set,
+    # so runs of the local backends never need it; repr=False keeps it out of every repr.
+    api_key: str | None = Field(default=None, repr=False)
+    model: str = gemini_api.DEFAULT_MODEL  # any Gemini model that answers with images
+    base_url: str | None = None  # another endpoint (a proxy, a test server); None for Google
+    timeout_seconds: float = 120.0  # one HTTP call; a timed-out call is retried
+    max_concurrent_requests: int = 8  # HTTP calls in flight at once
+    requests_per_minute: float = 60.0  # pacing of all calls, retries included: your RPM quota
+    max_retries: int = 6  # per image, on 408/429/5xx, timeouts and network errors
+    initial_backoff_seconds: float = 1.0  # first retry waits up to this (full jitter)
+    max_backoff_seconds: float = 60.0  # ceiling of the exponential backoff
+    # Prices per token (Google's list prices for gemini-2.5-flash-image): input $0.30 per 1M,
+    # image output $30 per 1M (1290 tokens, ~$0.039 per image), text output $2.50 per 1M.
+    price_per_input_token_usd: float = gemini_api.PRICE_PER_INPUT_TOKEN_USD
+    price_per_output_token_usd: float = gemini_api.PRICE_PER_OUTPUT_TOKEN_USD
+    price_per_output_text_token_usd: float = gemini_api.PRICE_PER_OUTPUT_TEXT_TOKEN_USD
+    price_per_image_usd: float = gemini_api.PRICE_PER_IMAGE_USD  # expected cost, for the budget
+    budget_usd: float | None = None  # per-run cap: no request is sent past it; None: no cap
+
+    def create_backend(self) -> gemini_api.GeminiBackend:
+        """A backend with this configuration; raises GeminiKeyMissingError without a key."""
+        settings = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(gemini_api.GeminiConfig)
+            if field.name != "api_key"
+        }
+        config = gemini_api.GeminiConfig(api_key=self.api_key or "", **settings)
+        return gemini_api.GeminiBackend(config)

@@ -90,10 +90,15 @@ def all_prompt_rows_valid(rejected_prompts: pd.DataFrame) -> dg.AssetCheckResult
     kinds={"pandas"},
 )
 def enhanced_prompts(
-    context: dg.AssetExecutionContext, prompts: pd.DataFrame, enhancer: PromptEnhancerResource
+    context: dg.AssetExecutionContext,
+    prompts: pd.DataFrame,
+    enhancer: PromptEnhancerResource,
+    storage: StorageResource,
 ) -> dg.Output[pd.DataFrame]:
     """Each prompt made detailed for image models, with a quality score and token counts."""
-    prompt_enhancer = enhancer.create_enhancer(context.partition_key)
+    prompt_enhancer = enhancer.create_enhancer(
+        context.partition_key, cache_dir=storage.base / "cache" / "enhancements"
+    )
     table = enhance_prompts(prompts, prompt_enhancer)
     fallbacks = int((table["fallback_reason"] != "").sum())
     if fallbacks:

@@ -1,8 +1,19 @@
 """How prompts are enhanced, per prompt set."""
 
+from pathlib import Path
+
 import dagster as dg
+from pydantic import Field
 
 from imagegen_pipeline.enhancement import PromptEnhancer, TemplateEnhancer
+from imagegen_pipeline.enhancement.llm import (
+    DEFAULT_GEMINI_TEXT_MODEL,
+    DEFAULT_OLLAMA_BASE_URL,
+    DEFAULT_OLLAMA_MODEL,
+    EnhancementCache,
+    GeminiTextEnhancer,
+    OllamaEnhancer,
+)
 
 
 class PromptEnhancerResource(dg.ConfigurableResource):
@@ -10,14 +21,40 @@ class PromptEnhancerResource(dg.ConfigurableResource):
 
     default_method: str = "template"  # used for prompt sets not named in method_by_prompt_set
     method_by_prompt_set: dict[str, str] = {}  # noqa: RUF012 - e.g. {"product_shots": "gemini"}
+    # GEMINI_API_KEY for the "gemini" method: default_resources() passes
+    # dg.EnvVar("GEMINI_API_KEY") only when it is set; repr=False keeps it out of every repr.
+    gemini_api_key: str | None = Field(default=None, repr=False)
+    gemini_text_model: str = DEFAULT_GEMINI_TEXT_MODEL  # the Gemini model that rewrites prompts
+    gemini_base_url: str | None = None  # another endpoint (a proxy, a test server)
+    ollama_base_url: str = DEFAULT_OLLAMA_BASE_URL  # where `ollama serve` listens
+    ollama_model: str = DEFAULT_OLLAMA_MODEL  # a model pulled into Ollama (`ollama pull ...`)
+    timeout_seconds: float = 60.0  # one LLM call; a timed-out prompt falls back to the template
+    cache_dir: str | None = None  # cached LLM answers; None: <storage base>/cache/enhancements
 
     def method_for(self, prompt_set: str) -> str:
         """The enhancement method configured for ``prompt_set``."""
         return self.method_by_prompt_set.get(prompt_set, self.default_method)
 
-    def create_enhancer(self, prompt_set: str) -> PromptEnhancer:
-        """The enhancer for ``prompt_set``."""
+    def create_enhancer(self, prompt_set: str, cache_dir: Path | None = None) -> PromptEnhancer:
+        """The enhancer for ``prompt_set``; LLM answers are cached in ``cache_dir``."""
         method = self.method_for(prompt_set)
         if method == "template":
             return TemplateEnhancer()
+        folder = Path(self.cache_dir) if self.cache_dir else cache_dir
+        cache = EnhancementCache(folder) if folder is not None else None
+        if method == "gemini":
+            return GeminiTextEnhancer(
+                model=self.gemini_text_model,
+                api_key=self.gemini_api_key or "",
+                base_url=self.gemini_base_url,
+                cache=cache,
+                timeout_seconds=self.timeout_seconds,
+            )
+        if method == "ollama":
+            return OllamaEnhancer(
+                model=self.ollama_model,
+                base_url=self.ollama_base_url,
+                cache=cache,
+                timeout_seconds=self.timeout_seconds,
+            )
         raise ValueError(f"unknown enhancement method {method!r} for prompt set {prompt_set!r}")

@@ -1,0 +1,352 @@
+"""LLM prompt enhancers: Gemini (google-genai SDK) and a local Ollama, with an on-disk cache.
+
+Both send the same few-shot instruction, which turns a short prompt into a detailed one for a
+text-to-image model while keeping the user's subject and the requested style. The negative
+prompt always comes from the template enhancer's per-style negatives (LLMs write poor negative
+prompts, and the diffusion backends read them through classifier-free guidance).
+
+Answers are cached on disk by (method, model, prompt, style), one small JSON file per key,
+written atomically, so a re-run never calls the LLM again for a prompt it already enhanced.
+Any failure (an HTTP error, a timeout, an empty or unusable answer) falls back to the template
+enhancer for that prompt with ``fallback_reason`` saying why; fallbacks are never cached, so the
+next run tries the LLM again. After a few failures in a row the LLM is not called again for
+the rest of the set: a server that is down would otherwise cost one timeout per prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from imagegen_pipeline.atomic_files import write_text_atomic
+from imagegen_pipeline.enhancement.base import Enhancement
+from imagegen_pipeline.enhancement.template import TemplateEnhancer
+
+DEFAULT_GEMINI_TEXT_MODEL = "gemini-2.5-flash"
+DEFAULT_OLLAMA_BASE_URL = "http://127.0.0.1:11434"
+DEFAULT_OLLAMA_MODEL = "llama3.2"
+# Bump when the instruction changes, so cached answers written under the old one are not reused.
+INSTRUCTION_VERSION = 1
+MAX_ANSWER_CHARS = 1500
+MAX_CONSECUTIVE_FAILURES = 3
+
+STYLE_HINTS = {
+    "photorealistic": "a photograph: camera, lens, natural light, real materials",
+    "artistic": "a painting or illustration: medium, brushwork, palette",
+    "cinematic": "a film still: dramatic lighting, framing, colour grade, depth of field",
+    "anime": "an anime illustration: line art, cel shading, vivid colours",
+    "none": "no particular style: describe the scene plainly and vividly",
+}
+
+FEW_SHOT = (
+    (
+        "a cat sleeping on a windowsill",
+        "photorealistic",
+        "A ginger tabby cat curled up asleep on a sunlit wooden windowsill, soft morning light "
+        "through sheer curtains, potted herbs beside it, shallow depth of field, 50mm lens, "
+        "natural colours, fine fur detail",
+    ),
+    (
+        "a lighthouse in a storm",
+        "cinematic",
+        "A lone white lighthouse on a jagged cliff battered by a violent storm at dusk, huge "
+        "waves exploding against the rocks, its beam cutting through rain and low clouds, "
+        "dramatic backlight, wide anamorphic framing, teal and amber colour grade",
+    ),
+    (
+        "a fox in a forest",
+        "anime",
+        "A small red fox trotting through a glowing autumn forest, fallen maple leaves swirling "
+        "around it, warm sunbeams between tall trees, clean line art, cel shading, vibrant "
+        "orange and gold palette",
+    ),
+)
+
+INSTRUCTION = (
+    "You rewrite short prompts for a text-to-image model into one detailed prompt.\n"
+    "Rules:\n"
+    "- Keep the user's subject and every detail they gave; add setting, composition, "
+    "lighting, colours and materials that fit.\n"
+    "- Follow the requested style.\n"
+    "- Put the most important words first: some image models read only the first 77 tokens.\n"
+    "- Write 30 to 60 words as one comma-separated description, in English.\n"
+    "- Answer with the prompt only: no preamble, no quotes, no lists, no negative prompt.\n"
+    "\nExamples:\n"
+    + "\n".join(
+        f"Style: {style}\nPrompt: {prompt}\nAnswer: {answer}\n"
+        for prompt, style, answer in FEW_SHOT
+    )
+)
+
+# Openings of answers that are refusals or chatter, not prompts.
+REFUSALS = re.compile(
+    r"^(i'?m sorry|i am sorry|sorry|i can(?:no|')t|i cannot|as an ai|i won'?t|"
+    r"i am unable|i'?m unable)",
+    re.IGNORECASE,
+)
+PREAMBLE = re.compile(
+    r"^(?:here(?:'s| is)[^:\n]*:|(?:enhanced |detailed )?prompt:|answer:)\s*", re.I
+)
+# Words too common to show that an answer kept the prompt's subject (short ones are ignored).
+STOPWORDS = frozenset({"the", "and", "with", "for", "from", "into", "over", "under", "near", "its"})
+
+
+class EnhancerError(RuntimeError):
+    """An LLM call failed or answered something unusable; the message says which."""
+
+
+def user_message(prompt: str, style: str) -> str:
+    """The request for one prompt, in the shape of the few-shot examples."""
+    hint = STYLE_HINTS.get(style, STYLE_HINTS["none"])
+    return f"Style: {style} ({hint})\nPrompt: {prompt}\nAnswer:"
+
+
+def _content_words(text: str) -> set[str]:
+    return {
+        word
+        for word in re.findall(r"[a-z0-9']+", text.lower())
+        if len(word) > 2 and word not in STOPWORDS
+    }
+
+
+def clean_answer(answer: str | None, prompt: str) -> str:
+    """The usable prompt in an LLM's answer; raises EnhancerError when there is none."""
+    text = (answer or "").strip()
+    # Reasoning models may prepend their thinking; keep what follows it.
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).strip()
+    text = PREAMBLE.sub("", text).strip()
+    text = text.strip("\"'` \n")
+    text = re.sub(r"\s+", " ", text)
+    if not text:
+        raise EnhancerError("empty answer")
+    if REFUSALS.match(text):
+        raise EnhancerError(f"the model refused: {text[:120]!r}")
+    if len(text) > MAX_ANSWER_CHARS:
+        raise EnhancerError(f"answer too long ({len(text)} characters)")
+    wanted = _content_words(prompt)
+    if wanted and not wanted & _content_words(text):
+        raise EnhancerError(f"answer lost the subject of the prompt: {text[:120]!r}")
+    return text
+
+
+@dataclass
+class EnhancementCache:
+    """Enhanced prompts on disk, one JSON file per (method, model, prompt, style)."""
+
+    folder: Path
+
+    def _path(self, method: str, model: str, prompt: str, style: str) -> Path:
+        key = json.dumps([INSTRUCTION_VERSION, method, model, prompt, style])
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.json"
+
+    def get(self, method: str, model: str, prompt: str, style: str) -> str | None:
+        """The cached text, or None (a missing or unreadable entry is a miss)."""
+        path = self._path(method, model, prompt, style)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        text = entry.get("text") if isinstance(entry, dict) else None
+        return text if isinstance(text, str) and text else None
+
+    def put(self, method: str, model: str, prompt: str, style: str, text: str) -> None:
+        """Store ``text`` atomically: a reader never sees half an entry."""
+        entry = {"method": method, "model": model, "prompt": prompt, "style": style, "text": text}
+        write_text_atomic(
+            self._path(method, model, prompt, style), json.dumps(entry, ensure_ascii=False)
+        )
+
+
+@dataclass
+class LLMEnhancer:
+    """What the LLM enhancers share: cache, cleaning, fallback and the failure breaker."""
+
+    model: str
+    cache: EnhancementCache | None = None
+    timeout_seconds: float = 60.0
+    method: str = field(default="llm", init=False)
+    fallback: TemplateEnhancer = field(default_factory=TemplateEnhancer, init=False)
+    calls: int = field(default=0, init=False)  # LLM calls made (cache hits make none)
+    _failures_in_a_row: int = field(default=0, init=False, repr=False)
+    _last_failure: str = field(default="", init=False, repr=False)
+
+    def complete(self, prompt: str, style: str) -> str:
+        """The raw answer of the LLM to the enhancement request for one prompt."""
+        raise NotImplementedError
+
+    def describe_error(self, exc: Exception) -> str:
+        """A short description of a failed call."""
+        return f"{type(exc).__name__}: {exc}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` without any secret the enhancer holds (an API key)."""
+        return text
+
+    def enhance(self, prompt: str, style: str, negative_prompt: str = "") -> Enhancement:
+        """The LLM's prompt (cached), or the template's with the reason it fell back."""
+        template = self.fallback.enhance(prompt, style, negative_prompt)
+        if self.cache is not None:
+            cached = self.cache.get(self.method, self.model, prompt, style)
+            if cached is not None:
+                return self._enhancement(cached, template)
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            reason = (
+                f"{self.method} {self.model} not called after {self._failures_in_a_row} "
+                f"failures in a row (last: {self._last_failure})"
+            )
+            return replace(template, fallback_reason=reason)
+        try:
+            self.calls += 1
+            text = clean_answer(self.complete(prompt, style), prompt)
+        except Exception as exc:  # any failure falls back: one prompt never stops the set
+            message = str(exc) if isinstance(exc, EnhancerError) else self.describe_error(exc)
+            self._failures_in_a_row += 1
+            self._last_failure = self.scrub(message)[:300]
+            reason = f"{self.method} {self.model} failed: {self._last_failure}"
+            return replace(template, fallback_reason=reason)
+        self._failures_in_a_row = 0
+        if self.cache is not None:
+            self.cache.put(self.method, self.model, prompt, style, text)
+        return self._enhancement(text, template)
+
+    def _enhancement(self, text: str, template: Enhancement) -> Enhancement:
+        return Enhancement(
+            text=text,
+            negative_prompt=template.negative_prompt,
+            method=self.method,
+            model=self.model,
+        )
+
+
+@dataclass
+class GeminiTextEnhancer(LLMEnhancer):
+    """Enhancement by a Gemini text model through the google-genai SDK."""
+
+    model: str = DEFAULT_GEMINI_TEXT_MODEL
+    api_key: str = field(default="", repr=False)  # never shown
+    base_url: str | None = None  # another endpoint (a proxy, a test server)
+    _client: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.method = "gemini"
+        if not self.api_key:
+            raise ValueError(
+                "GEMINI_API_KEY is not set: export GEMINI_API_KEY=... (get a key at "
+                "https://aistudio.google.com/apikey) or use the template or ollama enhancer"
+            )
+
+    def _get_client(self) -> genai.Client:
+        if self._client is None:
+            http_options = types.HttpOptions(
+                base_url=self.base_url,
+                api_version="v1beta",
+                timeout=int(self.timeout_seconds * 1000),
+                # No SDK retries: a failed prompt falls back at once and is retried next run.
+                retry_options=types.HttpRetryOptions(attempts=1),
+            )
+            self._client = genai.Client(api_key=self.api_key, http_options=http_options)
+        return self._client
+
+    def complete(self, prompt: str, style: str) -> str:
+        config = types.GenerateContentConfig(
+            system_instruction=INSTRUCTION,
+            temperature=0.4,
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+        )
+        response = self._get_client().models.generate_content(
+            model=self.model, contents=user_message(prompt, style), config=config
+        )
+        feedback = response.prompt_feedback
+        if feedback is not None and feedback.block_reason:
+            raise EnhancerError(f"prompt blocked ({feedback.block_reason})")
+        texts = [
+            part.text
+            for candidate in (response.candidates or [])[:1]
+            for part in ((candidate.content.parts if candidate.content else None) or [])
+            if part.text and not part.thought
+        ]
+        return "".join(texts)
+
+    def describe_error(self, exc: Exception) -> str:
+        if isinstance(exc, genai_errors.APIError):
+            text = f"HTTP {exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+        elif "timeout" in type(exc).__name__.lower():
+            text = f"timed out after {self.timeout_seconds:g} s"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        return self.scrub(text)
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self.api_key, "[redacted]") if self.api_key else text
+
+
+@dataclass
+class OllamaEnhancer(LLMEnhancer):
+    """Enhancement by a local Ollama model through its REST API (POST /api/generate)."""
+
+    model: str = DEFAULT_OLLAMA_MODEL
+    base_url: str = DEFAULT_OLLAMA_BASE_URL
+
+    def __post_init__(self) -> None:
+        self.method = "ollama"
+
+    def complete(self, prompt: str, style: str) -> str:
+        payload = {
+            "model": self.model,
+            "prompt": user_message(prompt, style),
+            "system": INSTRUCTION,
+            "stream": False,
+            "options": {"temperature": 0.4},
+        }
+        request = urllib.request.Request(
+            f"{self.base_url.rstrip('/')}/api/generate",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
+            raw = response.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise EnhancerError(f"answer is not JSON: {raw[:80]!r}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("response"), str):
+            raise EnhancerError("answer has no 'response' text")
+        return body["response"]
+
+    def describe_error(self, exc: Exception) -> str:
+        if isinstance(exc, urllib.error.HTTPError):
+            try:
+                detail = json.loads(exc.read()).get("error", "")
+            except (ValueError, AttributeError, OSError):
+                detail = ""
+            return f"HTTP {exc.code}: {detail or exc.reason}"
+        if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+            return f"timed out after {self.timeout_seconds:g} s"
+        if isinstance(exc, urllib.error.URLError):
+            return f"cannot reach Ollama at {self.base_url} ({exc.reason}); is `ollama serve` up?"
+        return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = [
+    "DEFAULT_GEMINI_TEXT_MODEL",
+    "DEFAULT_OLLAMA_BASE_URL",
+    "DEFAULT_OLLAMA_MODEL",
+    "EnhancementCache",
+    "EnhancerError",
+    "GeminiTextEnhancer",
+    "LLMEnhancer",
+    "OllamaEnhancer",
+    "clean_answer",
+]

@@ -1,0 +1,403 @@
+"""The Gemini backend against a local fake of the Gemini API, through the real google-genai SDK."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imagegen_pipeline.backends.base import GenerationSettings, ImageRequest, content_address
+from imagegen_pipeline.backends.gemini import (
+    MISSING_KEY_MESSAGE,
+    GeminiBackend,
+    GeminiConfig,
+    GeminiKeyMissingError,
+    aspect_ratio_for,
+)
+from imagegen_pipeline.image_generation import PlannedImage, run_images_step
+from tests.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
+
+FAST = {
+    "timeout_seconds": 2.0,
+    "requests_per_minute": 60_000,  # pacing out of the way unless a test is about it
+    "max_concurrent_requests": 4,
+    "initial_backoff_seconds": 0.01,
+    "max_backoff_seconds": 0.05,
+}
+
+
+def make_backend(server: FakeGemini, **overrides) -> GeminiBackend:
+    """A backend on the fake server, with fast timeouts and backoffs."""
+    settings = {**FAST, **overrides}
+    return GeminiBackend(GeminiConfig(api_key=FAKE_GEMINI_KEY, base_url=server.url, **settings))
+
+
+def request(prompt_id: str, prompt: str | None = None, **changes) -> ImageRequest:
+    """A request for one image; the prompt defaults to one naming the id."""
+    values = {
+        "image_index": 0,
+        "prompt": prompt or f"a watercolour painting of {prompt_id}",
+        "negative_prompt": "",
+        "seed": 7,
+        "width": 1024,
+        "height": 1024,
+    }
+    return ImageRequest(prompt_id=prompt_id, **{**values, **changes})
+
+
+def by_id(results) -> dict[str, object]:
+    return {result.request.prompt_id: result for result in results}
+
+
+def test_ok_image_and_the_request_sent(fake_gemini: FakeGemini):
+    backend = make_backend(fake_gemini)
+    wanted = request("fox", "a red fox asleep in the snow", seed=1234, width=1920, height=1080)
+
+    [result] = list(backend.generate([wanted]))
+
+    assert result.status == "ok" and result.error == ""
+    assert isinstance(result.image, Image.Image) and result.image.size == (64, 36)
+    details = result.details
+    assert details["finish_reason"] == "STOP" and details["retries"] == 0
+    assert details["prompt_tokens"] == len(wanted.prompt) // 4
+    assert details["output_tokens"] == 1290
+    expected_cost = details["prompt_tokens"] * 0.30e-6 + 1290 * 30e-6
+    assert details["cost_usd"] == pytest.approx(expected_cost)
+    assert 0.0386 < details["cost_usd"] < 0.0390  # about $0.039 per image
+
+    [sent] = fake_gemini.requests
+    assert sent.path == "/v1beta/models/gemini-2.5-flash-image:generateContent"
+    assert sent.headers["x-goog-api-key"] == FAKE_GEMINI_KEY
+    assert sent.body["contents"][0]["parts"] == [{"text": "a red fox asleep in the snow"}]
+    config = sent.generation_config
+    assert config["seed"] == 1234
+    assert config["responseModalities"] == ["IMAGE"]
+    assert config["imageConfig"] == {"aspectRatio": "16:9"}
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "ratio"),
+    [
+        (1024, 1024, "1:1"),
+        (1920, 1080, "16:9"),
+        (1080, 1920, "9:16"),
+        (832, 1248, "2:3"),
+        (1248, 832, "3:2"),
+        (768, 1024, "3:4"),
+        (1024, 768, "4:3"),
+        (896, 1120, "4:5"),
+        (1120, 896, "5:4"),
+        (2048, 880, "21:9"),
+        (2048, 64, "21:9"),  # beyond the widest: the nearest one
+        (512, 528, "1:1"),
+    ],
+)
+def test_aspect_ratio_is_the_nearest_supported(width, height, ratio):
+    assert aspect_ratio_for(width, height) == ratio
+
+
+def test_settings_size_and_device(fake_gemini: FakeGemini):
+    backend = make_backend(fake_gemini, model="gemini-2.5-flash-image-preview")
+    assert backend.settings == GenerationSettings(
+        backend="gemini",
+        model_id="gemini-2.5-flash-image-preview",
+        revision="api",
+        steps=0,
+        guidance=0.0,
+    )
+    assert backend.device == "remote"
+    assert (backend.default_width, backend.default_height) == (1024, 1024)
+    assert backend.supports_negative_prompt is False
+    assert list(backend.generate([])) == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["rate_limit", "rate_limit_header", "server_error", "bad_gateway", "unavailable", "hang"],
+)
+def test_transient_faults_are_retried_and_counted(fake_gemini: FakeGemini, fault: str):
+    fake_gemini.script("harbour", fault, "ok")
+    backend = make_backend(fake_gemini, timeout_seconds=0.5)
+
+    [result] = list(backend.generate([request("harbour", "a harbour at dawn")]))
+
+    assert result.status == "ok" and result.image is not None
+    assert result.details["retries"] == 1
+    assert [sent.fault for sent in fake_gemini.requests] == [fault, "ok"]
+    assert backend.last_run.retries == 1 and backend.last_run.http_calls == 2
+
+
+@pytest.mark.parametrize("fault", ["rate_limit", "rate_limit_header"])
+def test_the_server_retry_delay_is_honoured(fault: str):
+    with FakeGemini(api_key=FAKE_GEMINI_KEY, retry_delay_seconds=0.4) as server:
+        server.script("mill", fault, "ok")
+        backend = make_backend(server)  # its own backoff is at most 0.05 s
+
+        [result] = list(backend.generate([request("mill", "a windmill by a canal")]))
+
+        first, second = server.requests
+        assert result.status == "ok"
+        assert second.received_at - first.received_at >= 0.4
+
+
+def test_retries_stop_at_the_limit(fake_gemini: FakeGemini):
+    fake_gemini.script("quarry", *["server_error"] * 10)
+    backend = make_backend(fake_gemini, max_retries=2)
+
+    [result] = list(backend.generate([request("quarry", "an old quarry lake")]))
+
+    assert result.status == "failed" and result.image is None
+    assert "HTTP 500" in result.error and "after 2 retries" in result.error
+    assert result.details["retries"] == 2
+    assert len(fake_gemini.requests) == 3
+
+
+def test_timeouts_fail_after_the_retries(fake_gemini: FakeGemini):
+    fake_gemini.script("glacier", "hang", "hang")
+    backend = make_backend(fake_gemini, timeout_seconds=0.3, max_retries=1)
+
+    [result] = list(backend.generate([request("glacier", "a blue glacier cave")]))
+
+    assert result.status == "failed"
+    assert "timed out after 0.3 s" in result.error
+    assert backend.last_run.errors_by_status["timeout"] == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "finish_reason", "error_part"),
+    [
+        ("image_safety", "IMAGE_SAFETY", "no image (finishReason IMAGE_SAFETY)"),
+        ("image_prohibited", "IMAGE_PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT"),
+        ("no_image", "NO_IMAGE", "no image (finishReason NO_IMAGE)"),
+        ("text_only", "STOP", "I can't make that picture"),
+        ("prompt_blocked", "PROHIBITED_CONTENT", "prompt blocked"),
+    ],
+)
+def test_refusals_are_blocked_without_a_placeholder(
+    fake_gemini: FakeGemini, fault: str, finish_reason: str, error_part: str
+):
+    fake_gemini.script("castle", fault)
+    backend = make_backend(fake_gemini)
+
+    [result] = list(backend.generate([request("castle", "a castle on a hill")]))
+
+    assert result.status == "blocked"
+    assert result.image is None
+    assert result.details["finish_reason"] == finish_reason
+    assert error_part in result.error
+    assert result.details["retries"] == 0 and len(fake_gemini.requests) == 1  # never retried
+
+
+def test_a_malformed_answer_fails_without_retry(fake_gemini: FakeGemini):
+    fake_gemini.script("bridge", "malformed")
+    backend = make_backend(fake_gemini)
+
+    [result] = list(backend.generate([request("bridge", "a stone bridge in fog")]))
+
+    assert result.status == "failed" and result.image is None
+    assert "malformed response" in result.error
+    assert len(fake_gemini.requests) == 1
+
+
+def test_unreachable_server_fails_with_a_network_error():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = GeminiConfig(
+        api_key=FAKE_GEMINI_KEY, base_url=f"http://127.0.0.1:{port}", max_retries=1, **FAST
+    )
+
+    [result] = list(GeminiBackend(config).generate([request("moon")]))
+
+    assert result.status == "failed"
+    assert result.error.startswith("network error") and "after 1 retries" in result.error
+
+
+def test_a_mix_of_faults_loses_nothing_and_writes_no_placeholder(
+    fake_gemini: FakeGemini, tmp_path: Path
+):
+    faults = {
+        "ok-one": [],
+        "ok-two": [],
+        "retry-429": ["rate_limit", "ok"],
+        "retry-500": ["server_error", "ok"],
+        "retry-503": ["unavailable", "ok"],
+        "retry-hang": ["hang", "ok"],
+        "safety": ["image_safety"],
+        "noimage": ["no_image"],
+        "textonly": ["text_only"],
+        "promptblock": ["prompt_blocked"],
+        "garbled": ["malformed"],
+        "dead": ["server_error"] * 5,
+    }
+    for prompt_id, script in faults.items():
+        if script:
+            fake_gemini.script(f"[{prompt_id}/0]", *script)  # the first image of each prompt
+    backend = make_backend(fake_gemini, timeout_seconds=0.5, max_retries=2)
+    settings = backend.settings
+    planned = []
+    for prompt_id in faults:
+        for index in range(2):
+            prompt = f"a paper lantern [{prompt_id}/{index}]"
+            wanted = request(prompt_id, prompt, image_index=index, seed=index)
+            image_id = content_address(settings, wanted)
+            path = tmp_path / prompt_id / f"{index:02d}_{image_id[:16]}.png"
+            planned.append(PlannedImage(wanted, image_id, path))
+
+    outcome = run_images_step(
+        backend, planned, images_dir=tmp_path, prompt_set="mix", run_id="r1", log=lambda _: None
+    )
+
+    rows = {(row["prompt_id"], row["image_index"]): row for row in outcome.image_rows}
+    assert len(rows) == len(planned) == 24  # one row per image: nothing lost
+    assert {prompt_id: rows[(prompt_id, 0)]["status"] for prompt_id in faults} == {
+        "ok-one": "ok",
+        "ok-two": "ok",
+        "retry-429": "ok",
+        "retry-500": "ok",
+        "retry-503": "ok",
+        "retry-hang": "ok",
+        "safety": "blocked",
+        "noimage": "blocked",
+        "textonly": "blocked",
+        "promptblock": "blocked",
+        "garbled": "failed",
+        "dead": "failed",
+    }
+    assert all(rows[(prompt_id, 1)]["status"] == "ok" for prompt_id in faults)
+    assert outcome.counts == {
+        "ok": 18,
+        "skipped_existing": 0,
+        "failed": 2,
+        "blocked": 4,
+        "skipped_budget": 0,
+    }
+    retries = {prompt_id: rows[(prompt_id, 0)]["retries"] for prompt_id in faults}
+    assert retries["retry-429"] == retries["retry-hang"] == 1 and retries["dead"] == 2
+    for row in outcome.image_rows:
+        if row["status"] == "ok":
+            assert row["path"] and Path(row["path"]).exists()
+            assert row["cost_usd"] > 0 and row["output_tokens"] == 1290
+        else:
+            assert row["path"] is None and row["sha256"] is None
+            assert row["error"]
+    assert len(sorted(tmp_path.rglob("*.png"))) == 18  # no file for a blocked or failed image
+
+
+def test_concurrency_limit_is_respected():
+    with FakeGemini(api_key=FAKE_GEMINI_KEY, latency=0.3) as server:
+        backend = make_backend(server, max_concurrent_requests=3)
+
+        results = list(backend.generate([request(f"p{i}") for i in range(12)]))
+
+        assert [r.status for r in results] == ["ok"] * 12
+        assert server.max_in_flight == 3  # reached, never exceeded
+        assert backend.last_run.max_in_flight == 3
+
+
+def test_requests_are_paced_to_the_requests_per_minute(fake_gemini: FakeGemini):
+    backend = make_backend(fake_gemini, requests_per_minute=600, max_concurrent_requests=8)
+
+    results = list(backend.generate([request(f"p{i}") for i in range(20)]))
+
+    assert all(result.status == "ok" for result in results)
+    stats = arrival_stats(fake_gemini.requests, window_seconds=1.0)
+    assert stats.count == 20
+    assert stats.per_minute <= 600  # the average rate
+    assert stats.max_in_window <= 10  # and no burst: at most 600/60 in any second
+    assert stats.span_seconds >= 1.8  # 19 gaps of 1/9.8 s: paced, not sent at once
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_the_budget_cap_skips_the_rest(fake_gemini: FakeGemini, concurrency: int):
+    backend = make_backend(
+        fake_gemini, budget_usd=0.10, price_per_image_usd=0.039, max_concurrent_requests=concurrency
+    )
+
+    results = by_id(backend.generate([request(f"p{i}") for i in range(6)]))
+
+    statuses = sorted(result.status for result in results.values())
+    assert statuses == ["ok", "ok"] + ["skipped_budget"] * 4
+    skipped = [r for r in results.values() if r.status == "skipped_budget"]
+    assert all("budget reached" in r.error and r.image is None for r in skipped)
+    assert len(fake_gemini.requests) == 2  # nothing past the budget was sent
+    spent = sum(r.details["cost_usd"] for r in results.values() if r.status == "ok")
+    assert spent <= 0.10
+    assert backend.last_run.budget_reached and backend.last_run.spent_usd == pytest.approx(spent)
+
+
+def test_a_daily_quota_fails_fast(fake_gemini: FakeGemini):
+    fake_gemini.script("first", "daily_quota")
+    backend = make_backend(fake_gemini, max_concurrent_requests=1)
+    todo = [request("a", "the first lantern")] + [request(f"p{i}") for i in range(5)]
+
+    results = by_id(backend.generate(todo))
+
+    assert len(fake_gemini.requests) == 1  # no retry, nothing sent after it
+    assert {r.status for r in results.values()} == {"failed"}
+    assert results["a"].error.startswith("daily quota exhausted")
+    assert "PerDay" in results["a"].error and results["a"].details["retries"] == 0
+    for prompt_id in ("p0", "p4"):
+        assert results[prompt_id].error.startswith("not sent: daily quota exhausted")
+    assert backend.last_run.daily_quota_exhausted
+
+
+def test_the_api_key_stays_out_of_reprs_and_errors(fake_gemini: FakeGemini):
+    fake_gemini.script("echo", "bad_key")  # the server echoes the key in its error message
+    backend = make_backend(fake_gemini)
+
+    [result] = list(backend.generate([request("echo", "an echo in a canyon")]))
+
+    assert result.status == "failed"
+    assert "[redacted]" in result.error and FAKE_GEMINI_KEY not in result.error
+    for text in (repr(backend.config), str(backend.config), repr(backend), str(result)):
+        assert FAKE_GEMINI_KEY not in text
+
+
+def test_a_wrong_key_is_a_clear_failure(fake_gemini: FakeGemini):
+    config = GeminiConfig(api_key="AIza-wrong-key", base_url=fake_gemini.url, **FAST)
+
+    [result] = list(GeminiBackend(config).generate([request("owl")]))
+
+    assert result.status == "failed" and "API key not valid" in result.error
+    assert len(fake_gemini.requests) == 1  # a 400 is not retried
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_a_missing_key_is_a_clear_error(key: str):
+    with pytest.raises(GeminiKeyMissingError) as raised:
+        GeminiConfig(api_key=key)
+    assert str(raised.value) == MISSING_KEY_MESSAGE
+    assert "https://aistudio.google.com/apikey" in MISSING_KEY_MESSAGE
+
+
+def test_results_stream_while_later_requests_run():
+    with FakeGemini(api_key=FAKE_GEMINI_KEY, latency=0.2) as server:
+        backend = make_backend(server, max_concurrent_requests=1)
+        results = backend.generate([request(f"p{i}") for i in range(6)])
+
+        first = next(results)
+        seen_at_first = len(server.requests)
+        rest = list(results)
+
+        assert first.status == "ok"
+        assert seen_at_first < 6  # the first result came before the last request was sent
+        assert len(rest) == 5
+
+
+def test_stopping_early_cancels_the_rest():
+    with FakeGemini(api_key=FAKE_GEMINI_KEY, latency=0.2) as server:
+        backend = make_backend(server, max_concurrent_requests=1)
+        results = backend.generate([request(f"p{i}") for i in range(20)])
+
+        next(results)
+        results.close()
+        sent = len(server.requests)
+        time.sleep(0.5)
+
+        assert len(server.requests) == sent < 20  # nothing more is sent after close()
+        assert not [t for t in threading.enumerate() if t.name == "gemini-backend"]

@@ -1,0 +1,316 @@
+"""The gemini partition of ``images``, materialized by Dagster against local fakes of the API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+from PIL import Image
+
+from imagegen_pipeline.defs.images.assets import images
+from imagegen_pipeline.defs.images.resources import (
+    FluxSchnellResource,
+    GeminiResource,
+    SdxlTurboResource,
+)
+from imagegen_pipeline.defs.prompts.assets import enhanced_prompts, prompts
+from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
+from imagegen_pipeline.defs.resources import default_resources
+from imagegen_pipeline.defs.storage import ParquetIOManager, StorageResource
+from tests.fake_servers import FAKE_GEMINI_KEY, FakeGemini
+
+PROMPT_SET = "mixed"
+PROMPTS_CSV = """prompt_id,prompt,style,seed,num_images,backends
+fox,a red fox asleep in the snow,photorealistic,11,2,gemini
+harbour,a fishing harbour at dawn,cinematic,,1,gemini
+volcano,a volcano erupting at night,artistic,,1,gemini
+garden,a zen garden with raked gravel,anime,,1,gemini
+canyon,an echo in a red canyon,none,,1,gemini
+owl,a brass clockwork owl on a book,artistic,,1,flux_schnell
+"""
+GEMINI_PARTITION = dg.MultiPartitionKey({"prompt_set": PROMPT_SET, "backend": "gemini"})
+
+
+def home(tmp_path: Path) -> str:
+    """A fresh DAGSTER_HOME folder for one test's instance."""
+    folder = tmp_path / "dagster_home"
+    folder.mkdir(exist_ok=True)
+    return str(folder)
+
+
+@pytest.fixture
+def prompts_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / f"{PROMPT_SET}.csv").write_text(PROMPTS_CSV)
+    return folder
+
+
+@pytest.fixture
+def text_gemini() -> Iterator[FakeGemini]:
+    """A second fake for the text enhancer, so its calls never consume the image scripts."""
+    with FakeGemini(api_key=FAKE_GEMINI_KEY) as server:
+        yield server
+
+
+def make_resources(
+    tmp_path: Path, prompts_folder: Path, image_server: FakeGemini, text_server: FakeGemini
+) -> dict[str, Any]:
+    """The project's resources on temporary folders, with Gemini pointed at the fakes."""
+    storage = StorageResource(prompts_dir=str(prompts_folder), base_dir=str(tmp_path / "storage"))
+    key = dg.EnvVar("GEMINI_API_KEY")  # what default_resources() passes when the key is set
+    return {
+        "storage": storage,
+        "io_manager": ParquetIOManager(storage=storage),
+        "enhancer": PromptEnhancerResource(
+            method_by_prompt_set={PROMPT_SET: "gemini"},
+            gemini_api_key=key,
+            gemini_base_url=text_server.url,
+        ),
+        "flux_schnell": FluxSchnellResource(),  # not loaded: no partition of theirs runs
+        "sdxl_turbo": SdxlTurboResource(),
+        "gemini": GeminiResource(
+            api_key=key,
+            base_url=image_server.url,
+            timeout_seconds=2.0,
+            requests_per_minute=6000,
+            max_concurrent_requests=3,
+            initial_backoff_seconds=0.01,
+            max_backoff_seconds=0.05,
+        ),
+    }
+
+
+def materialize_gemini_partition(
+    instance: dg.DagsterInstance, resources: dict[str, Any]
+) -> tuple[dg.ExecuteInProcessResult, dg.ExecuteInProcessResult]:
+    """prompts and enhanced_prompts for the set, then images for its gemini partition."""
+    instance.add_dynamic_partitions("prompt_sets", [PROMPT_SET])
+    prepared = dg.materialize(
+        [prompts, enhanced_prompts],
+        partition_key=PROMPT_SET,
+        resources=resources,
+        instance=instance,
+    )
+    assert prepared.success
+    generated = dg.materialize(
+        [prompts, enhanced_prompts, images],
+        selection=[images],
+        partition_key=GEMINI_PARTITION,
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+    return prepared, generated
+
+
+def script_faults(server: FakeGemini) -> None:
+    server.script("harbour", "rate_limit", "ok")
+    server.script("volcano", "image_safety")
+    server.script("garden", "server_error", "unavailable", "ok")
+    server.script("canyon", "bad_key")  # the server echoes the key back in its error
+
+
+def test_the_gemini_partition_with_a_mix_of_faults(
+    tmp_path: Path,
+    prompts_folder: Path,
+    fake_gemini: FakeGemini,
+    text_gemini: FakeGemini,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
+    script_faults(fake_gemini)
+    resources = make_resources(tmp_path, prompts_folder, fake_gemini, text_gemini)
+
+    with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
+        _, result = materialize_gemini_partition(instance, resources)
+
+        assert result.success
+        table = result.output_for_node("images")
+        [materialization] = result.asset_materializations_for_node("images")
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+
+    enhanced = pd.read_parquet(tmp_path / "storage/tables/enhanced_prompts/mixed.parquet")
+    assert set(enhanced["method"]) == {"gemini"} and set(enhanced["model"]) == {"gemini-2.5-flash"}
+    rows = {(row["prompt_id"], row["image_index"]): row for row in table.to_dict("records")}
+    assert sorted(rows) == [
+        ("canyon", 0),
+        ("fox", 0),
+        ("fox", 1),
+        ("garden", 0),
+        ("harbour", 0),
+        ("volcano", 0),
+    ]  # the flux-only prompt is not planned for gemini
+    status = {key: row["status"] for key, row in rows.items()}
+    assert status == {
+        ("canyon", 0): "failed",
+        ("fox", 0): "ok",
+        ("fox", 1): "ok",
+        ("garden", 0): "ok",
+        ("harbour", 0): "ok",
+        ("volcano", 0): "blocked",
+    }
+    assert rows[("harbour", 0)]["retries"] == 1 and rows[("garden", 0)]["retries"] == 2
+    assert rows[("volcano", 0)]["finish_reason"] == "IMAGE_SAFETY"
+    assert pd.isna(rows[("volcano", 0)]["path"])  # no placeholder image
+    assert "API key not valid" in rows[("canyon", 0)]["error"]
+    for key in [("fox", 0), ("fox", 1), ("garden", 0), ("harbour", 0)]:
+        row = rows[key]
+        assert row["output_tokens"] == 1290 and 0.0386 < row["cost_usd"] < 0.039
+        assert row["negative_prompt"] == ""  # Gemini has no negative prompt: none recorded
+        with Image.open(row["path"]) as png:
+            assert png.text["prompt"] == row["prompt"] and png.text["seed"] == str(row["seed"])
+    # The seeds and sizes asked for are what was sent: the CSV's seed, then the next one.
+    sent = [
+        (r.prompt, r.generation_config["seed"], r.generation_config["imageConfig"])
+        for r in fake_gemini.requests
+    ]
+    for index, seed in ((0, 11), (1, 12)):
+        fox = rows[("fox", index)]
+        assert fox["seed"] == seed
+        assert (fox["prompt"], seed, {"aspectRatio": "1:1"}) in sent
+
+    assert metadata["ok"] == 4 and metadata["blocked"] == 1 and metadata["failed"] == 1
+    assert metadata["skipped_budget"] == 0 and metadata["retries"] == 3
+    assert metadata["output_tokens"] == 4 * 1290 + 0
+    assert metadata["prompt_tokens"] == int(table["prompt_tokens"].fillna(0).sum()) > 0
+    assert metadata["cost_usd"] == pytest.approx(table["cost_usd"].fillna(0).sum())
+    assert metadata["http_calls"] == 9  # 6 images, 3 retries
+    metadata_rows = pd.read_parquet(metadata["run_metadata_images"])
+    assert list(metadata_rows["status"]).count("ok") == 4
+
+
+def test_the_budget_cap_in_the_asset(
+    tmp_path: Path,
+    prompts_folder: Path,
+    fake_gemini: FakeGemini,
+    text_gemini: FakeGemini,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
+    resources = make_resources(tmp_path, prompts_folder, fake_gemini, text_gemini)
+    resources["gemini"] = GeminiResource(
+        api_key=dg.EnvVar("GEMINI_API_KEY"),
+        base_url=fake_gemini.url,
+        max_concurrent_requests=1,
+        budget_usd=0.08,  # two images at the expected $0.039 each
+    )
+
+    with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
+        _, result = materialize_gemini_partition(instance, resources)
+        logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+        table = result.output_for_node("images")
+        [materialization] = result.asset_materializations_for_node("images")
+
+    assert result.success
+    assert sorted(table["status"]) == ["ok", "ok"] + ["skipped_budget"] * 4
+    assert materialization.metadata["skipped_budget"].value == 4
+    assert materialization.metadata["budget_reached"].value is True
+    assert any("Gemini budget of $0.08 reached" in message for message in logs)
+    assert len(fake_gemini.requests) == 2
+
+
+def test_the_api_key_appears_nowhere(
+    tmp_path: Path,
+    prompts_folder: Path,
+    fake_gemini: FakeGemini,
+    text_gemini: FakeGemini,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
+    script_faults(fake_gemini)
+    text_gemini.script("volcano", "bad_key")  # the text enhancer's error echoes the key too
+    resources = make_resources(tmp_path, prompts_folder, fake_gemini, text_gemini)
+    caplog.set_level(logging.DEBUG)
+    dagster_home = Path(home(tmp_path))
+
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        prepared, generated = materialize_gemini_partition(instance, resources)
+        assert generated.success
+        texts: list[str] = []
+        for result in (prepared, generated):
+            for entry in instance.all_logs(result.run_id):
+                texts += [entry.message, entry.user_message, dg.serialize_value(entry)]
+            texts.append(repr(instance.get_run_by_id(result.run_id)))
+            for event in result.all_events:
+                texts.append(repr(event))
+        for node in ("images",):
+            for materialization in generated.asset_materializations_for_node(node):
+                texts += [repr(value) for value in materialization.metadata.values()]
+    texts += [record.getMessage() for record in caplog.records]
+
+    # The key was really used (sent by the SDK, echoed back by the server) ...
+    assert all(r.headers["x-goog-api-key"] == FAKE_GEMINI_KEY for r in fake_gemini.requests)
+    assert all(r.headers["x-goog-api-key"] == FAKE_GEMINI_KEY for r in text_gemini.requests)
+    assert any("[redacted]" in text for text in texts)
+    # ... and is in no log line, event, metadata value or run record,
+    assert not [text for text in texts if FAKE_GEMINI_KEY in text]
+    storage = tmp_path / "storage"
+    parquet_files = sorted(storage.rglob("*.parquet"))
+    png_files = sorted(storage.rglob("*.png"))
+    assert parquet_files and len(png_files) == 4
+    # in no Parquet table (cells and raw bytes),
+    for path in parquet_files:
+        assert FAKE_GEMINI_KEY not in pd.read_parquet(path).astype(str).to_csv()
+    # in no PNG text chunk,
+    for path in png_files:
+        with Image.open(path) as png:
+            assert not [value for value in png.text.values() if FAKE_GEMINI_KEY in value]
+    # and in no file at all: storage, enhancement cache, Dagster's database and compute logs.
+    key_bytes = FAKE_GEMINI_KEY.encode()
+    every_file = [
+        path for path in [*storage.rglob("*"), *dagster_home.rglob("*")] if path.is_file()
+    ]
+    assert len(every_file) > len(parquet_files) + len(png_files)
+    assert not [path for path in every_file if key_bytes in path.read_bytes()]
+
+
+def test_without_a_key_the_gemini_partition_fails_fast(
+    tmp_path: Path, prompts_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.setenv("IMAGEGEN_PROMPTS_DIR", str(prompts_folder))
+    monkeypatch.setenv("IMAGEGEN_STORAGE_DIR", str(tmp_path / "storage"))
+    resources = default_resources()  # the real wiring: no key in the environment
+    assert resources["gemini"].api_key is None and resources["enhancer"].gemini_api_key is None
+
+    with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
+        instance.add_dynamic_partitions("prompt_sets", [PROMPT_SET])
+        prepared = dg.materialize(
+            [prompts, enhanced_prompts],
+            partition_key=PROMPT_SET,
+            resources=resources,
+            instance=instance,
+        )
+        assert prepared.success  # the template enhancer needs no key
+        result = dg.materialize(
+            [prompts, enhanced_prompts, images],
+            selection=[images],
+            partition_key=GEMINI_PARTITION,
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "GEMINI_API_KEY is not set: export GEMINI_API_KEY=..." in message
+    assert "https://aistudio.google.com/apikey" in message
+    assert not (tmp_path / "storage" / "images").exists()  # failed before any work
+
+
+def test_default_resources_pass_the_key_as_an_env_var(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
+
+    resources = default_resources()
+
+    for value in (resources["gemini"].api_key, resources["enhancer"].gemini_api_key):
+        assert isinstance(value, dg.EnvVar) and value.env_var_name == "GEMINI_API_KEY"
+    assert FAKE_GEMINI_KEY not in repr(resources)
