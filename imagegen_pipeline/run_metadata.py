@@ -94,6 +94,7 @@ CLIPS_SCHEMA = pa.schema(
         ("source_image_id", pa.string()),
         ("source_path", pa.string()),
         ("prompt_id", pa.string()),
+        ("image_index", pa.int32()),  # which image of the prompt the clip animates
         ("model_id", pa.string()),
         ("revision", pa.string()),
         ("seed", pa.int64()),

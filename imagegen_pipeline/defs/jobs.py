@@ -17,3 +17,10 @@ generate_images_job = dg.define_asset_job(
     partitions_def=prompt_set_x_backend_partitions,
     description="Images, clips and quality reports of one prompt set and backend.",
 )
+
+compare_backends_job = dg.define_asset_job(
+    "compare_backends",
+    selection=dg.AssetSelection.groups("comparison"),
+    partitions_def=prompt_set_partitions,
+    description="Compare the backends of one prompt set: table, chart and HTML gallery.",
+)

@@ -1,0 +1,109 @@
+"""Checks of each quality report; thresholds come from the ``quality_thresholds`` resource.
+
+- ``no_blank_images`` (ERROR): no scored image is blank (solid or nearly uniform).
+- ``clip_scores_mostly_above_threshold`` (WARN): at most ``max_low_score_share`` of the scored
+  images have a CLIP score (vs the original prompt) under ``min_clip_score``.
+- ``every_prompt_has_a_scored_image`` (ERROR): each prompt of the partition has at least one
+  scored image.
+
+None is blocking: a bad partition is still worth looking at in the comparison gallery.
+"""
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from imagegen_pipeline.defs.metadata import markdown_table
+from imagegen_pipeline.defs.partitions import prompt_set_x_backend_partitions
+from imagegen_pipeline.defs.quality.assets import quality as quality_asset
+from imagegen_pipeline.defs.quality.resources import QualityThresholds
+
+LIST_COLUMNS = ["prompt_id", "image_index", "clip_score", "status", "path"]
+
+
+def quality_check(description: str) -> Callable[[Callable[..., dg.AssetCheckResult]], Any]:
+    """``dg.asset_check`` on each partition of ``quality``, run with its materialization."""
+
+    def decorate(function: Callable[..., dg.AssetCheckResult]) -> dg.AssetChecksDefinition:
+        # Partitioned checks are marked preview in Dagster 1.13, but without a partitions_def
+        # a check cannot load its own partition's table.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.PreviewWarning)
+            return dg.asset_check(
+                asset=quality_asset,
+                description=description,
+                partitions_def=prompt_set_x_backend_partitions,
+            )(function)
+
+    return decorate
+
+
+def _scored(quality: pd.DataFrame) -> pd.DataFrame:
+    return quality[quality["scored"].astype(bool)] if len(quality) else quality
+
+
+@quality_check("No scored image is blank or nearly uniform.")
+def no_blank_images(quality: pd.DataFrame) -> dg.AssetCheckResult:
+    """ERROR when any image is a solid colour or has almost no luminance variation."""
+    scored = _scored(quality)
+    blank = scored[scored["is_blank"].astype(bool)] if len(scored) else scored
+    return dg.AssetCheckResult(
+        passed=blank.empty,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "blank_images": len(blank),
+            "scored_images": len(scored),
+            "blank": markdown_table(blank, [*LIST_COLUMNS, "contrast", "dominant_colour_share"]),
+        },
+    )
+
+
+@quality_check("Few images score under the minimum CLIP score (see quality_thresholds).")
+def clip_scores_mostly_above_threshold(
+    quality: pd.DataFrame, quality_thresholds: QualityThresholds
+) -> dg.AssetCheckResult:
+    """WARN when the share of images under ``min_clip_score`` exceeds ``max_low_score_share``."""
+    scored = _scored(quality)
+    low = (
+        scored[scored["clip_score"] < quality_thresholds.min_clip_score] if len(scored) else scored
+    )
+    share = len(low) / len(scored) if len(scored) else 0.0
+    return dg.AssetCheckResult(
+        passed=share <= quality_thresholds.max_low_score_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "low_score_share": share,
+            "low_score_images": len(low),
+            "min_clip_score": quality_thresholds.min_clip_score,
+            "max_low_score_share": quality_thresholds.max_low_score_share,
+            "lowest": markdown_table(low.sort_values("clip_score"), LIST_COLUMNS),
+        },
+    )
+
+
+@quality_check("Every prompt has at least one scored image.")
+def every_prompt_has_a_scored_image(quality: pd.DataFrame) -> dg.AssetCheckResult:
+    """ERROR when a prompt of the partition ended with no image that could be scored."""
+    prompts = set(quality["prompt_id"]) if len(quality) else set()
+    scored_prompts = set(_scored(quality)["prompt_id"]) if len(quality) else set()
+    missing = sorted(prompts - scored_prompts)
+    statuses = quality[quality["prompt_id"].isin(missing)] if missing else quality.head(0)
+    return dg.AssetCheckResult(
+        passed=not missing,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "prompts": len(prompts),
+            "prompts_without_scored_image": len(missing),
+            "missing": markdown_table(statuses, ["prompt_id", "image_index", "status", "error"]),
+        },
+    )
+
+
+quality_checks = [
+    no_blank_images,
+    clip_scores_mostly_above_threshold,
+    every_prompt_has_a_scored_image,
+]

@@ -1,0 +1,1 @@
+"""Image and clip quality: open_clip scores and pixel statistics."""

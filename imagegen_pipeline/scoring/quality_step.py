@@ -1,0 +1,152 @@
+"""One quality step, Dagster-free: score every image of a partition, and every clip.
+
+Images are decoded, measured (``perceptual``) and preprocessed by a few threads ahead of the
+model, so the accelerator is not left waiting on PNG decoding; a bounded window of prefetched
+images keeps memory flat however many images a partition has.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from imagegen_pipeline.scoring.clip_scorer import ClipScorer
+from imagegen_pipeline.scoring.perceptual import (
+    DEFAULT_BLANK_THRESHOLDS,
+    BlankThresholds,
+    perceptual_metrics,
+)
+from imagegen_pipeline.video.clip_generation import EXISTING_STATUSES
+from imagegen_pipeline.video.writers import read_mp4_frames
+
+T = TypeVar("T")
+R = TypeVar("R")
+_END: Any = object()
+
+
+def prefetched(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, on ``workers`` threads, at most ``window`` results ahead."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    iterator = iter(items)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in iterator:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                break
+        while pending:
+            result = pending.popleft().result()
+            next_item = next(iterator, _END)
+            if next_item is not _END:
+                pending.append(pool.submit(fn, next_item))
+            yield result
+
+
+def score_image_table(
+    scorer: ClipScorer,
+    images: pd.DataFrame,
+    original_prompts: Mapping[str, str],
+    *,
+    thresholds: BlankThresholds = DEFAULT_BLANK_THRESHOLDS,
+    workers: int = 4,
+) -> pd.DataFrame:
+    """The ``images`` table with every score added; rows without an image keep empty scores.
+
+    ``original_prompts`` maps prompt ids to the user's prompt; the table's ``prompt`` column is
+    the enhanced prompt the backend was given.
+    """
+    scorer.load()
+    rows = [dict(row) for row in images.to_dict("records")]
+    for row in rows:
+        row["original_prompt"] = original_prompts.get(row["prompt_id"], row.get("prompt"))
+        row["scored"] = False
+        row["score_error"] = None
+    todo = [
+        index
+        for index, row in enumerate(rows)
+        if row.get("status") in EXISTING_STATUSES and row.get("path")
+    ]
+
+    def prepare(index: int) -> tuple[int, torch.Tensor | None, dict[str, Any]]:
+        try:
+            with Image.open(rows[index]["path"]) as image:
+                image = image.convert("RGB")
+            return index, scorer.preprocess(image), perceptual_metrics(image, thresholds)
+        except (OSError, ValueError) as error:  # a missing or corrupt file fails alone
+            return index, None, {"score_error": f"{type(error).__name__}: {error}"}
+
+    batch: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        indices = [index for index, _ in batch]
+        scores = scorer.score_pixels(
+            torch.stack([pixels for _, pixels in batch]),
+            [rows[i]["original_prompt"] for i in indices],
+            [rows[i].get("prompt") for i in indices],
+        )
+        for index, score in zip(indices, scores, strict=True):
+            rows[index].update(score, scored=True)
+        batch.clear()
+
+    size = scorer.config.batch_size
+    for index, pixels, measured in prefetched(prepare, todo, workers, window=2 * size):
+        rows[index].update(measured)
+        if pixels is not None:
+            batch.append((index, pixels))
+        if len(batch) == size:
+            flush()
+    if batch:
+        flush()
+    table = pd.DataFrame(rows)
+    table["scorer_model"] = scorer.model_label
+    return table
+
+
+def with_generation_facts(table: pd.DataFrame, image_runs: pd.DataFrame) -> pd.DataFrame:
+    """``table`` plus how each image was made, from the run that made it.
+
+    A re-run reports existing images as ``skipped_existing`` with no time or cost; the run
+    metadata still holds the row of the run that generated each one.
+    """
+    if table.empty:
+        return table
+    made = image_runs[
+        (image_runs["status"] == "ok") & image_runs["image_id"].isin(table["image_id"])
+    ]
+    made = made.sort_values("finished_at").drop_duplicates("image_id", keep="last")
+    facts = made[["image_id", "seconds", "cost_usd", "finished_at"]].rename(
+        columns={
+            "seconds": "generation_seconds",
+            "cost_usd": "generation_cost_usd",
+            "finished_at": "generated_at",
+        }
+    )
+    return table.merge(facts, on="image_id", how="left")
+
+
+def score_clip_table(scorer: ClipScorer, clips: pd.DataFrame) -> pd.DataFrame:
+    """The ``clips`` table with each existing clip's source similarity and temporal consistency."""
+    rows = [dict(row) for row in clips.to_dict("records")]
+    for row in rows:
+        row["scored"] = False
+        row["score_error"] = None
+        if row.get("status") not in EXISTING_STATUSES or not row.get("path"):
+            continue
+        try:
+            frames = read_mp4_frames(Path(row["path"]))
+            with Image.open(row["source_path"]) as source:
+                row.update(scorer.score_clip(source.convert("RGB"), frames), scored=True)
+        except (OSError, ValueError) as error:
+            row["score_error"] = f"{type(error).__name__}: {error}"
+    table = pd.DataFrame(rows)
+    table["scorer_model"] = scorer.model_label
+    return table

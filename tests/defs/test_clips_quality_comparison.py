@@ -1,0 +1,179 @@
+"""End to end on tiny models: images -> quality -> clips -> clip_quality -> backend_comparison."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from imagegen_pipeline.definitions import defs
+from imagegen_pipeline.defs.quality.resources import QualityThresholds
+from imagegen_pipeline.local_runner import materialize_prompt_set
+from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.video.writers import read_mp4_frames
+from tests.conftest import PROJECT_ROOT, TINY_SVD_SETTINGS
+
+pytestmark = pytest.mark.slow
+
+BACKENDS = ["flux_schnell", "sdxl_turbo"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def check_results(results: list[dg.ExecuteInProcessResult]) -> dict[str, bool]:
+    """Every quality check evaluation of the runs, by "<check name> <partition>"."""
+    outcomes = {}
+    for result in results:
+        for evaluation in result.get_asset_check_evaluations():
+            if evaluation.asset_key != dg.AssetKey("quality"):
+                continue
+            key = f"{evaluation.check_name} {result.dagster_run.tags.get('dagster/partition')}"
+            outcomes[key] = evaluation.passed
+    return outcomes
+
+
+def table(storage: Path, asset: str, *partition: str) -> pd.DataFrame:
+    return pd.read_parquet(storage / "tables" / asset / Path(*partition).with_suffix(".parquet"))
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny models run tiny kernels: extra threads only spin, and stall when cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def first_run(dagster_instance, make_resources, tmp_path):
+    resources = make_resources()
+    results = materialize_prompt_set(
+        defs, "example", BACKENDS, instance=dagster_instance, resources=resources
+    )
+    return results, resources, tmp_path / "storage"
+
+
+def test_the_whole_graph_on_tiny_models(first_run, dagster_instance):
+    results, resources, storage = first_run
+    assert [r.success for r in results] == [True] * 4  # prompts, 2 backends, comparison
+    checks = check_results(results)
+    assert len(checks) == 3 * len(BACKENDS)
+    # Noise is never blank and every prompt has images; the CLIP threshold is a WARN only.
+    assert all(passed for name, passed in checks.items() if "clip_scores" not in name)
+
+    for backend, prompts in [
+        ("flux_schnell", {"cat", "city", "owl"}),
+        ("sdxl_turbo", {"cat", "city"}),
+    ]:
+        report = table(storage, "quality", "example", backend)
+        assert set(report["prompt_id"]) == prompts
+        assert report["scored"].all() and not report["is_blank"].any()
+        assert report["clip_score"].between(0, 100).all()
+        for column in ("seconds", "cost_usd", "seed", "status", "model_id", "generation_seconds"):
+            assert column in report
+        assert report["original_prompt"].str.len().lt(report["prompt"].str.len()).all()
+
+        # first_n with n=1: one clip per prompt, made from image 0.
+        clips = table(storage, "clips", "example", backend)
+        assert set(clips["prompt_id"]) == prompts and (clips["image_index"] == 0).all()
+        assert (clips["status"] == "ok").all()
+        for row in clips.to_dict("records"):
+            frames = read_mp4_frames(Path(row["path"]))
+            assert len(frames) == TINY_SVD_SETTINGS["num_frames"]
+            assert frames[0].size == (TINY_SVD_SETTINGS["width"], TINY_SVD_SETTINGS["height"])
+            with Image.open(row["preview_path"]) as preview:
+                assert preview.n_frames == TINY_SVD_SETTINGS["num_frames"]
+        clip_scores = table(storage, "clip_quality", "example", backend)
+        assert clip_scores["scored"].all()
+        assert clip_scores["temporal_consistency"].between(-1, 1).all()
+
+    comparison = table(storage, "backend_comparison", "example")
+    assert list(comparison["backend"]) == BACKENDS
+    assert list(comparison["images"]) == [4, 3] and list(comparison["clips"]) == [3, 2]
+    gallery = storage / "reports" / "example" / "gallery.html"
+    page = gallery.read_text()
+    assert page.count('<section class="prompt"') == 3
+    assert page.count("data:image/jpeg;base64,") == 7  # every image, embedded
+    assert page.count("data:image/webp;base64,") == 5  # every clip preview, embedded
+    assert 'src="/' not in page and "file://" not in page  # self-contained
+    assert (storage / "reports" / "example" / "comparison.png").stat().st_size > 10_000
+    assert len(load_run_metadata(storage, "clips")) == 5
+
+    # A re-run makes no image and no clip: everything is found by its content address.
+    again = materialize_prompt_set(
+        defs, "example", BACKENDS, instance=dagster_instance, resources=resources
+    )
+    assert all(r.success for r in again)
+    for backend in BACKENDS:
+        assert set(table(storage, "clips", "example", backend)["status"]) == {"skipped_existing"}
+        report = table(storage, "quality", "example", backend)
+        assert set(report["status"]) == {"skipped_existing"}
+        assert report["generation_seconds"].gt(0).all()  # still known from the first run
+    steps = load_run_metadata(storage, "steps")
+    clip_steps = steps[steps["asset"] == "clips"]
+    assert list(clip_steps["generated"]) == [3, 2, 0, 0]
+
+
+def test_checks_fail_on_a_blank_image_and_a_high_threshold(first_run, dagster_instance):
+    _, resources, storage = first_run
+    report = table(storage, "quality", "example", "flux_schnell")
+    blank_path = Path(report.loc[report["prompt_id"] == "cat", "path"].iloc[0])
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(blank_path)  # a "safety filter" grey
+
+    strict = dict(resources, quality_thresholds=QualityThresholds(min_clip_score=101.0))
+    rerun = materialize_prompt_set(
+        defs, "example", ["flux_schnell"], instance=dagster_instance, resources=strict
+    )
+    checks = check_results(rerun)
+    partition = "flux_schnell|example"
+    assert checks[f"no_blank_images {partition}"] is False
+    assert checks[f"clip_scores_mostly_above_threshold {partition}"] is False
+    assert checks[f"every_prompt_has_a_scored_image {partition}"] is True
+    # The blank image is not animated: the cat's clip moves on to its next image.
+    clips = table(storage, "clips", "example", "flux_schnell")
+    assert clips.loc[clips["prompt_id"] == "cat", "image_index"].tolist() == [1]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_the_gallery_renders_in_headless_chromium(first_run, tmp_path):
+    _, _, storage = first_run
+    gallery = storage / "reports" / "example" / "gallery.html"
+    artifacts = PROJECT_ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    screenshot = artifacts / "gallery.png"
+    screenshot.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            f"--screenshot={screenshot}",
+            "--window-size=1280,900",
+            gallery.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    shutil.copyfile(gallery, artifacts / "gallery.html")
+    with Image.open(screenshot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[:2] == (900, 1280)
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    # A white page with text has a few hundred colours; the noise thumbnails bring thousands.
+    assert len(colours) > 5000, f"only {len(colours)} colours: were the thumbnails drawn?"
+    assert pixels.std() > 20
