@@ -15,11 +15,11 @@ from imagegen_pipeline.run_metadata import (
 
 
 def rows(run_id: str, count: int) -> list[dict]:
+    common = {"run_id": run_id, "prompt_set": "s", "backend": "flux_schnell", "status": "ok"}
     return [
-        {"run_id": run_id, "prompt_set": "s", "backend": "flux_schnell", "image_id": f"{run_id}-{i}",
-         "seed": i, "status": "ok", "seconds": 0.5, "started_at": utc_now()}
+        {**common, "image_id": f"{run_id}-{i}", "seed": i, "seconds": 0.5, "started_at": utc_now()}
         for i in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def test_two_runs_keep_each_others_rows(tmp_path):

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from imagegen_pipeline.defs.gpu import GPU_POOL
 from imagegen_pipeline.definitions import defs
+from imagegen_pipeline.defs.gpu import GPU_POOL
 
 
 def test_every_job_resolves():
