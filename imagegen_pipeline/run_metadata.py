@@ -171,3 +171,20 @@ def load_run_metadata(base_dir: str | Path, table: str = "images") -> pd.DataFra
     return (
         ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table().to_pandas()
     )
+
+
+def write_step_metadata(
+    base_dir: Path,
+    table: str,
+    rows: Sequence[Mapping[str, Any]],
+    step_row: Mapping[str, Any],
+    *,
+    run_id: str,
+    prompt_set: str,
+    backend: str,
+) -> tuple[Path | None, Path | None]:
+    """Write one step's item rows to ``table`` and its summary row to ``steps``."""
+    label = f"{prompt_set}_{backend}"
+    items = write_run_metadata(base_dir, table, rows, run_id=run_id, partition_label=label)
+    steps = write_run_metadata(base_dir, "steps", [step_row], run_id=run_id, partition_label=label)
+    return items, steps

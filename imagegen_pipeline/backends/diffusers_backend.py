@@ -112,6 +112,18 @@ def load_diffusers_pipeline(
         raise ModelWeightsMissingError(missing_weights_message(model, revision, str(exc))) from None
 
 
+def place_pipeline(pipeline: Any, offload: Offload, device: torch.device) -> None:
+    """Put ``pipeline`` on ``device``, or set up CPU offload towards it."""
+    # Offload keeps only the running sub-model on the GPU ("model") or only the running
+    # layer ("sequential", slowest, least memory); either replaces moving the whole pipeline.
+    if offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for CUDA (and other accelerator) out-of-memory errors."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
@@ -163,14 +175,7 @@ class DiffusersImageBackend(ImageBackend):
             variant=self.variant,
             allow_download=self.config.allow_download,
         )
-        # Offload keeps only the running sub-model on the GPU ("model") or only the running
-        # layer ("sequential", slowest, least memory); either replaces moving the whole pipeline.
-        if self.config.offload == "model":
-            pipeline.enable_model_cpu_offload(device=self._device)
-        elif self.config.offload == "sequential":
-            pipeline.enable_sequential_cpu_offload(device=self._device)
-        else:
-            pipeline.to(self._device)
+        place_pipeline(pipeline, self.config.offload, self._device)
         # Decode a batch one image at a time / in tiles: less peak memory at a small cost.
         if self.config.vae_slicing:
             pipeline.vae.enable_slicing()

@@ -25,6 +25,7 @@ from imagegen_pipeline.backends.diffusers_backend import (
     free_accelerator_memory,
     is_out_of_memory,
     load_diffusers_pipeline,
+    place_pipeline,
     resolve_device,
     resolve_dtype,
 )
@@ -174,13 +175,7 @@ class SvdGenerator:
             variant=self.variant,
             allow_download=self.config.allow_download,
         )
-        # Offload keeps only the running sub-model ("model") or layer ("sequential") on the GPU.
-        if self.offload == "model":
-            pipeline.enable_model_cpu_offload(device=self._device)
-        elif self.offload == "sequential":
-            pipeline.enable_sequential_cpu_offload(device=self._device)
-        else:
-            pipeline.to(self._device)
+        place_pipeline(pipeline, self.offload, self._device)
         if self.forward_chunking:
             pipeline.unet.enable_forward_chunking()
         pipeline.set_progress_bar_config(disable=True)

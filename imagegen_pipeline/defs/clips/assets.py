@@ -9,7 +9,7 @@ from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import partition_parts, prompt_set_x_backend_partitions
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.run_metadata import CLIPS_SCHEMA, write_run_metadata
+from imagegen_pipeline.run_metadata import CLIPS_SCHEMA, write_step_metadata
 from imagegen_pipeline.video.clip_generation import plan_clips, run_clips_step, select_sources
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seconds", "memory_fallback", "error"]
@@ -61,13 +61,10 @@ def clips(
         raise dg.Failure(description=str(error)) from None
     finally:
         generator.unload()  # free the GPU for the next step in this process
-    label = f"{prompt_set}_{backend}"
-    clips_file = write_run_metadata(
-        storage.base, "clips", outcome.clip_rows, run_id=run_id, partition_label=label
-    )
-    steps_file = write_run_metadata(
-        storage.base, "steps", [outcome.step_row], run_id=run_id, partition_label=label
-    )
+    clips_file, steps_file = write_step_metadata(
+        storage.base, "clips", outcome.clip_rows, outcome.step_row,
+        run_id=run_id, prompt_set=prompt_set, backend=backend,
+    )  # fmt: skip
     table = pd.DataFrame(outcome.clip_rows, columns=CLIPS_SCHEMA.names)
     counts = outcome.counts
     if planned and not counts["ok"] + counts["skipped_existing"]:

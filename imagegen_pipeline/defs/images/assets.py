@@ -23,7 +23,7 @@ from imagegen_pipeline.defs.partitions import (
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.image_generation import plan_images, run_images_step
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.run_metadata import write_run_metadata
+from imagegen_pipeline.run_metadata import write_step_metadata
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
 
@@ -79,13 +79,10 @@ def images(
         raise dg.Failure(description=str(error)) from None
     finally:
         backend.unload()  # free the GPU for the next step in this process
-    label = f"{prompt_set}_{backend_name}"
-    images_file = write_run_metadata(
-        storage.base, "images", outcome.image_rows, run_id=run_id, partition_label=label
-    )
-    steps_file = write_run_metadata(
-        storage.base, "steps", [outcome.step_row], run_id=run_id, partition_label=label
-    )
+    images_file, steps_file = write_step_metadata(
+        storage.base, "images", outcome.image_rows, outcome.step_row,
+        run_id=run_id, prompt_set=prompt_set, backend=backend_name,
+    )  # fmt: skip
     table = pd.DataFrame(outcome.image_rows)
     counts = outcome.counts
     gemini_metadata = (
