@@ -229,6 +229,7 @@ class ClipScorer:
         self._texts: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
         self._aspects: torch.Tensor | None = None  # [aspects, 2, dim]: positive, negative
+        self.load_seconds = 0.0  # how long load() took; 0 while the model was never needed
 
     @property
     def model_label(self) -> str:
@@ -264,7 +265,8 @@ class ClipScorer:
         for positives, negatives in ASPECTS.values():
             sides.append(torch.stack([self._ensemble(positives), self._ensemble(negatives)]))
         self._aspects = torch.stack(sides)
-        return time.perf_counter() - started
+        self.load_seconds = time.perf_counter() - started
+        return self.load_seconds
 
     def unload(self) -> None:
         """Free the model and the accelerator memory it holds."""

@@ -7,6 +7,8 @@ images keeps memory flat however many images a partition has.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +53,33 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], workers: int, window: i
             yield result
 
 
+# Columns of a report that describe how an image was made, not how it scored.
+_NOT_SCORES = frozenset(
+    {"original_prompt", "score_key", "scorer_model", "newly_scored", "generation_seconds",
+     "generation_cost_usd", "generated_at"}
+)  # fmt: skip
+
+
+def score_key(row: Mapping[str, Any], scorer_label: str, thresholds: BlankThresholds) -> str:
+    """What an image's scores depend on: its bytes, both prompts, the scorer, the thresholds."""
+    parts = [row.get("sha256"), row.get("original_prompt"), row.get("prompt"), scorer_label]
+    return hashlib.sha256(json.dumps([*parts, repr(thresholds)]).encode()).hexdigest()
+
+
+def reusable_scores(previous: pd.DataFrame | None, images: pd.DataFrame) -> dict[str, dict]:
+    """Score columns of an earlier report's scored rows, by score key."""
+    if previous is None or previous.empty or "score_key" not in previous:
+        return {}
+    columns = [c for c in previous.columns if c not in images.columns and c not in _NOT_SCORES]
+    scored = previous[previous["scored"].eq(True)]
+    return {
+        key: dict(zip(columns, values, strict=True))
+        for key, values in zip(
+            scored["score_key"], scored[columns].itertuples(index=False), strict=True
+        )
+    }
+
+
 def score_image_table(
     scorer: ClipScorer,
     images: pd.DataFrame,
@@ -58,23 +87,30 @@ def score_image_table(
     *,
     thresholds: BlankThresholds = DEFAULT_BLANK_THRESHOLDS,
     workers: int = 4,
+    previous: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The ``images`` table with every score added; rows without an image keep empty scores.
 
     ``original_prompts`` maps prompt ids to the user's prompt; the table's ``prompt`` column is
-    the enhanced prompt the backend was given.
+    the enhanced prompt the backend was given. Scores of ``previous`` (the last report) are
+    reused where nothing they depend on changed; the model loads only if something is left.
     """
-    scorer.load()
+    reusable = reusable_scores(previous, images)
     rows = [dict(row) for row in images.to_dict("records")]
-    for row in rows:
+    todo = []
+    for index, row in enumerate(rows):
         row["original_prompt"] = original_prompts.get(row["prompt_id"], row.get("prompt"))
-        row["scored"] = False
+        row["scored"] = row["newly_scored"] = False
         row["score_error"] = None
-    todo = [
-        index
-        for index, row in enumerate(rows)
-        if row.get("status") in EXISTING_STATUSES and row.get("path")
-    ]
+        row["score_key"] = score_key(row, scorer.model_label, thresholds)
+        if row.get("status") not in EXISTING_STATUSES or not row.get("path"):
+            continue
+        if row["score_key"] in reusable:
+            row.update(reusable[row["score_key"]])
+        else:
+            todo.append(index)
+    if todo:
+        scorer.load()
 
     def prepare(index: int) -> tuple[int, torch.Tensor | None, dict[str, Any]]:
         try:
@@ -94,7 +130,7 @@ def score_image_table(
             [rows[i].get("prompt") for i in indices],
         )
         for index, score in zip(indices, scores, strict=True):
-            rows[index].update(score, scored=True)
+            rows[index].update(score, scored=True, newly_scored=True)
         batch.clear()
 
     size = scorer.config.batch_size
@@ -133,14 +169,25 @@ def with_generation_facts(table: pd.DataFrame, image_runs: pd.DataFrame) -> pd.D
     return table.merge(facts, on="image_id", how="left")
 
 
-def score_clip_table(scorer: ClipScorer, clips: pd.DataFrame) -> pd.DataFrame:
-    """The ``clips`` table with each existing clip's source similarity and temporal consistency."""
+def score_clip_table(
+    scorer: ClipScorer, clips: pd.DataFrame, previous: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The ``clips`` table with each existing clip's source similarity and temporal consistency.
+
+    Scores of ``previous`` are reused for clips whose bytes and scorer are unchanged.
+    """
+    reusable = reusable_scores(previous, clips)
     rows = [dict(row) for row in clips.to_dict("records")]
     for row in rows:
-        row["scored"] = False
+        row["scored"] = row["newly_scored"] = False
         row["score_error"] = None
+        row["score_key"] = score_key(row, scorer.model_label, DEFAULT_BLANK_THRESHOLDS)
         if row.get("status") not in EXISTING_STATUSES or not row.get("path"):
             continue
+        if row["score_key"] in reusable:
+            row.update(reusable[row["score_key"]])
+            continue
+        row["newly_scored"] = True
         try:
             frames = read_mp4_frames(Path(row["path"]))
             with Image.open(row["source_path"]) as source:

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import open_clip
 import pandas as pd
 import pytest
-from diffusers import FluxPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline
 from PIL import Image
 
 from imagegen_pipeline.definitions import defs
@@ -76,9 +77,11 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     def no_model_work(*args, **kwargs):
         raise AssertionError("a re-run must not load or call a pipeline")
 
-    for pipeline_class in (FluxPipeline, StableDiffusionXLPipeline):
+    for pipeline_class in (FluxPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline):
         monkeypatch.setattr(pipeline_class, "from_pretrained", no_model_work)
         monkeypatch.setattr(pipeline_class, "__call__", no_model_work)
+    # Scores and clips are reused as well: CLIP is not even loaded.
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_model_work)
     results = materialize_prompt_set(
         defs, "example", LOCAL, instance=dagster_instance, resources=resources
     )
@@ -92,6 +95,8 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     assert set(second_run["status"]) == {"skipped_existing"}
     steps = load_run_metadata(base, "steps")
     assert (steps[steps.run_id.isin([r.run_id for r in results])]["model_loads"] == 0).all()
+    quality = pd.read_parquet(base / "tables/quality/example/flux_schnell.parquet")
+    assert quality["scored"].all() and not quality["newly_scored"].any()
 
 
 def test_changed_prompt_generates_only_the_changed_images(

@@ -69,16 +69,19 @@ def quality(
     originals = dict(
         zip(enhanced_prompts["prompt_id"], enhanced_prompts["original_prompt"], strict=True)
     )
+    report_path = storage.table_path("quality", prompt_set, backend)
+    previous = pd.read_parquet(report_path) if report_path.exists() else None
     scorer = clip_scorer.create_scorer()
     try:
-        load_seconds = scorer.load()
         table = score_image_table(
             scorer,
             images,
             originals,
             thresholds=quality_thresholds.blank_thresholds(),
             workers=clip_scorer.workers,
+            previous=previous,
         )
+        load_seconds = scorer.load_seconds
     except ModelWeightsMissingError as error:
         raise dg.Failure(description=str(error)) from None
     finally:
@@ -106,9 +109,12 @@ def quality(
             "mean_aesthetic": _mean(scored, "aesthetic"),
             "mean_laion_aesthetic": _mean(scored, "laion_aesthetic"),
             "scorer_model": scorer.model_label,
+            "newly_scored": int(table["newly_scored"].sum()) if len(table) else 0,
             # Scoring throughput, model loading excluded.
             "images_per_second": dg.MetadataValue.float(
-                len(scored) / max(seconds - load_seconds, 1e-9)
+                int(table["newly_scored"].sum()) / max(seconds - load_seconds, 1e-9)
+                if len(table)
+                else 0.0
             ),
             "worst_images": markdown_table(worst, PREVIEW_COLUMNS),
             "worst_thumbnails": thumbnails(list(worst["path"]) if len(worst) else [], limit=4),
@@ -127,6 +133,7 @@ def quality(
 def clip_quality(
     context: dg.AssetExecutionContext,
     clips: pd.DataFrame,
+    storage: StorageResource,
     clip_scorer: ClipScorerResource,
 ) -> dg.Output[pd.DataFrame]:
     """Scores of every clip of the partition: one row per clip (its run-metadata row too).
@@ -141,10 +148,13 @@ def clip_quality(
     if existing.empty:
         context.log.info("No clip to score.")
         return dg.Output(clips.assign(scored=False), metadata={"rows": len(clips), "scored": 0})
+    prompt_set, backend = partition_parts(context)
+    report_path = storage.table_path("clip_quality", prompt_set, backend)
+    previous = pd.read_parquet(report_path) if report_path.exists() else None
     scorer = clip_scorer.create_scorer()
     try:
-        load_seconds = scorer.load()
-        table = score_clip_table(scorer, clips)
+        table = score_clip_table(scorer, clips, previous)
+        load_seconds = scorer.load_seconds
     except ModelWeightsMissingError as error:
         raise dg.Failure(description=str(error)) from None
     finally:
@@ -156,8 +166,9 @@ def clip_quality(
         metadata={
             "rows": len(table),
             "scored": len(scored),
+            "newly_scored": int(table["newly_scored"].sum()),
             "clips_per_second": dg.MetadataValue.float(
-                len(scored) / max(seconds - load_seconds, 1e-9)
+                int(table["newly_scored"].sum()) / max(seconds - load_seconds, 1e-9)
             ),
             "mean_source_similarity": _mean(scored, "source_similarity"),
             "mean_temporal_consistency": _mean(scored, "temporal_consistency"),
