@@ -83,6 +83,8 @@ def materialize_prompt_set(
             instance=instance,
             resources=resources,
             raise_on_error=raise_on_error,
+            # Step events at INFO: the DEBUG stream of every event drowns the step logs.
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             tags={"imagegen/prompt_set": prompt_set, RUNNER_PID_TAG: str(os.getpid())},
         )
 

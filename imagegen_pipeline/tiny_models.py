@@ -689,7 +689,12 @@ def build_tiny_model(name: str, root: Path) -> Path:
     tmp.chmod(0o755)
     try:
         import torch
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
+        # A progress bar per saved shard would bury the demo's own output.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         # Builders seed torch themselves; forking keeps the caller's RNG state untouched.
         with torch.random.fork_rng(devices=[]):
             TINY_MODELS[name](tmp)
