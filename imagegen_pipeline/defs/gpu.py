@@ -7,7 +7,13 @@
   queue (``dagster-celery worker start -q gpu`` on GPU machines).
 """
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import dagster as dg
+
+from imagegen_pipeline.model_weights import ModelWeightsMissingError
 
 GPU_POOL = "gpu"
 GPU_CELERY_QUEUE = "gpu"
@@ -21,3 +27,21 @@ def gpu_op_tags(gpus: int = 1) -> dict[str, Any]:
         },
         "dagster-celery/queue": GPU_CELERY_QUEUE,
     }
+
+
+class Unloadable(Protocol):
+    """A model wrapper that can free what it loaded."""
+
+    def unload(self) -> None: ...
+
+
+@contextmanager
+def model_step(model: Unloadable) -> Iterator[None]:
+    """The body of a model step: missing weights become one clear failure, and the model is
+    freed at the end so the next step in this process has the GPU to itself."""
+    try:
+        yield
+    except ModelWeightsMissingError as error:
+        raise dg.Failure(description=str(error)) from None
+    finally:
+        model.unload()

@@ -4,11 +4,10 @@ import dagster as dg
 import pandas as pd
 
 from imagegen_pipeline.defs.clips.resources import SvdResource
-from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags
+from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import partition_parts, prompt_set_x_backend_partitions
 from imagegen_pipeline.defs.storage import StorageResource
-from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.run_metadata import CLIPS_SCHEMA, write_step_metadata
 from imagegen_pipeline.video.clip_generation import plan_clips, run_clips_step, select_sources
 
@@ -46,7 +45,7 @@ def clips(
     generator = svd.create_generator()
     planned = plan_clips(sources, generator, clips_dir)
     run_id = context.run.run_id
-    try:
+    with model_step(generator):
         outcome = run_clips_step(
             generator,
             planned,
@@ -57,10 +56,6 @@ def clips(
             preview_side=svd.preview_side,
             log=context.log.info,
         )
-    except ModelWeightsMissingError as error:
-        raise dg.Failure(description=str(error)) from None
-    finally:
-        generator.unload()  # free the GPU for the next step in this process
     clips_file, steps_file = write_step_metadata(
         storage.base, "clips", outcome.clip_rows, outcome.step_row,
         run_id=run_id, prompt_set=prompt_set, backend=backend,

@@ -8,7 +8,7 @@ import pandas as pd
 
 from imagegen_pipeline.backends.base import ImageBackend
 from imagegen_pipeline.backends.gemini import GeminiBackend, GeminiKeyMissingError
-from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags
+from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_step
 from imagegen_pipeline.defs.images.resources import (
     FluxSchnellResource,
     GeminiResource,
@@ -22,7 +22,6 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.image_generation import plan_images, run_images_step
-from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.run_metadata import write_step_metadata
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
@@ -66,7 +65,7 @@ def images(
     images_dir = storage.images_dir(prompt_set, backend_name)
     planned = plan_images(enhanced_prompts, backend, images_dir)
     run_id = context.run.run_id
-    try:
+    with model_step(backend):
         outcome = run_images_step(
             backend,
             planned,
@@ -75,10 +74,6 @@ def images(
             run_id=run_id,
             log=context.log.info,
         )
-    except ModelWeightsMissingError as error:
-        raise dg.Failure(description=str(error)) from None
-    finally:
-        backend.unload()  # free the GPU for the next step in this process
     images_file, steps_file = write_step_metadata(
         storage.base, "images", outcome.image_rows, outcome.step_row,
         run_id=run_id, prompt_set=prompt_set, backend=backend_name,

@@ -5,7 +5,7 @@ import time
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags
+from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     from_prompt_set,
@@ -14,7 +14,6 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.quality.resources import ClipScorerResource, QualityThresholds
 from imagegen_pipeline.defs.storage import StorageResource
-from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.scoring.quality_step import (
     score_clip_table,
@@ -72,7 +71,7 @@ def quality(
     report_path = storage.table_path("quality", prompt_set, backend)
     previous = pd.read_parquet(report_path) if report_path.exists() else None
     scorer = clip_scorer.create_scorer()
-    try:
+    with model_step(scorer):
         table = score_image_table(
             scorer,
             images,
@@ -82,10 +81,6 @@ def quality(
             previous=previous,
         )
         load_seconds = scorer.load_seconds
-    except ModelWeightsMissingError as error:
-        raise dg.Failure(description=str(error)) from None
-    finally:
-        scorer.unload()
     table = with_generation_facts(table, load_run_metadata(storage.base, "images"))
     seconds = time.perf_counter() - started
     scored = table[table["scored"]] if len(table) else table
@@ -152,13 +147,9 @@ def clip_quality(
     report_path = storage.table_path("clip_quality", prompt_set, backend)
     previous = pd.read_parquet(report_path) if report_path.exists() else None
     scorer = clip_scorer.create_scorer()
-    try:
+    with model_step(scorer):
         table = score_clip_table(scorer, clips, previous)
         load_seconds = scorer.load_seconds
-    except ModelWeightsMissingError as error:
-        raise dg.Failure(description=str(error)) from None
-    finally:
-        scorer.unload()
     seconds = time.perf_counter() - started
     scored = table[table["scored"]]
     return dg.Output(
