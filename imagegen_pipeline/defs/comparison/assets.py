@@ -49,6 +49,12 @@ def _partition_tables(storage: StorageResource, asset: str, prompt_set: str) -> 
     ],
     group_name="comparison",
     kinds={"html", "parquet"},
+    # Refresh after any backend's reports of the set change, once none is still running;
+    # unlike eager(), a backend that never ran (gemini without a key) does not block it.
+    automation_condition=(
+        dg.AutomationCondition.any_deps_updated().since_last_handled()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+    ),
 )
 def backend_comparison(
     context: dg.AssetExecutionContext, config: ComparisonConfig, storage: StorageResource
