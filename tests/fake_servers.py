@@ -23,6 +23,7 @@ import random
 import re
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = _handle
 
 
-class _FakeServer:
+class _FakeServer(ABC):
     """A ThreadingHTTPServer on 127.0.0.1 in a daemon thread, recording every request."""
 
     def __init__(self, *, latency: float = 0.0, hang_seconds: float = 10.0) -> None:
@@ -187,8 +188,9 @@ class _FakeServer:
         with self._lock:
             self._scripts[match] = list(faults)
 
+    @abstractmethod
     def _check_fault(self, fault: str) -> None:
-        raise NotImplementedError
+        """Raise ValueError for a fault name this server does not know."""
 
     def _next_fault(self, prompt: str) -> str:
         with self._lock:
@@ -215,9 +217,9 @@ class _FakeServer:
             self.in_flight -= 1
             self.responses[record.status] += 1
 
+    @abstractmethod
     def respond(self, record: RecordedRequest) -> tuple[int, dict[str, str], bytes]:
         """Status, headers and body of the answer to ``record``."""
-        raise NotImplementedError
 
     def requests_for(self, match: str) -> list[RecordedRequest]:
         """The recorded requests whose prompt contains ``match``."""

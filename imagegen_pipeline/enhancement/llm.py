@@ -20,6 +20,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ class EnhancementCache:
 
 
 @dataclass
-class LLMEnhancer:
+class LLMEnhancer(ABC):
     """What the LLM enhancers share: cache, cleaning, fallback and the failure breaker."""
 
     model: str
@@ -181,9 +182,9 @@ class LLMEnhancer:
     _failures_in_a_row: int = field(default=0, init=False, repr=False)
     _last_failure: str = field(default="", init=False, repr=False)
 
+    @abstractmethod
     def complete(self, prompt: str, style: str) -> str:
         """The raw answer of the LLM to the enhancement request for one prompt."""
-        raise NotImplementedError
 
     def describe_error(self, exc: Exception) -> str:
         """A short description of a failed call."""
