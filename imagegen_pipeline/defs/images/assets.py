@@ -60,7 +60,7 @@ def images(
         except GeminiKeyMissingError as error:
             raise dg.Failure(description=str(error)) from None
     else:
-        raise dg.Failure(f"The {backend_name!r} backend is not implemented yet.")
+        raise dg.Failure(f"Unknown backend {backend_name!r}.")
 
     images_dir = storage.images_dir(prompt_set, backend_name)
     planned = plan_images(enhanced_prompts, backend, images_dir)
