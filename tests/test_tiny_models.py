@@ -146,7 +146,7 @@ def test_flux_schnell_generates(tiny_root: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     path = build_tiny_model("flux_schnell", tiny_root)
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     assert pipe.scheduler.config.shift == 1.0
     assert not pipe.scheduler.config.use_dynamic_shifting
@@ -186,7 +186,7 @@ def test_sdxl_turbo_generates_from_fp16_variant(tiny_root: Path) -> None:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        path, variant="fp16", torch_dtype=torch.float32, local_files_only=True
+        path, variant="fp16", dtype=torch.float32, local_files_only=True
     )
     assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
     assert pipe.scheduler.config.timestep_spacing == "trailing"
@@ -210,7 +210,7 @@ def test_sdxl_turbo_loads_without_variant(tiny_root: Path) -> None:
 
     path = build_tiny_model("sdxl_turbo", tiny_root)
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        path, torch_dtype=torch.float32, local_files_only=True
+        path, dtype=torch.float32, local_files_only=True
     )
     assert pipe.text_encoder_2.dtype == torch.float32
 
@@ -220,7 +220,7 @@ def test_svd_xt_generates_frames(tiny_root: Path) -> None:
 
     path = build_tiny_model("svd_xt", tiny_root)
     pipe = StableVideoDiffusionPipeline.from_pretrained(
-        path, variant="fp16", torch_dtype=torch.float32, local_files_only=True
+        path, variant="fp16", dtype=torch.float32, local_files_only=True
     )
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
     assert pipe.scheduler.config.use_karras_sigmas
