@@ -7,7 +7,7 @@ from imagegen_pipeline.defs.gpu import GPU_POOL
 
 
 def test_every_job_resolves():
-    for job_name in ("prepare_prompts", "generate_images", "__ASSET_JOB"):
+    for job_name in ("prepare_prompts", "generate_images", "compare_backends", "__ASSET_JOB"):
         assert defs.resolve_job_def(job_name) is not None
 
 
@@ -16,9 +16,8 @@ def test_assets_and_resources_resolve():
     keys = {key.to_user_string() for key in graph.materializable_asset_keys}
     assert {"prompts", "rejected_prompts", "enhanced_prompts", "images"} <= keys
     resources = defs.get_repository_def().get_top_level_resources()
-    assert {"storage", "io_manager", "enhancer", "flux_schnell", "sdxl_turbo"} <= set(resources)
-    for name in ("prepare_prompts_job", "generate_images_job"):
-        assert name  # resolved above; the sensors below target them
+    expected = {"storage", "io_manager", "enhancer", "flux_schnell", "sdxl_turbo", "gemini"}
+    assert expected | {"svd", "clip_scorer", "quality_thresholds"} <= set(resources)
     for sensor in ("prompt_files_sensor", "generate_after_prompts_sensor"):
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
 
