@@ -80,6 +80,30 @@ def reusable_scores(previous: pd.DataFrame | None, images: pd.DataFrame) -> dict
     }
 
 
+def rows_to_score(
+    table: pd.DataFrame,
+    previous: pd.DataFrame | None,
+    scorer_label: str,
+    thresholds: BlankThresholds,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of ``table`` with their score keys, earlier scores reused where still valid,
+    and the indices of the rows that exist and still need scoring."""
+    reusable = reusable_scores(previous, table)
+    rows = [dict(row) for row in table.to_dict("records")]
+    todo = []
+    for index, row in enumerate(rows):
+        row["scored"] = row["newly_scored"] = False
+        row["score_error"] = None
+        row["score_key"] = score_key(row, scorer_label, thresholds)
+        if row.get("status") not in EXISTING_STATUSES or not row.get("path"):
+            continue
+        if row["score_key"] in reusable:
+            row.update(reusable[row["score_key"]])
+        else:
+            todo.append(index)
+    return rows, todo
+
+
 def score_image_table(
     scorer: ClipScorer,
     images: pd.DataFrame,
@@ -95,20 +119,13 @@ def score_image_table(
     the enhanced prompt the backend was given. Scores of ``previous`` (the last report) are
     reused where nothing they depend on changed; the model loads only if something is left.
     """
-    reusable = reusable_scores(previous, images)
-    rows = [dict(row) for row in images.to_dict("records")]
-    todo = []
-    for index, row in enumerate(rows):
-        row["original_prompt"] = original_prompts.get(row["prompt_id"], row.get("prompt"))
-        row["scored"] = row["newly_scored"] = False
-        row["score_error"] = None
-        row["score_key"] = score_key(row, scorer.model_label, thresholds)
-        if row.get("status") not in EXISTING_STATUSES or not row.get("path"):
-            continue
-        if row["score_key"] in reusable:
-            row.update(reusable[row["score_key"]])
-        else:
-            todo.append(index)
+    originals = [
+        original_prompts.get(row["prompt_id"], row.get("prompt"))
+        for row in images.to_dict("records")
+    ]
+    rows, todo = rows_to_score(
+        images.assign(original_prompt=originals), previous, scorer.model_label, thresholds
+    )
     if todo:
         scorer.load()
 
@@ -176,17 +193,9 @@ def score_clip_table(
 
     Scores of ``previous`` are reused for clips whose bytes and scorer are unchanged.
     """
-    reusable = reusable_scores(previous, clips)
-    rows = [dict(row) for row in clips.to_dict("records")]
-    for row in rows:
-        row["scored"] = row["newly_scored"] = False
-        row["score_error"] = None
-        row["score_key"] = score_key(row, scorer.model_label, DEFAULT_BLANK_THRESHOLDS)
-        if row.get("status") not in EXISTING_STATUSES or not row.get("path"):
-            continue
-        if row["score_key"] in reusable:
-            row.update(reusable[row["score_key"]])
-            continue
+    rows, todo = rows_to_score(clips, previous, scorer.model_label, DEFAULT_BLANK_THRESHOLDS)
+    for index in todo:
+        row = rows[index]
         row["newly_scored"] = True
         try:
             frames = read_mp4_frames(Path(row["path"]))
