@@ -1,7 +1,8 @@
 """Throughput of the Gemini backend against a local fake of the API with a server-side quota.
 
 The client is the same GeminiBackend the ``images`` asset uses, talking through the real
-google-genai SDK to ``tests/fake_servers.FakeGemini`` on 127.0.0.1 (no network needed).
+google-genai SDK to ``imagegen_pipeline.testing.fake_servers.FakeGemini`` on 127.0.0.1 (no
+network needed).
 
 Scenario 1: 500 ms latency, a quota of 120 requests per sliding minute, 300 prompts, the
 client configured at 120 requests/minute. Targets: at least 90% of the quota achieved, no
@@ -22,13 +23,12 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fake_servers
-
-from imagegen_pipeline.backends.base import ImageRequest, derive_seed
-from imagegen_pipeline.backends.gemini import GeminiBackend, GeminiConfig
-from tests.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
+from imagegen_pipeline.backends.base import ImageRequest
+from imagegen_pipeline.backends.gemini import GeminiBackend
+from imagegen_pipeline.images_step import derive_seed
+from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
 
 QUOTA_RPM = 120
 LATENCY_SECONDS = 0.5
@@ -84,7 +84,7 @@ def run_scenario(name: str, prompts: int, random_429_rate: float) -> Figures:
         random_seed=20,
         retry_delay_seconds=1.0,
     ) as server:
-        config = GeminiConfig(
+        settings = GeminiSettings(
             api_key=FAKE_GEMINI_KEY,
             base_url=server.url,
             requests_per_minute=QUOTA_RPM,
@@ -92,7 +92,7 @@ def run_scenario(name: str, prompts: int, random_429_rate: float) -> Figures:
             max_retries=8,  # 0.2**9 x 300 prompts: a prompt lost once in ~6000 runs
             timeout_seconds=30.0,
         )
-        backend = GeminiBackend(config)
+        backend = GeminiBackend(settings)
         started = time.perf_counter()
         statuses: Counter[str] = Counter(
             result.status for result in backend.generate(make_requests(prompts))

@@ -1,8 +1,9 @@
-"""Run the whole graph for one prompt set in this process, on the embedded Dagster instance.
+"""Run the whole graph for prompt sets in this process, on the embedded Dagster instance.
 
-The demo, the integration tests and the benchmarks use this; the UI and the sensors run the
-same assets through the jobs in ``defs/jobs.py``. A Dagster run has one partitions definition,
-so a prompt set takes one run for its prompts, one per backend, and one for the comparison.
+The demo, integration tests and benchmarks use this; the UI, the sensors and the schedule run
+the same assets through the jobs of ``defs/jobs.py``. Every asset takes whole partition ranges
+(single-run backfill policy), so any number of prompt sets costs one run for the prompts, one
+per backend, and one for the comparison, and each model loads once per run.
 """
 
 from __future__ import annotations
@@ -12,19 +13,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.tags import (  # the tags Dagster itself uses for partition ranges
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
-from imagegen_pipeline.defs.partitions import prompt_set_partitions
+from imagegen_pipeline.defs.partitions import partition_key, prompt_set_partitions
 
 RUNNER_PID_TAG = "imagegen/runner_pid"
 PER_PROMPT_SET_GROUPS = ("prompts",)
-PER_BACKEND_GROUPS = ("images", "clips", "quality")
+PER_BACKEND_GROUPS = ("images", "quality", "clips")  # the generate_images job
 AFTER_BACKENDS_GROUPS = ("comparison",)
-
-
-def _groups_present(defs: dg.Definitions, groups: Sequence[str]) -> list[str]:
-    asset_graph = defs.resolve_asset_graph()
-    present = {asset_graph.get(key).group_name for key in asset_graph.materializable_asset_keys}
-    return [group for group in groups if group in present]
 
 
 def _process_alive(pid: int) -> bool:
@@ -57,41 +56,49 @@ def release_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:
     return released
 
 
-def materialize_prompt_set(
+def range_tags(first: str, last: str) -> dict[str, str]:
+    """Run tags that make one run cover the partition keys from ``first`` to ``last``."""
+    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+
+
+def materialize_prompt_sets(
     defs: dg.Definitions,
-    prompt_set: str,
+    prompt_sets: Sequence[str],
     backends: Sequence[str],
     *,
     instance: dg.DagsterInstance,
     resources: Mapping[str, Any] | None = None,
     raise_on_error: bool = True,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Materialize every asset of ``prompt_set`` for ``backends``; returns one result per run."""
-    if prompt_set not in instance.get_dynamic_partitions(prompt_set_partitions.name):
-        instance.add_dynamic_partitions(prompt_set_partitions.name, [prompt_set])
+    """Materialize every asset of ``prompt_sets`` for ``backends``; returns one result per run."""
+    known = instance.get_dynamic_partitions(prompt_set_partitions.name)
+    new = [name for name in prompt_sets if name not in known]
+    if new:
+        instance.add_dynamic_partitions(prompt_set_partitions.name, new)
+    ordered = [
+        s for s in instance.get_dynamic_partitions(prompt_set_partitions.name) if s in prompt_sets
+    ]
     assets = [*defs.assets, *(defs.asset_checks or [])]
     resources = dict(resources if resources is not None else defs.resources or {})
 
-    def run(groups: Sequence[str], partition_key: str) -> dg.ExecuteInProcessResult | None:
-        present = _groups_present(defs, groups)
-        if not present:
-            return None
+    def run(groups: Sequence[str], first: str, last: str) -> dg.ExecuteInProcessResult:
         return dg.materialize(
             assets,
-            selection=dg.AssetSelection.groups(*present),
-            partition_key=partition_key,
+            selection=dg.AssetSelection.groups(*groups),
             instance=instance,
             resources=resources,
             raise_on_error=raise_on_error,
             # Step events at INFO: the DEBUG stream of every event drowns the step logs.
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            tags={"imagegen/prompt_set": prompt_set, RUNNER_PID_TAG: str(os.getpid())},
+            tags={**range_tags(first, last), RUNNER_PID_TAG: str(os.getpid())},
         )
 
-    results = [run(PER_PROMPT_SET_GROUPS, prompt_set)]
-    if results[0] is not None and results[0].success:
-        for backend in backends:
-            key = dg.MultiPartitionKey({"prompt_set": prompt_set, "backend": backend})
-            results.append(run(PER_BACKEND_GROUPS, key))
-        results.append(run(AFTER_BACKENDS_GROUPS, prompt_set))
-    return [result for result in results if result is not None]
+    first, last = ordered[0], ordered[-1]
+    results = [run(PER_PROMPT_SET_GROUPS, first, last)]
+    if not results[0].success:
+        return results
+    for backend in backends:
+        start, end = str(partition_key(first, backend)), str(partition_key(last, backend))
+        results.append(run(PER_BACKEND_GROUPS, start, end))
+    results.append(run(AFTER_BACKENDS_GROUPS, first, last))
+    return results

@@ -6,34 +6,7 @@ for nothing. Weights are pulled once, ahead of time, on a machine that can reach
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """A model repository and the files of it the pipeline loads."""
-
-    repo_id: str
-    allow_patterns: tuple[str, ...] | None = None
-    ignore_patterns: tuple[str, ...] | None = None
-
-
-# Only what from_pretrained reads: single-file checkpoints at the repo root duplicate the
-# diffusers folders and would double the download.
-WEIGHT_SOURCES = {
-    "flux_schnell": WeightSource(
-        "black-forest-labs/FLUX.1-schnell", ignore_patterns=("flux1-schnell.safetensors", "*.md")
-    ),
-    "sdxl_turbo": WeightSource(
-        "stabilityai/sdxl-turbo",
-        allow_patterns=("*.json", "*.txt", "tokenizer*/*", "*.fp16.safetensors"),
-    ),
-    "svd_xt": WeightSource(
-        "stabilityai/stable-video-diffusion-img2vid-xt",
-        allow_patterns=("*.json", "*.txt", "*.fp16.safetensors"),
-    ),
-}
-OPEN_CLIP_DEFAULT = ("ViT-L-14", "openai")
+from imagegen_pipeline.registry import MODELS, WeightSource
 
 
 class ModelWeightsMissingError(RuntimeError):
@@ -49,36 +22,38 @@ def missing_weights_message(model: str, revision: str | None, detail: str = "") 
             f"Weights for {model!r} (revision {revision or 'main'}) are not on this machine. "
             f"Run `imagegen models pull {model}` on a machine that can reach the Hugging Face Hub "
             "(HF_HOME chooses the cache folder; copy it here if this machine is offline), "
-            "or set the backend's `model` to a local folder in the diffusers layout. "
+            "or set the model to a local folder in the diffusers layout. "
             "Steps load with local_files_only, as if HF_HUB_OFFLINE=1, and never download."
         )
     first_line = detail.strip().splitlines()[0] if detail.strip() else ""
     return f"{text} ({first_line})" if first_line else text
 
 
+def weight_source(name_or_repo: str) -> WeightSource:
+    """The weight source of a registered model name or repo id (any other repo as a whole)."""
+    if name_or_repo in MODELS and MODELS[name_or_repo].weights is not None:
+        return MODELS[name_or_repo].weights  # type: ignore[return-value]
+    for spec in MODELS.values():
+        if spec.weights is not None and spec.weights.repo_id == name_or_repo:
+            return spec.weights
+    return WeightSource(name_or_repo)
+
+
 def pull(name_or_repo: str, revision: str | None = None) -> str:
     """Download a model's weights into the Hugging Face cache; returns the local folder."""
+    source = weight_source(name_or_repo)
+    if source.open_clip_tag is not None:
+        import open_clip
+
+        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(*source.open_clip_tag))
     from huggingface_hub import snapshot_download
 
-    if name_or_repo in ("open_clip", "ViT-L-14"):
-        return _pull_open_clip(*OPEN_CLIP_DEFAULT)
-    source = WEIGHT_SOURCES.get(name_or_repo) or next(
-        (s for s in WEIGHT_SOURCES.values() if s.repo_id == name_or_repo),
-        WeightSource(name_or_repo),
-    )
     return snapshot_download(
         source.repo_id,
         revision=revision,
         allow_patterns=list(source.allow_patterns) if source.allow_patterns else None,
         ignore_patterns=list(source.ignore_patterns) if source.ignore_patterns else None,
     )
-
-
-def _pull_open_clip(model_name: str, pretrained: str) -> str:
-    import open_clip
-
-    config = open_clip.get_pretrained_cfg(model_name, pretrained)
-    return open_clip.download_pretrained(config)
 
 
 def is_cached(repo_id: str, revision: str | None = None) -> bool:

@@ -1,40 +1,121 @@
 """Read and validate one prompt CSV.
 
-Each bad row is rejected with its file, line, field and reason; valid rows go on. Only a file
-that cannot be read as a whole (not UTF-8, not CSV, no ``prompt`` column, no valid row) raises.
+``PromptRow`` holds the rules for one row. Each bad row is rejected with its file, line, field
+and reason, and the valid rows go on. Only a file that cannot be read as a whole raises
+``PromptFileError``: not UTF-8, not CSV, no ``prompt`` column, or no valid row.
 """
-
-from __future__ import annotations
 
 import csv
 import hashlib
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import pandas as pd
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    computed_field,
+)
+from pydantic_core import ErrorDetails
+
+from imagegen_pipeline.registry import BACKEND_NAMES
+from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
 STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
-BACKEND_NAMES = ("flux_schnell", "sdxl_turbo", "gemini")
-KNOWN_COLUMNS = (
-    "prompt_id",
-    "prompt",
-    "style",
-    "negative_prompt",
-    "seed",
-    "width",
-    "height",
-    "num_images",
-    "backends",
-)
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_IMAGES_PER_PROMPT = 16
-MAX_PROMPT_CHARS = 2000
-# Ids become file and folder names: letters, digits, '.', '_' and '-', not starting with '.'.
-SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# A hard cap well above real prompts that still stops a pasted document. A prompt longer than
+# CLIP reads is accepted and flagged (see PromptRow.prompt_truncated_by_encoders).
+MAX_PROMPT_CHARS = 20_000
+# Ids become file and folder names: 1-64 letters, digits, '.', '_' or '-', no leading '.', no '..'.
+SAFE_ID = r"^(?!\.)(?!.*\.\.)[A-Za-z0-9._-]{1,64}$"
 
+REJECTED_COLUMNS = ("file", "line", "field", "reason", "value", "row")
+
+
+def derived_prompt_id(prompt: str) -> str:
+    """A stable id for a row without one, so seeds survive rows being added or reordered."""
+    return "p-" + hashlib.sha256(prompt.encode()).hexdigest()[:10]
+
+
+def _int_range(lo: int, hi: int, multiple: int = 1) -> BeforeValidator:
+    """An integer cell in [lo, hi] that is a multiple of ``multiple``.
+
+    Custom, because pydantic reports only the bound that was crossed.
+    """
+
+    def check(raw: Any, info: ValidationInfo) -> int:
+        field = info.field_name
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field} must be an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{field} must be between {lo} and {hi}, got {value}")
+        if value % multiple:
+            raise ValueError(f"{field} must be a multiple of {multiple}, got {value}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _style(raw: str) -> str:
+    style = raw.lower()
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
+    return style
+
+
+def _backends(raw: str | list[str]) -> list[str]:
+    names = [part for part in re.split(r"[;,|\s]+", raw) if part] if isinstance(raw, str) else raw
+    unknown = [name for name in names if name not in BACKEND_NAMES]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; use {', '.join(BACKEND_NAMES)}")
+    return list(names) or list(BACKEND_NAMES)  # none named: every backend
+
+
+Side = Annotated[int, _int_range(MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)]
+
+
+class PromptRow(BaseModel):
+    """One valid CSV row. The reader leaves empty cells out, so their columns take the default."""
+
+    # python-re: SAFE_ID needs look-aheads, which pydantic's default regex engine lacks.
+    model_config = ConfigDict(str_strip_whitespace=True, regex_engine="python-re")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Declared after ``prompt``: the default is derived from the validated prompt.
+    prompt_id: str = Field(
+        default_factory=lambda data: derived_prompt_id(data["prompt"]), pattern=SAFE_ID
+    )
+    style: Annotated[str, BeforeValidator(_style)] = "none"
+    negative_prompt: str = ""
+    seed: Annotated[int, _int_range(0, 2**31 - 1)] | None = None
+    width: Side | None = None
+    height: Side | None = None
+    num_images: Annotated[int, _int_range(1, MAX_IMAGES_PER_PROMPT)] = 1
+    # Validating the default "" runs the splitter, which turns "no backend named" into all.
+    backends: Annotated[list[str], BeforeValidator(_backends)] = Field(
+        default="", validate_default=True
+    )
+
+    @computed_field
+    @property
+    def prompt_truncated_by_encoders(self) -> bool:
+        """True when the prompt is longer than CLIP's 77 tokens: CLIP ignores the rest."""
+        return count_clip_tokens(self.prompt) > CLIP_TOKEN_LIMIT
+
+
+KNOWN_COLUMNS = tuple(PromptRow.model_fields)
 VALID_COLUMNS = (
     "prompt_id",
     "line",
@@ -46,8 +127,18 @@ VALID_COLUMNS = (
     "height",
     "num_images",
     "backends",
+    "prompt_truncated_by_encoders",
 )
-REJECTED_COLUMNS = ("file", "line", "field", "reason", "value", "row")
+
+# Reasons for pydantic's own checks, worded like the custom validators' messages.
+_REASONS = {
+    "missing": "empty {field}",
+    "string_too_short": "empty {field}",
+    "string_too_long": "{field} longer than {max_length} characters",
+    "string_pattern_mismatch": (
+        "unsafe {field}: use 1-64 letters, digits, '.', '_' or '-' (no leading '.', no '..')"
+    ),
+}
 
 
 class PromptFileError(ValueError):
@@ -77,145 +168,36 @@ def prompt_set_name(csv_path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", csv_path.stem).lstrip(".") or "prompts"
 
 
-def derived_prompt_id(prompt: str) -> str:
-    """A stable id for a row without one, so seeds survive rows being added or reordered."""
-    return "p-" + hashlib.sha256(prompt.encode()).hexdigest()[:10]
-
-
-def _parse_int(
-    raw: str, field: str, lo: int, hi: int, multiple: int = 1
-) -> tuple[int | None, str | None]:
-    try:
-        value = int(raw)
-    except ValueError:
-        return None, f"{field} must be an integer, got {raw!r}"
-    if not lo <= value <= hi:
-        return None, f"{field} must be between {lo} and {hi}, got {value}"
-    if value % multiple:
-        return None, f"{field} must be a multiple of {multiple}, got {value}"
-    return value, None
-
-
-def _split_backends(raw: str) -> list[str]:
-    return [part for part in re.split(r"[;,|\s]+", raw.strip()) if part]
-
-
 def read_prompt_csv(path: Path) -> PromptTable:
     """Validate ``path``; raises :class:`PromptFileError` only when no row can be used."""
     name = str(path)
-    if path.suffix.lower() != ".csv":
-        raise PromptFileError(f"{name}: not a CSV file (expected a .csv extension)")
+    # The lines exactly as csv reads them, so a row's first line can be found by number.
+    lines = io.StringIO(_read_text(path), newline="").readlines()
+    reader = _dict_reader(name, lines)
+
+    valid: list[dict[str, Any]] = []
+    problems: list[dict[str, Any]] = []
+    seen_ids: dict[str, int] = {}  # prompt_id -> line of the valid row that has it
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(
-            f"{name}: not UTF-8 text (byte {exc.start} is {path.read_bytes()[exc.start]:#04x}); "
-            "save the file as UTF-8 CSV"
-        ) from None
-    if "\x00" in text:
-        raise PromptFileError(f"{name}: binary data, not a CSV file")
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-        header = [column.strip() for column in (reader.fieldnames or [])]
-    except csv.Error as exc:
-        raise PromptFileError(f"{name}: not a readable CSV file ({exc})") from None
-    if "prompt" not in header:
-        raise PromptFileError(
-            f"{name}: missing required column 'prompt' "
-            f"(found columns: {', '.join(header) or 'none'})"
-        )
-    reader.fieldnames = header
-
-    valid: list[dict] = []
-    problems: list[dict] = []
-    seen_ids: dict[str, int] = {}
-    try:
-        for record in reader:
-            line = reader.line_num
-            row = {key: (value or "").strip() for key, value in record.items() if key is not None}
-            errors: list[tuple[str, str]] = []
-
-            prompt = row.get("prompt", "")
-            if not prompt:
-                errors.append(("prompt", "empty prompt"))
-            elif len(prompt) > MAX_PROMPT_CHARS:
-                errors.append(("prompt", f"prompt longer than {MAX_PROMPT_CHARS} characters"))
-
-            style = (row.get("style") or "none").lower()
-            if style not in STYLES:
-                errors.append(("style", f"unknown style {style!r}; use one of {', '.join(STYLES)}"))
-
-            prompt_id = row.get("prompt_id") or (derived_prompt_id(prompt) if prompt else "")
-            if row.get("prompt_id") and (not SAFE_ID.match(prompt_id) or ".." in prompt_id):
-                errors.append(
-                    ("prompt_id", "unsafe prompt_id: use 1-64 letters, digits, '.', '_' or '-'")
-                )
-            elif prompt_id and prompt_id in seen_ids:
-                errors.append(
-                    ("prompt_id", f"duplicate prompt_id (first used on line {seen_ids[prompt_id]})")
-                )
-
-            seed = None
-            if row.get("seed"):
-                seed, error = _parse_int(row["seed"], "seed", 0, 2**31 - 1)
-                if error:
-                    errors.append(("seed", error))
-            sizes: dict[str, int | None] = {}
-            for side in ("width", "height"):
-                sizes[side] = None
-                if row.get(side):
-                    sizes[side], error = _parse_int(
-                        row[side], side, MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE
-                    )
-                    if error:
-                        errors.append((side, error))
-            num_images = 1
-            if row.get("num_images"):
-                parsed, error = _parse_int(
-                    row["num_images"], "num_images", 1, MAX_IMAGES_PER_PROMPT
-                )
-                if error:
-                    errors.append(("num_images", error))
-                num_images = parsed or 1
-            backends = _split_backends(row.get("backends", ""))
-            unknown = [b for b in backends if b not in BACKEND_NAMES]
-            if unknown:
-                errors.append(
-                    (
-                        "backends",
-                        f"unknown backend(s) {', '.join(unknown)}; use {', '.join(BACKEND_NAMES)}",
-                    )
-                )
-
-            if errors:
-                raw = json.dumps(row, ensure_ascii=False)
+        for line, record in _rows_with_start_lines(reader, lines):
+            cells = {key: (value or "").strip() for key, value in record.items() if key is not None}
+            row, reasons = _check_row(cells, seen_ids)
+            if row is None:
+                raw = json.dumps(cells, ensure_ascii=False)
                 problems.extend(
                     {
                         "file": name,
                         "line": line,
                         "field": field,
                         "reason": reason,
-                        "value": row.get(field, ""),
+                        "value": cells.get(field, ""),
                         "row": raw,
                     }
-                    for field, reason in errors
+                    for field, reason in reasons
                 )
-                continue
-            seen_ids[prompt_id] = line
-            valid.append(
-                {
-                    "prompt_id": prompt_id,
-                    "line": line,
-                    "prompt": prompt,
-                    "style": style,
-                    "negative_prompt": row.get("negative_prompt", ""),
-                    "seed": seed,
-                    "width": sizes["width"],
-                    "height": sizes["height"],
-                    "num_images": num_images,
-                    "backends": backends or list(BACKEND_NAMES),
-                }
-            )
+            else:
+                seen_ids[row.prompt_id] = line
+                valid.append({"line": line, **row.model_dump()})
     except csv.Error as exc:
         raise PromptFileError(
             f"{name}, line {reader.line_num}: not a readable CSV file ({exc})"
@@ -231,3 +213,121 @@ def read_prompt_csv(path: Path) -> PromptTable:
     for column in ("seed", "width", "height"):
         table[column] = table[column].astype("Int64")
     return PromptTable(valid=table, rejected=rejected)
+
+
+def _read_text(path: Path) -> str:
+    name = str(path)
+    if path.suffix.lower() != ".csv":
+        raise PromptFileError(f"{name}: not a CSV file (expected a .csv extension)")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: spreadsheets often start UTF-8 with a BOM
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(
+            f"{name}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); "
+            "save the file as UTF-8 CSV"
+        ) from None
+    if "\x00" in text:
+        raise PromptFileError(f"{name}: binary data, not a CSV file")
+    return text
+
+
+def _dict_reader(name: str, lines: list[str]) -> csv.DictReader:
+    """A DictReader over ``lines`` with the right delimiter and a stripped header."""
+    try:
+        reader = csv.DictReader(lines, delimiter=_delimiter(name, lines), strict=True)
+        header = [column.strip() for column in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise PromptFileError(f"{name}: not a readable CSV file ({exc})") from None
+    reader.fieldnames = header
+    return reader
+
+
+def _delimiter(name: str, lines: list[str]) -> str:
+    """The delimiter, chosen from the header alone.
+
+    Commas are the format. Spreadsheets in comma-decimal locales save ';'-separated files, and
+    some tools save tab-separated ones: such a file is read as it is when its header splits on
+    ';' (or tab) into a ``prompt`` column and other known columns only. If that split also gives
+    unknown columns, the delimiter is a guess, so the file is refused with a message saying so.
+    """
+
+    def header(delimiter: str) -> list[str]:
+        first = next(csv.reader(lines, delimiter=delimiter, strict=True), [])
+        return [column.strip() for column in first]
+
+    columns = header(",")
+    if "prompt" in columns:
+        return ","
+    for delimiter, label in ((";", "';'"), ("\t", "tab")):
+        split = header(delimiter)
+        if "prompt" not in split:
+            continue
+        if set(split) <= set(KNOWN_COLUMNS):
+            return delimiter
+        raise PromptFileError(
+            f"{name}: looks {label}-separated (columns {', '.join(split)}); "
+            "save it with commas between columns"
+        )
+    raise PromptFileError(
+        f"{name}: missing required column 'prompt' (found columns: {', '.join(columns) or 'none'})"
+    )
+
+
+def _rows_with_start_lines(
+    reader: csv.DictReader, lines: list[str]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each row with the line it starts on (``reader.line_num`` is the line it ends on)."""
+    end = reader.line_num
+    for record in reader:
+        # The row starts after the previous one, past the blank lines DictReader skips.
+        start = end + 1
+        while not lines[start - 1].strip("\r\n"):
+            start += 1
+        end = reader.line_num
+        yield start, record
+
+
+def _check_row(
+    cells: dict[str, str], seen_ids: dict[str, int]
+) -> tuple[PromptRow | None, list[tuple[str, str]]]:
+    """The valid row, or None and every (field, reason) that rejects it."""
+    given = {column: value for column, value in cells.items() if value}
+    try:
+        row: PromptRow | None = PromptRow.model_validate(given)
+    except ValidationError as exc:
+        row = None
+        # Skip default_factory_not_called: prompt_id has no default because the prompt is bad.
+        errors = (e for e in exc.errors() if e["type"] != "default_factory_not_called")
+        reasons = [_reason(error) for error in errors]
+    else:
+        reasons = []
+    prompt_id = row.prompt_id if row else _prompt_id(given)
+    if prompt_id in seen_ids:
+        reasons.append(
+            ("prompt_id", f"duplicate prompt_id (first used on line {seen_ids[prompt_id]})")
+        )
+    return (None if reasons else row), reasons
+
+
+def _prompt_id(given: dict[str, str]) -> str | None:
+    """The id of a row rejected for other columns, so a repeated id is reported too.
+
+    None when the prompt or the prompt_id is itself invalid.
+    """
+    identity = {column: given[column] for column in ("prompt", "prompt_id") if column in given}
+    try:
+        return PromptRow.model_validate(identity).prompt_id
+    except ValidationError:
+        return None
+
+
+def _reason(error: ErrorDetails) -> tuple[str, str]:
+    """(field, reason) for one pydantic error, in the words a person editing the CSV reads."""
+    field = str(error["loc"][0]) if error["loc"] else "row"
+    if error["type"] == "value_error":  # raised by our validators: the message is the reason
+        return field, str(error.get("ctx", {}).get("error", error["msg"]))
+    template = _REASONS.get(error["type"])
+    if template is None:
+        return field, f"{field}: {error['msg']}"
+    return field, template.format(field=field, **error.get("ctx", {}))

@@ -1,190 +1,148 @@
-"""Run metadata in Parquet: one new file per step, never rewritten, one loader for all of it.
+"""Run metadata in Parquet: append-only parts, flushed while a step runs, one loader for all.
 
-Layout: ``<base>/run_metadata/<table>/<timestamp>_<run>_<prompt set>_<backend>_<nonce>.parquet``.
-Each table has one fixed Arrow schema, so every file of a table can be read as one dataset by
-pandas, pyarrow, DuckDB (``read_parquet('.../images/*.parquet')``) or Polars alike, and two runs
-that write at the same moment never lose each other's rows.
+Layout: ``<base>/run_metadata/<table>/<prompt set>/<backend>/<time>_<run>_<part>.parquet``.
+Each table has one Arrow schema (``records.TABLE_SCHEMAS``), so all its files read as one
+dataset in pandas, pyarrow, DuckDB (``read_parquet('.../images/*/*/*.parquet')``) or Polars.
+A step writes a new part every few seconds or every few hundred rows, so a step killed after
+hours loses at most its last part; two steps writing at the same moment never collide.
 """
 
 from __future__ import annotations
 
+import io
 import secrets
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
+import threading
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from upath import UPath
 
-from imagegen_pipeline.atomic_files import write_parquet_atomic
+from imagegen_pipeline.records import RECORD_TYPES, TABLE_SCHEMAS, to_arrow, utc_now
+from imagegen_pipeline.storage import Storage
 
-_TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-IMAGES_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("prompt_set", pa.string()),
-        ("backend", pa.string()),
-        (
-            "image_id",
-            pa.string(),
-        ),  # the content address (sha256 of everything that makes the image)
-        ("prompt_id", pa.string()),
-        ("image_index", pa.int32()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("model_id", pa.string()),
-        ("revision", pa.string()),
-        ("seed", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float64()),
-        ("status", pa.string()),  # ok, failed, blocked, skipped_budget, skipped_existing
-        ("error", pa.string()),
-        ("path", pa.string()),
-        ("sha256", pa.string()),
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-        ("peak_gpu_memory_mb", pa.float64()),
-        ("finish_reason", pa.string()),
-        ("retries", pa.int32()),
-        ("prompt_tokens", pa.int64()),
-        ("output_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("started_at", _TIMESTAMP),
-        ("finished_at", _TIMESTAMP),
-    ]
-)
-
-STEPS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("asset", pa.string()),
-        ("prompt_set", pa.string()),
-        ("backend", pa.string()),
-        ("model_id", pa.string()),
-        ("revision", pa.string()),
-        ("device", pa.string()),
-        ("requested", pa.int64()),
-        ("generated", pa.int64()),
-        ("skipped_existing", pa.int64()),
-        ("failed", pa.int64()),
-        ("blocked", pa.int64()),
-        ("skipped_budget", pa.int64()),
-        ("seconds", pa.float64()),
-        ("items_per_second", pa.float64()),
-        ("model_loads", pa.int64()),
-        ("model_load_seconds", pa.float64()),
-        ("peak_gpu_memory_mb", pa.float64()),
-        ("cost_usd", pa.float64()),
-        ("started_at", _TIMESTAMP),
-        ("finished_at", _TIMESTAMP),
-    ]
-)
-
-CLIPS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("prompt_set", pa.string()),
-        ("backend", pa.string()),
-        ("clip_id", pa.string()),  # content address of the clip
-        ("source_image_id", pa.string()),
-        ("source_path", pa.string()),
-        ("prompt_id", pa.string()),
-        ("image_index", pa.int32()),  # which image of the prompt the clip animates
-        ("model_id", pa.string()),
-        ("revision", pa.string()),
-        ("seed", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("frames", pa.int32()),
-        ("fps", pa.int32()),
-        ("steps", pa.int32()),
-        ("motion_bucket_id", pa.int32()),
-        ("noise_aug_strength", pa.float64()),
-        ("status", pa.string()),  # ok, failed, skipped_existing
-        ("error", pa.string()),
-        ("memory_fallback", pa.string()),  # what an out-of-memory retry took, if anything
-        ("path", pa.string()),
-        ("preview_path", pa.string()),
-        ("sha256", pa.string()),
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-        ("peak_gpu_memory_mb", pa.float64()),
-        ("started_at", _TIMESTAMP),
-        ("finished_at", _TIMESTAMP),
-    ]
-)
-
-TABLE_SCHEMAS: dict[str, pa.Schema] = {
-    "images": IMAGES_SCHEMA,
-    "steps": STEPS_SCHEMA,
-    "clips": CLIPS_SCHEMA,
-}
+FLUSH_SECONDS = 5.0
+FLUSH_ROWS = 256
 
 
-def utc_now() -> datetime:
-    """The current time, timezone-aware, as stored in every timestamp column."""
-    return datetime.now(UTC)
+def run_metadata_folder(
+    storage: Storage, table: str, prompt_set: str | None = None, backend: str | None = None
+) -> UPath:
+    """The folder of a table, or of one partition's files of it."""
+    if table not in RECORD_TYPES:
+        raise ValueError(f"unknown run-metadata table {table!r}; known: {sorted(RECORD_TYPES)}")
+    parts = [part for part in (prompt_set, backend) if part]
+    return storage.path("run_metadata", table, *parts)
 
 
-def run_metadata_dir(base_dir: Path, table: str) -> Path:
-    """The folder that holds every file of one run-metadata table."""
-    if table not in TABLE_SCHEMAS:
-        raise ValueError(f"unknown run-metadata table {table!r}; known: {sorted(TABLE_SCHEMAS)}")
-    return base_dir / "run_metadata" / table
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of a Parquet file."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
 
 
-def write_run_metadata(
-    base_dir: Path,
+class RunMetadataWriter:
+    """Appends one partition's rows of one table, a new Parquet part at a time."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        table: str,
+        *,
+        run_id: str,
+        prompt_set: str,
+        backend: str,
+        flush_seconds: float = FLUSH_SECONDS,
+        flush_rows: int = FLUSH_ROWS,
+    ) -> None:
+        self.storage = storage
+        self.table = table
+        self.folder = run_metadata_folder(storage, table, prompt_set, backend)
+        self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self.flush_rows = flush_rows
+        self.parts: list[str] = []
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()  # writer threads and the model thread both append
+
+    def append(self, record: Any) -> None:
+        """Add one row; writes a part when enough rows or seconds have gathered."""
+        with self._lock:
+            self._pending.append(record)
+            due = (
+                len(self._pending) >= self.flush_rows
+                or time.monotonic() - self._last_flush >= self.flush_seconds
+            )
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows gathered so far as a new part (nothing when there are none)."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+            self._last_flush = time.monotonic()
+            if not rows:
+                return
+            stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
+            name = f"{stamp}_{self.run_id[:8]}_{len(self.parts):05d}_{secrets.token_hex(3)}.parquet"
+            path = self.folder / name
+            self.storage.write_bytes(path, parquet_bytes(to_arrow(rows, self.table)))
+            self.parts.append(str(path))
+
+    def close(self) -> None:
+        """Write what is left."""
+        self.flush()
+
+
+def write_records(
+    storage: Storage,
     table: str,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    run_id: str,
-    partition_label: str,
-) -> Path | None:
-    """Write ``rows`` to a new Parquet file of ``table``; returns its path (None for no rows)."""
-    if not rows:
-        return None
-    schema = TABLE_SCHEMAS[table]
-    columns = {name: [row.get(name) for row in rows] for name in schema.names}
-    arrow_table = pa.Table.from_pydict(columns, schema=schema)
-    stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
-    safe_label = partition_label.replace("|", "_").replace("/", "_")
-    file_name = f"{stamp}_{run_id[:8]}_{safe_label}_{secrets.token_hex(3)}.parquet"
-    path = run_metadata_dir(base_dir, table) / file_name
-    write_parquet_atomic(path, arrow_table)
-    return path
-
-
-def load_run_metadata(base_dir: str | Path, table: str = "images") -> pd.DataFrame:
-    """Every row ever written to ``table`` under ``base_dir`` as one pandas DataFrame."""
-    folder = run_metadata_dir(Path(base_dir), table)
-    schema = TABLE_SCHEMAS[table]
-    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
-    if not files:
-        return schema.empty_table().to_pandas()
-    # An explicit schema makes files written before a column existed read back with nulls.
-    return (
-        ds.dataset([str(f) for f in files], schema=schema, format="parquet").to_table().to_pandas()
-    )
-
-
-def write_step_metadata(
-    base_dir: Path,
-    table: str,
-    rows: Sequence[Mapping[str, Any]],
-    step_row: Mapping[str, Any],
+    records: Sequence[Any],
     *,
     run_id: str,
     prompt_set: str,
     backend: str,
-) -> tuple[Path | None, Path | None]:
-    """Write one step's item rows to ``table`` and its summary row to ``steps``."""
-    label = f"{prompt_set}_{backend}"
-    items = write_run_metadata(base_dir, table, rows, run_id=run_id, partition_label=label)
-    steps = write_run_metadata(base_dir, "steps", [step_row], run_id=run_id, partition_label=label)
-    return items, steps
+) -> str | None:
+    """Write ``records`` as one part at once; returns its path (None for no rows)."""
+    writer = RunMetadataWriter(
+        storage, table, run_id=run_id, prompt_set=prompt_set, backend=backend
+    )
+    for record in records:
+        writer.append(record)
+    writer.close()
+    return writer.parts[-1] if writer.parts else None
+
+
+def load_run_metadata(
+    base: str | Storage,
+    table: str = "images",
+    *,
+    prompt_set: str | None = None,
+    backend: str | None = None,
+) -> pd.DataFrame:
+    """Every row written to ``table`` under ``base`` (optionally one partition's) as pandas."""
+    storage = base if isinstance(base, Storage) else Storage(base)
+    folder = run_metadata_folder(storage, table, prompt_set, backend)
+    schema = TABLE_SCHEMAS[table]
+    names = sorted(name for name in storage.list_files(folder) if name.endswith(".parquet"))
+    if not names:
+        return schema.empty_table().to_pandas()
+    # Read with the table's schema: files written before a column existed read back with nulls.
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(folder / name))) for name in names]
+    aligned = [_conform(t, schema) for t in tables]
+    return pa.concat_tables(aligned).to_pandas()
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = [
+        table.column(field.name).cast(field.type)
+        if field.name in table.column_names
+        else pa.nulls(table.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imagegen_pipeline.registry import MODELS
+
 if TYPE_CHECKING:
     from transformers import CLIPTextConfig
 
@@ -35,19 +37,14 @@ MARKER_NAME = ".tiny-random-weights"
 # Bump when a builder changes what it writes: builds with another version are rebuilt.
 FORMAT_VERSION = 1
 
+# What each tiny build stands in for, from the registry.
 REAL_REPOS: dict[str, str] = {
-    "flux_schnell": "black-forest-labs/FLUX.1-schnell",
-    "sdxl_turbo": "stabilityai/sdxl-turbo",
-    "svd_xt": "stabilityai/stable-video-diffusion-img2vid-xt",
-    "open_clip_vit_l_14": "ViT-L-14/openai",
+    spec.tiny_model: spec.default_model for spec in MODELS.values() if spec.tiny_model
 }
 
 # Directory names mirror the real repos' names so paths read the same in logs and configs.
 TINY_MODEL_DIRS: dict[str, str] = {
-    "flux_schnell": "FLUX.1-schnell",
-    "sdxl_turbo": "sdxl-turbo",
-    "svd_xt": "stable-video-diffusion-img2vid-xt",
-    "open_clip_vit_l_14": "open_clip-ViT-L-14-tiny",
+    name: repo.rsplit("/", 1)[-1] for name, repo in REAL_REPOS.items()
 }
 
 # Words that get whole-word tokens in the tiny vocabularies, so tokenization exercises BPE

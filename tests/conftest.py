@@ -131,7 +131,7 @@ def make_resources(
 
 # --- fake Gemini and Ollama servers (tests/fake_servers.py) ---------------------------------
 
-from tests.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama  # noqa: E402
+from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama  # noqa: E402
 
 
 @pytest.fixture

@@ -1,15 +1,20 @@
 """Prompt CSV validation: every rejection reason, and whole-file failures."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from imagegen_pipeline.prompt_csv import (
+    MAX_PROMPT_CHARS,
     PromptFileError,
     derived_prompt_id,
     prompt_set_name,
     read_prompt_csv,
 )
+from imagegen_pipeline.registry import BACKEND_NAMES
+from imagegen_pipeline.text_encoders import count_clip_tokens
 
 
 def write(tmp_path: Path, text: str, name: str = "set.csv") -> Path:
@@ -70,6 +75,14 @@ def test_duplicate_id_and_unknown_backend_are_rejected_and_valid_rows_go_on(tmp_
     assert "unknown backend(s) dalle" in reasons[4]
 
 
+def test_a_rejected_row_is_also_told_its_id_is_taken(tmp_path):
+    path = write(tmp_path, "prompt_id,prompt,seed\na,first prompt,1\na,second prompt,x\n")
+    rejected = read_prompt_csv(path).rejected
+
+    assert sorted(rejected["field"]) == ["prompt_id", "seed"]
+    assert set(rejected["line"]) == {3}
+
+
 def test_a_row_with_several_problems_counts_once_and_keeps_every_reason(tmp_path):
     path = write(tmp_path, "prompt,style,seed\nok prompt,none,1\n,cubist,x\n")
     table = read_prompt_csv(path)
@@ -85,7 +98,93 @@ def test_defaults_and_derived_ids_are_stable(tmp_path):
     assert row["prompt_id"] == derived_prompt_id("a lighthouse in a storm")
     assert row["style"] == "none"
     assert row["num_images"] == 1
-    assert list(row["backends"]) == ["flux_schnell", "sdxl_turbo", "gemini"]
+    assert list(row["backends"]) == list(BACKEND_NAMES)
+    assert not row["prompt_truncated_by_encoders"]
+
+
+def test_valid_table_columns_and_types(tmp_path):
+    path = write(tmp_path, "prompt,seed,width,height\na cat,3,512,\n")
+    valid = read_prompt_csv(path).valid
+
+    assert list(valid.columns) == [
+        "prompt_id",
+        "line",
+        "prompt",
+        "style",
+        "negative_prompt",
+        "seed",
+        "width",
+        "height",
+        "num_images",
+        "backends",
+        "prompt_truncated_by_encoders",
+    ]
+    assert {str(valid[column].dtype) for column in ("seed", "width", "height")} == {"Int64"}
+    assert valid["height"].isna().all()
+
+
+def test_prompts_longer_than_clip_reads_are_accepted_and_flagged(tmp_path):
+    # "cat" is one CLIP token: 75 of them plus the start and end tokens fill the 77 exactly.
+    assert count_clip_tokens("a cat") == 4
+    fits, too_long, old_cap = "cat " * 75, "cat " * 76, "a lighthouse in a storm " * 110
+    path = write(tmp_path, f"prompt_id,prompt\nfits,{fits}\nlong,{too_long}\nold,{old_cap}\n")
+    table = read_prompt_csv(path)
+
+    assert len(old_cap) > 2000
+    assert table.rejected_rows == 0
+    flags = table.valid.set_index("prompt_id")["prompt_truncated_by_encoders"].to_dict()
+    assert flags == {"fits": False, "long": True, "old": True}
+
+
+def test_prompts_above_the_hard_cap_are_rejected_naming_the_cap(tmp_path):
+    huge = "x" * (MAX_PROMPT_CHARS + 1)
+    path = write(tmp_path, f"prompt\nfine prompt\n{huge}\n")
+    problem = read_prompt_csv(path).rejected.iloc[0]
+
+    assert (problem["line"], problem["field"]) == (3, "prompt")
+    assert f"longer than {MAX_PROMPT_CHARS} characters" in problem["reason"]
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_semicolon_and_tab_separated_files_are_read(tmp_path, delimiter):
+    path = write(
+        tmp_path,
+        "prompt;style;seed\na cat, sitting;anime;3\nno seed;none;x\n".replace(";", delimiter),
+    )
+    table = read_prompt_csv(path)
+
+    row = table.valid.iloc[0]
+    assert (row["prompt"], row["style"], row["seed"]) == ("a cat, sitting", "anime", 3)
+    assert list(table.rejected["line"]) == [3]
+    assert "seed must be an integer, got 'x'" in table.rejected["reason"].iloc[0]
+
+
+def test_semicolon_file_with_unknown_columns_is_refused_clearly(tmp_path):
+    path = write(tmp_path, "prompt;colour\na cat;red\n")
+    with pytest.raises(PromptFileError, match=r"set\.csv: looks ';'-separated"):
+        read_prompt_csv(path)
+
+
+def test_rows_are_reported_on_the_line_where_they_start(tmp_path):
+    path = write(
+        tmp_path,
+        "prompt_id,prompt,seed\n"  # line 1
+        'multi,"a cat\non a mat\n\nat night",1\n'  # lines 2-5, valid
+        "\n"  # line 6, blank
+        "bad,a dog,x\n"  # line 7
+        'worse,"a bird\nin flight",y\n'  # lines 8-9
+        "after,a fish,z\n",  # line 10
+    )
+    table = read_prompt_csv(path)
+
+    assert list(table.valid["line"]) == [2]
+    assert table.valid["prompt"].iloc[0] == "a cat\non a mat\n\nat night"
+    assert list(table.rejected["line"]) == [7, 8, 10]
+
+
+def test_importing_the_reader_does_not_import_open_clip():
+    code = "import sys, imagegen_pipeline.prompt_csv; assert 'open_clip' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_missing_prompt_column_fails_with_one_clear_message(tmp_path):

@@ -1,26 +1,20 @@
 """The one small interface every image backend implements.
 
-A backend turns a batch of :class:`ImageRequest` into :class:`ImageResult`, one per request, in
-order. It knows nothing about Dagster, files or Parquet: the pipeline plans the requests (seeds,
-content addresses), skips what already exists and writes the outputs.
+A backend turns :class:`ImageRequest` objects into :class:`ImageResult` objects, one per request.
+It knows nothing about Dagster, files or Parquet: the images step plans the requests (seeds,
+content addresses), skips what already exists, and writes the outputs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
-ImageStatus = Literal["ok", "failed", "blocked", "skipped_budget", "skipped_existing"]
-
-# Seeds live in [0, 2**31) so the same number works for torch generators and for the
-# Gemini API, whose seed field is an int32.
-SEED_MODULUS = 2**31
+from imagegen_pipeline.records import ImageStatus
 
 
 @dataclass(frozen=True)
@@ -57,45 +51,24 @@ class ImageResult:
     error: str = ""
     seconds: float = 0.0
     # Backend-specific facts for the run metadata: finish_reason, tokens, cost_usd,
-    # peak_gpu_memory_mb, retries, ...
+    # peak_gpu_memory_mb, batch_size, retries, started_at ...
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def derive_seed(prompt_id: str, image_index: int, csv_seed: int | None = None) -> int:
-    """The seed of image ``image_index`` of a prompt.
+@dataclass
+class RunSummary:
+    """What a backend reports after ``generate``: totals for the step's metadata, and lines the
+    step log should warn about (a reached budget, an exhausted quota)."""
 
-    A seed given in the CSV is used for the first image and incremented for the next ones, so
-    a user who asks for seed 42 gets 42 exactly. Without one, the seed is a hash of the prompt
-    id and index: stable across runs, machines and Python hash randomisation.
-    """
-    if csv_seed is not None:
-        return (csv_seed + image_index) % SEED_MODULUS
-    digest = hashlib.sha256(f"{prompt_id}:{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
-
-
-def content_address(settings: GenerationSettings, request: ImageRequest) -> str:
-    """A sha256 over every input that changes the image; equal addresses mean equal work."""
-    key = {
-        **asdict(settings),
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
-        "seed": request.seed,
-        "width": request.width,
-        "height": request.height,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class ImageBackend(ABC):
-    """Load a model once, generate many batches, free it."""
+    """Load a model once, generate many requests, free it."""
 
     name: str
-    default_width: int
-    default_height: int
     supports_negative_prompt: bool = False
-    # Longest prompt, in tokens, that the backend's text encoder reads; None when unbounded.
-    token_limit: int | None = None
 
     @property
     @abstractmethod
@@ -103,24 +76,31 @@ class ImageBackend(ABC):
         """Model id, revision, steps and guidance, as they go into content addresses."""
 
     @property
+    @abstractmethod
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) of requests whose prompt row gives no size."""
+
+    @property
     def device(self) -> str:
         """Where the work runs, as recorded in the run metadata."""
         return "remote"
 
     def load(self) -> float:
-        """Load the model; returns the seconds it took (0 when there is nothing to load)."""
+        """Load the model if it is not loaded; returns the seconds it took (0 when nothing)."""
         return 0.0
 
     @abstractmethod
     def generate(self, requests: Sequence[ImageRequest]) -> Iterator[ImageResult]:
-        """Yield one result per request, in order, as soon as each is ready."""
+        """Yield one result per request, in the order they complete (not necessarily the
+        order of ``requests``): a remote backend answers whichever request returns first."""
 
     def unload(self) -> None:  # noqa: B027 - remote backends hold nothing to free
         """Free the model and any accelerator memory it holds."""
 
-    def __enter__(self) -> ImageBackend:
-        self.load()
-        return self
+    def weight_bytes(self) -> int:
+        """Memory the loaded model holds (what the warm-model cache budgets); 0 for none."""
+        return 0
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.unload()
+    def run_summary(self) -> RunSummary:
+        """Totals of the last ``generate`` call (tokens, cost, retries, ...) and warnings."""
+        return RunSummary()

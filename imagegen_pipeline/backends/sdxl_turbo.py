@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from diffusers import StableDiffusionXLPipeline
-
 from imagegen_pipeline.backends.base import ImageRequest
-from imagegen_pipeline.backends.diffusers_backend import DiffusersConfig, DiffusersImageBackend
-from imagegen_pipeline.enhancement.base import CLIP_TOKEN_LIMIT
+from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToImage
+from imagegen_pipeline.model_settings import SdxlTurboSettings
 
 
-@dataclass
-class SdxlTurboConfig(DiffusersConfig):
-    """SDXL-Turbo defaults: the fp16 weights, 1 step, guidance 0 as the model card says."""
-
-    model: str = "stabilityai/sdxl-turbo"
-    steps: int = 1
-    guidance: float = 0.0
-
-
-class SdxlTurboBackend(DiffusersImageBackend):
+class SdxlTurboBackend(DiffusersTextToImage):
     """StableDiffusionXLPipeline from the stabilityai/sdxl-turbo layout."""
 
     name = "sdxl_turbo"
-    pipeline_class = StableDiffusionXLPipeline
-    preferred_dtype = torch.float16
-    variant = "fp16"
-    default_width = 512
-    default_height = 512
-    token_limit = CLIP_TOKEN_LIMIT
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    preferred_dtype = "float16"
+    variant = "fp16"  # the repo ships fp16 files; the fp32 ones are twice the download
 
-    config: SdxlTurboConfig
+    config: SdxlTurboSettings
 
     @property
     def supports_negative_prompt(self) -> bool:  # type: ignore[override]

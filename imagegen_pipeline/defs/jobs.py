@@ -1,4 +1,4 @@
-"""The project's jobs: prepare a prompt set, then generate per prompt set and backend."""
+"""The project's jobs: prepare prompt sets, generate per prompt set and backend, compare."""
 
 import dagster as dg
 
@@ -8,19 +8,19 @@ prepare_prompts_job = dg.define_asset_job(
     "prepare_prompts",
     selection=dg.AssetSelection.groups("prompts"),
     partitions_def=prompt_set_partitions,
-    description="Validate and enhance one prompt set.",
+    description="Validate and enhance prompt sets.",
 )
 
 generate_images_job = dg.define_asset_job(
     "generate_images",
-    selection=dg.AssetSelection.groups("images", "clips", "quality"),
+    selection=dg.AssetSelection.groups("images", "quality", "clips"),
     partitions_def=prompt_set_x_backend_partitions,
-    description="Images, clips and quality reports of one prompt set and backend.",
+    description="Images, quality reports and video clips of prompt sets, for one backend.",
 )
 
 compare_backends_job = dg.define_asset_job(
     "compare_backends",
     selection=dg.AssetSelection.groups("comparison"),
     partitions_def=prompt_set_partitions,
-    description="Compare the backends of one prompt set: table, chart and HTML gallery.",
+    description="Compare the backends of prompt sets: table, chart and HTML gallery.",
 )

@@ -2,8 +2,7 @@
 
 import base64
 import io
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 import pandas as pd
@@ -17,15 +16,21 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str], rows: int = 10) 
     return dg.MetadataValue.md(text)
 
 
-def thumbnails(paths: Sequence[str | Path], limit: int = 6, size: int = 128) -> dg.MetadataValue:
+def thumbnails(
+    paths: Sequence[str],
+    read_bytes: Callable[[str], bytes],
+    limit: int = 6,
+    size: int = 128,
+) -> dg.MetadataValue:
     """Up to ``limit`` images inlined as small JPEG data URIs, so the UI shows them."""
     cells = []
     for path in list(paths)[:limit]:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(read_bytes(path))) as image:
             image = image.convert("RGB")
             image.thumbnail((size, size))
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=80)
         encoded = base64.b64encode(buffer.getvalue()).decode()
-        cells.append(f"![{Path(path).name}](data:image/jpeg;base64,{encoded})")
+        name = str(path).rsplit("/", 1)[-1]
+        cells.append(f"![{name}](data:image/jpeg;base64,{encoded})")
     return dg.MetadataValue.md(" ".join(cells) if cells else "_no images_")

@@ -1,55 +1,46 @@
-"""The project's resources, configured from the environment where a user overrides a default."""
+"""The project's resources.
 
-import os
-from typing import TypeVar
+Each model's resource *is* its settings class from ``model_settings.py`` with
+``dg.ConfigurableResource`` mixed in, so every field is declared once, and it is built from the
+registry, so a new backend needs no resource code. Nothing here sets a value in Python: every
+default is a class default that is resolved when a step starts (``model="auto"``, sizes left at
+``None``, the Gemini key read from the environment). Dagster replaces a resource's Python-set
+values with the class defaults when a run config sets any field of it, so values set here would
+be silently dropped by a launchpad edit; class defaults cannot be.
+"""
+
+from functools import cache
 
 import dagster as dg
+from pydantic import BaseModel
 
-from imagegen_pipeline.defs.clips.resources import SvdResource
-from imagegen_pipeline.defs.images.resources import (
-    FluxSchnellResource,
-    GeminiResource,
-    SdxlTurboResource,
-)
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
-from imagegen_pipeline.defs.quality.resources import ClipScorerResource, QualityThresholds
-from imagegen_pipeline.defs.storage import ParquetIOManager, StorageResource
+from imagegen_pipeline.defs.quality.resources import QualityThresholds
+from imagegen_pipeline.defs.storage import StepOutputIOManager, StorageResource, TableIOManager
+from imagegen_pipeline.registry import MODELS
 
 
-def default_resources() -> dict:
-    """Resources for ``dagster dev`` and the demo; IMAGEGEN_* variables override defaults."""
-    storage = StorageResource(
-        prompts_dir=os.getenv("IMAGEGEN_PROMPTS_DIR", "prompts"),
-        base_dir=os.getenv("IMAGEGEN_STORAGE_DIR", "storage"),
-    )
-    # The key comes from the environment at run time, and only when set: runs of the local
-    # backends never need it, and Dagster records the variable's name, never its value.
-    gemini_key = dg.EnvVar("GEMINI_API_KEY") if os.getenv("GEMINI_API_KEY") else None
+@cache
+def settings_resource(settings: type[BaseModel]) -> type[dg.ConfigurableResource]:
+    """The Dagster resource whose fields are exactly the fields of ``settings``."""
+    name = settings.__name__.removesuffix("Settings") + "Resource"
+    namespace = {"__doc__": settings.__doc__, "__module__": __name__}
+    return type(name, (dg.ConfigurableResource, settings), namespace)
+
+
+def settings_of(resource: dg.ConfigurableResource, settings: type[BaseModel]) -> BaseModel:
+    """The plain settings object a model resource holds (what model code is given)."""
+    return settings(**{name: getattr(resource, name) for name in settings.model_fields})
+
+
+def default_resources() -> dict[str, object]:
+    """Every resource the definitions use, all at their class defaults (see module docstring)."""
+    storage = StorageResource()
     return {
         "storage": storage,
-        "io_manager": ParquetIOManager(storage=storage),
-        "enhancer": PromptEnhancerResource(gemini_api_key=gemini_key),
-        "flux_schnell": FluxSchnellResource(
-            model=os.getenv("IMAGEGEN_FLUX_SCHNELL_MODEL", "black-forest-labs/FLUX.1-schnell")
-        ),
-        "sdxl_turbo": SdxlTurboResource(
-            model=os.getenv("IMAGEGEN_SDXL_TURBO_MODEL", "stabilityai/sdxl-turbo")
-        ),
-        "gemini": GeminiResource(api_key=gemini_key),
-        "svd": SvdResource(
-            model=os.getenv("IMAGEGEN_SVD_MODEL", "stabilityai/stable-video-diffusion-img2vid-xt")
-        ),
-        # An open_clip model name (with its `pretrained` tag), "local-dir:<folder>" or a folder.
-        "clip_scorer": ClipScorerResource(model=os.getenv("IMAGEGEN_CLIP_MODEL", "ViT-L-14")),
+        "io_manager": TableIOManager(storage=storage),
+        "step_io_manager": StepOutputIOManager(storage=storage),
+        "enhancer": PromptEnhancerResource(),
         "quality_thresholds": QualityThresholds(),
+        **{name: settings_resource(spec.settings)() for name, spec in MODELS.items()},
     }
-
-
-ResourceT = TypeVar("ResourceT", bound=dg.ConfigurableResource | dg.ConfigurableIOManager)
-
-
-def reconfigured(resource: ResourceT, **changes: object) -> ResourceT:
-    """A copy of ``resource`` with some fields changed (pydantic's model_copy skips Dagster's
-    config bookkeeping, so the copy is built anew from every field)."""
-    fields = {name: getattr(resource, name) for name in type(resource).model_fields}
-    return type(resource)(**{**fields, **changes})

@@ -1,58 +1,132 @@
-"""Where prompt CSVs are read from and where every output lands."""
+"""Where prompt CSVs are read from, where every output lands, and the IO managers over it.
 
+Asset tables go through Dagster's ``UPathIOManager``: one Parquet file per partition under
+``<storage>/tables/<asset>/``, on a local folder or any fsspec URL alike, fan-in of several
+partitions as a dict. Two things are added to it: writes go through the project's atomic
+``Storage``, and a run that covers several partitions (a single-run backfill) hands over and
+gets back one table per partition key, always as a dict, so asset code has one shape to handle.
+"""
+
+import io
+import pickle
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
+from upath import UPath
 
-from imagegen_pipeline.atomic_files import write_parquet_atomic
+from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL
+from imagegen_pipeline.project_config import load_project_config
+from imagegen_pipeline.run_metadata import parquet_bytes
+from imagegen_pipeline.storage import Storage
 
 
 class StorageResource(dg.ConfigurableResource):
-    """The prompts folder and the one base folder under which all outputs land."""
+    """The prompts folder, the base path of every output, and how outputs are written."""
 
-    prompts_dir: str = "prompts"  # the folder users drop prompt CSVs into
-    base_dir: str = "storage"  # images, clips, reports, tables and run metadata go under here
+    base: str = ""  # a folder or URL (s3://bucket/prefix); "" = imagegen.toml / IMAGEGEN_STORAGE
+    prompts_dir: str = ""  # the folder users drop CSVs into; "" = the project's (prompts/)
+    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL  # zlib 0-9: 1 is fast, 9 small
+    writer_threads: int = 2  # threads encoding and writing outputs while the model works
 
-    @property
-    def base(self) -> Path:
-        """The output base folder."""
-        return Path(self.base_dir)
+    def storage(self) -> Storage:
+        """The output store."""
+        return Storage(self.base or load_project_config().storage)
 
-    def images_dir(self, prompt_set: str, backend: str) -> Path:
-        """The folder of one partition's PNGs."""
-        return self.base / "images" / prompt_set / backend
-
-    def table_path(self, asset: str, *partition: str) -> Path:
-        """The Parquet file an asset's partition is stored in."""
-        return self.base / "tables" / asset / Path(*partition).with_suffix(".parquet")
+    def prompts_folder(self) -> Path:
+        """The folder of prompt CSVs."""
+        return Path(self.prompts_dir or load_project_config().prompts_dir)
 
 
-class ParquetIOManager(dg.ConfigurableIOManager):
-    """Stores DataFrame assets as one Parquet file per partition under the storage folder."""
+class StoredFiles(dg.UPathIOManager):
+    """A UPathIOManager whose files go through the project's atomic ``Storage``."""
+
+    def __init__(self, storage: Storage, base_path: UPath) -> None:
+        super().__init__(base_path=base_path)
+        self.storage = storage
+
+
+class ParquetTables(StoredFiles):
+    """DataFrames as Parquet files, written atomically, one per partition."""
+
+    extension = ".parquet"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+        self.storage.write_bytes(path, parquet_bytes(_arrow(obj)))
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.storage.read_bytes(path)))
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if not context.has_asset_partitions or len(context.asset_partition_keys) == 1:
+            if isinstance(obj, dict) and context.has_asset_partitions:
+                (obj,) = obj.values()
+            super().handle_output(context, obj)
+            return
+        # A single run over several partitions: one table per partition key.
+        paths = self._get_paths_for_partitions(context)
+        missing = sorted(set(paths) - set(obj))
+        if missing:
+            raise dg.Failure(f"{context.asset_key.to_user_string()}: no table for {missing}")
+        for key, path in paths.items():
+            self.make_directory(path.parent)
+            self.dump_to_path(context, obj[key], path)
+
+    def load_partitions(self, context: dg.InputContext) -> dict[str, pd.DataFrame]:
+        loaded = super().load_partitions(context)
+        if len(context.asset_partition_keys) == 1 and not isinstance(loaded, dict):
+            return {context.asset_partition_keys[0]: loaded}
+        return loaded
+
+
+def _arrow(frame: pd.DataFrame) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+class TableIOManager(dg.ConfigurableIOManagerFactory):
+    """Asset tables as Parquet under <storage>/tables, one file per partition."""
 
     storage: dg.ResourceDependency[StorageResource]
 
-    def _path(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        asset = context.asset_key.path[-1]
-        if not context.has_asset_partitions:
-            return self.storage.table_path(asset, "all")
-        key = context.asset_partition_key
-        if isinstance(key, dg.MultiPartitionKey):
-            parts = key.keys_by_dimension
-            return self.storage.table_path(asset, parts["prompt_set"], parts["backend"])
-        return self.storage.table_path(asset, key)
+    def create_io_manager(self, context: dg.InitResourceContext) -> ParquetTables:
+        store = self.storage.storage()
+        return ParquetTables(store, store.path("tables"))
 
-    def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
-        path = self._path(context)
-        write_parquet_atomic(path, obj)
-        context.add_output_metadata({"parquet": dg.MetadataValue.path(str(path))})
 
-    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
-        path = self._path(context)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: materialize {context.asset_key.to_user_string()} "
-                f"for partition {context.asset_partition_key} first"
-            )
-        return pd.read_parquet(path)
+class PickledStepOutputs(StoredFiles):
+    """Outputs passed between the ops of one graph-backed asset, pickled under <storage>/steps."""
+
+    extension = ".pickle"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        self.storage.write_bytes(path, pickle.dumps(obj))
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        return pickle.loads(self.storage.read_bytes(path))
+
+
+class StepOutputIOManager(dg.ConfigurableIOManagerFactory):
+    """Intermediate outputs of graph-backed assets, under <storage>/steps/<run id>."""
+
+    storage: dg.ResourceDependency[StorageResource]
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> PickledStepOutputs:
+        store = self.storage.storage()
+        return PickledStepOutputs(store, store.path("steps"))
+
+
+def stored_table(
+    storage: Storage, asset: str, prompt_set: str, backend: str
+) -> pd.DataFrame | None:
+    """The last stored table of one prompt set x backend partition of ``asset``, if any.
+
+    The path follows ``UPathIOManager``'s layout for multi-partition keys: the dimension values
+    in the order of the dimension names (backend, then prompt set)."""
+    path = storage.path("tables", asset, backend, f"{prompt_set}{ParquetTables.extension}")
+    try:
+        return pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
+    except FileNotFoundError:
+        return None

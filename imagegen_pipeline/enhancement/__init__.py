@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from imagegen_pipeline.enhancement.base import (
+from imagegen_pipeline.enhancement.base import Enhancement, PromptEnhancer, rate_prompt
+from imagegen_pipeline.enhancement.template import TemplateEnhancer
+from imagegen_pipeline.text_encoders import (
     CLIP_TOKEN_LIMIT,
     T5_TOKEN_LIMIT,
-    Enhancement,
-    PromptEnhancer,
     count_clip_tokens,
     estimate_t5_tokens,
-    score_prompt,
 )
-from imagegen_pipeline.enhancement.template import TemplateEnhancer
 
 __all__ = [
     "Enhancement",
@@ -26,11 +24,11 @@ PASSTHROUGH_COLUMNS = ("line", "style", "seed", "width", "height", "num_images",
 
 
 def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataFrame:
-    """One enhanced row per validated prompt row, with its quality score and token counts."""
+    """One enhanced row per validated prompt row, with its rating and token counts."""
     rows = []
     for prompt in prompts.to_dict("records"):
         result = enhancer.enhance(prompt["prompt"], prompt["style"], prompt["negative_prompt"])
-        quality = score_prompt(prompt["prompt"])
+        rating = rate_prompt(prompt["prompt"])
         clip_tokens = count_clip_tokens(result.text)
         t5_tokens = estimate_t5_tokens(result.text)
         rows.append(
@@ -42,8 +40,8 @@ def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataF
                 "method": result.method,
                 "model": result.model,
                 "fallback_reason": result.fallback_reason,
-                "quality_score": quality.score,
-                "quality_issues": quality.issues,
+                "prompt_score": rating.score,
+                "prompt_issues": rating.issues,
                 "clip_tokens": clip_tokens,
                 "clip_truncated": clip_tokens > CLIP_TOKEN_LIMIT,
                 "t5_tokens_estimate": t5_tokens,

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Protocol
 
-# Context lengths of the text encoders the backends read prompts with.
-CLIP_TOKEN_LIMIT = 77  # FLUX's CLIP-L, both SDXL encoders, open_clip scoring
-T5_TOKEN_LIMIT = 256  # FLUX.1-schnell's T5-XXL, as called with max_sequence_length=256
+from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
 GENERIC_WORDS = frozenset(
     [
@@ -64,8 +61,8 @@ class PromptEnhancer(Protocol):
 
 
 @dataclass(frozen=True)
-class PromptQuality:
-    """A 0-100 score of how well a prompt is written, and what cost it points."""
+class PromptRating:
+    """A 0-100 rating of how well a prompt is written, and what cost it points."""
 
     score: int
     issues: list[str] = field(default_factory=list)
@@ -75,8 +72,8 @@ def _contains(text: str, phrase: str) -> bool:
     return re.search(rf"\b{re.escape(phrase)}\b", text) is not None
 
 
-def score_prompt(prompt: str) -> PromptQuality:
-    """Score a user's prompt: too short, too long, generic words, contradictions."""
+def rate_prompt(prompt: str) -> PromptRating:
+    """Rate a user's prompt: too short, too long, generic words, contradictions."""
     lowered = prompt.lower()
     words = re.findall(r"[a-z0-9']+", lowered)
     issues: list[str] = []
@@ -95,28 +92,4 @@ def score_prompt(prompt: str) -> PromptQuality:
         if _contains(lowered, first) and _contains(lowered, second):
             issues.append(f"contradiction: {first!r} and {second!r}")
             score -= 20
-    return PromptQuality(score=max(score, 0), issues=issues)
-
-
-@cache
-def _clip_tokenizer():
-    # open_clip ships the CLIP BPE vocabulary, so exact CLIP counts need no download.
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-def count_clip_tokens(text: str) -> int:
-    """CLIP BPE tokens in ``text``, start and end tokens included (the 77 limit counts them)."""
-    return len(_clip_tokenizer().encode(text)) + 2
-
-
-def estimate_t5_tokens(text: str) -> int:
-    """T5 sentencepiece tokens in ``text``, estimated (the T5 vocabulary is not shipped).
-
-    Sentencepiece splits English into about 1.3 pieces per word, punctuation apart; the end
-    token is counted, as the 256 limit counts it.
-    """
-    words = re.findall(r"\w+", text)
-    punctuation = re.findall(r"[^\w\s]", text)
-    return round(1.3 * len(words)) + len(punctuation) + 1
+    return PromptRating(score=max(score, 0), issues=issues)

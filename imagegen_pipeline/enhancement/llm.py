@@ -7,31 +7,53 @@ prompts, and the diffusion backends read them through classifier-free guidance).
 
 Answers are cached on disk by (method, model, prompt, style), one small JSON file per key,
 written atomically, so a re-run never calls the LLM again for a prompt it already enhanced.
-Any failure (an HTTP error, a timeout, an empty or unusable answer) falls back to the template
-enhancer for that prompt with ``fallback_reason`` saying why; fallbacks are never cached, so the
-next run tries the LLM again. After a few failures in a row the LLM is not called again for
-the rest of the set: a server that is down would otherwise cost one timeout per prompt.
+
+Failures, in three tiers:
+
+- *Transient* (HTTP 408, 429, 5xx; a timeout): the call is retried with exponential backoff,
+  up to ``max_attempts`` calls per prompt. Gemini uses google-genai's own ``HttpRetryOptions``
+  (which also retries a refused connection); Ollama, called through urllib, has a small loop
+  backing off the same way. A burst of 429s thus costs time, not LLM prompts.
+- *Final* (retries spent, another HTTP error, an empty or unusable answer): that prompt falls
+  back to the template enhancer with ``fallback_reason`` saying why. Fallbacks are never
+  cached, so the next run tries the LLM again.
+- *Unavailable*, meaning the service cannot answer at all (it cannot be reached; the key is
+  refused: 401/403, or Gemini's 400 API_KEY_INVALID; the model is unknown: 404; Gemini's daily
+  quota is exhausted): the prompt falls back and a circuit breaker opens, so the rest of the set
+  falls back at once instead of paying one timeout or retry schedule per prompt. A 429 or 5xx
+  never opens it: those pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
 import re
+import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
+from upath import UPath
 
-from imagegen_pipeline.atomic_files import write_text_atomic
+from imagegen_pipeline.backends.gemini.errors import daily_quota_ids, error_details, error_reasons
 from imagegen_pipeline.enhancement.base import Enhancement
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
+from imagegen_pipeline.gemini_client import (
+    CONNECT_ERRORS,
+    RETRYABLE_STATUS_CODES,
+    SDK_RETRIED_ERRORS,
+    make_gemini_client,
+    redact,
+)
+from imagegen_pipeline.storage import Storage
 
 DEFAULT_GEMINI_TEXT_MODEL = "gemini-2.5-flash"
 DEFAULT_OLLAMA_BASE_URL = "http://127.0.0.1:11434"
@@ -39,7 +61,10 @@ DEFAULT_OLLAMA_MODEL = "llama3.2"
 # Bump when the instruction changes, so cached answers written under the old one are not reused.
 INSTRUCTION_VERSION = 1
 MAX_ANSWER_CHARS = 1500
-MAX_CONSECUTIVE_FAILURES = 3
+MAX_REASON_CHARS = 300
+# HTTP statuses that mean the service will not answer this enhancer at all: a refused key, an
+# unknown model (Ollama: not pulled). Any later call would fail the same way.
+UNAVAILABLE_STATUS_CODES = frozenset({401, 403, 404})
 
 STYLE_HINTS = {
     "photorealistic": "a photograph: camera, lens, natural light, real materials",
@@ -142,14 +167,18 @@ def clean_answer(answer: str | None, prompt: str) -> str:
 
 @dataclass
 class EnhancementCache:
-    """Enhanced prompts on disk, one JSON file per (method, model, prompt, style)."""
+    """Enhanced prompts in storage, one JSON file per (method, model, prompt, style)."""
 
-    folder: Path
+    folder: str | os.PathLike[str]  # a local folder or an object-store URL (see storage.py)
+    _storage: Storage = field(init=False, repr=False, compare=False)
 
-    def _path(self, method: str, model: str, prompt: str, style: str) -> Path:
+    def __post_init__(self) -> None:
+        self._storage = Storage(self.folder)
+
+    def _path(self, method: str, model: str, prompt: str, style: str) -> UPath:
         key = json.dumps([INSTRUCTION_VERSION, method, model, prompt, style])
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return self.folder / digest[:2] / f"{digest}.json"
+        return self._storage.path(digest[:2], f"{digest}.json")
 
     def get(self, method: str, model: str, prompt: str, style: str) -> str | None:
         """The cached text, or None (a missing or unreadable entry is a miss)."""
@@ -164,27 +193,41 @@ class EnhancementCache:
     def put(self, method: str, model: str, prompt: str, style: str, text: str) -> None:
         """Store ``text`` atomically: a reader never sees half an entry."""
         entry = {"method": method, "model": model, "prompt": prompt, "style": style, "text": text}
-        write_text_atomic(
-            self._path(method, model, prompt, style), json.dumps(entry, ensure_ascii=False)
-        )
+        data = json.dumps(entry, ensure_ascii=False).encode()
+        self._storage.write_bytes(self._path(method, model, prompt, style), data)
 
 
 @dataclass
 class LLMEnhancer(ABC):
-    """What the LLM enhancers share: cache, cleaning, fallback and the failure breaker."""
+    """What the LLM enhancers share: cache, cleaning, retry policy, fallback and the breaker."""
 
     model: str
     cache: EnhancementCache | None = None
-    timeout_seconds: float = 60.0
+    timeout_seconds: float = 60.0  # one HTTP attempt
+    max_attempts: int = 5  # calls per prompt on transient failures, the first one included
+    initial_backoff_seconds: float = 1.0  # the wait before the first retry (plus jitter)
+    max_backoff_seconds: float = 60.0  # ceiling of the doubling wait
     method: str = field(default="llm", init=False)
     fallback: TemplateEnhancer = field(default_factory=TemplateEnhancer, init=False)
-    calls: int = field(default=0, init=False)  # LLM calls made (cache hits make none)
-    _failures_in_a_row: int = field(default=0, init=False, repr=False)
-    _last_failure: str = field(default="", init=False, repr=False)
+    calls: int = field(default=0, init=False)  # prompts sent to the LLM (retries not counted)
+    _unavailable: str = field(default="", init=False, repr=False)  # set: the breaker is open
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
 
     @abstractmethod
     def complete(self, prompt: str, style: str) -> str:
-        """The raw answer of the LLM to the enhancement request for one prompt."""
+        """The raw answer of the LLM to the enhancement request for one prompt, transient
+        failures retried up to ``max_attempts`` calls."""
+
+    @abstractmethod
+    def is_transient(self, exc: Exception) -> bool:
+        """Whether ``complete`` retries this failure (so, when it raises it, retries are spent)."""
+
+    @abstractmethod
+    def is_unavailable(self, exc: Exception) -> bool:
+        """Whether this failure means the service cannot answer at all (opens the breaker)."""
 
     def describe_error(self, exc: Exception) -> str:
         """A short description of a failed call."""
@@ -194,6 +237,13 @@ class LLMEnhancer(ABC):
         """``text`` without any secret the enhancer holds (an API key)."""
         return text
 
+    def backoff_seconds(self, retry: int) -> float:
+        """The wait before retry number ``retry`` (1, 2, ...), as google-genai computes it:
+        doubling from ``initial_backoff_seconds``, plus up to that much jitter, capped."""
+        initial = self.initial_backoff_seconds
+        delay = initial * 2 ** (retry - 1) + random.uniform(0.0, initial)
+        return min(self.max_backoff_seconds, delay)
+
     def enhance(self, prompt: str, style: str, negative_prompt: str = "") -> Enhancement:
         """The LLM's prompt (cached), or the template's with the reason it fell back."""
         template = self.fallback.enhance(prompt, style, negative_prompt)
@@ -201,25 +251,30 @@ class LLMEnhancer(ABC):
             cached = self.cache.get(self.method, self.model, prompt, style)
             if cached is not None:
                 return self._enhancement(cached, template)
-        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
-            reason = (
-                f"{self.method} {self.model} not called after {self._failures_in_a_row} "
-                f"failures in a row (last: {self._last_failure})"
-            )
+        if self._unavailable:
+            reason = f"{self.method} {self.model} not called: {self._unavailable}"
             return replace(template, fallback_reason=reason)
         try:
             self.calls += 1
             text = clean_answer(self.complete(prompt, style), prompt)
         except Exception as exc:  # any failure falls back: one prompt never stops the set
-            message = str(exc) if isinstance(exc, EnhancerError) else self.describe_error(exc)
-            self._failures_in_a_row += 1
-            self._last_failure = self.scrub(message)[:300]
-            reason = f"{self.method} {self.model} failed: {self._last_failure}"
+            reason = f"{self.method} {self.model} failed: {self._failure(exc)}"
             return replace(template, fallback_reason=reason)
-        self._failures_in_a_row = 0
         if self.cache is not None:
             self.cache.put(self.method, self.model, prompt, style, text)
         return self._enhancement(text, template)
+
+    def _failure(self, exc: Exception) -> str:
+        """What went wrong, for the fallback reason; opens the breaker when it must."""
+        if isinstance(exc, EnhancerError):  # an unusable answer: the service itself works
+            return self.scrub(str(exc))[:MAX_REASON_CHARS]
+        message = self.describe_error(exc)
+        if self.max_attempts > 1 and self.is_transient(exc):
+            message += f" (after {self.max_attempts} attempts)"
+        message = self.scrub(message)[:MAX_REASON_CHARS]
+        if self.is_unavailable(exc):
+            self._unavailable = f"unavailable earlier in this set ({message})"
+        return message
 
     def _enhancement(self, text: str, template: Enhancement) -> Enhancement:
         return Enhancement(
@@ -240,6 +295,7 @@ class GeminiTextEnhancer(LLMEnhancer):
     _client: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.method = "gemini"
         if not self.api_key:
             raise ValueError(
@@ -249,14 +305,21 @@ class GeminiTextEnhancer(LLMEnhancer):
 
     def _get_client(self) -> genai.Client:
         if self._client is None:
-            http_options = types.HttpOptions(
-                base_url=self.base_url,
-                api_version="v1beta",
-                timeout=int(self.timeout_seconds * 1000),
-                # No SDK retries: a failed prompt falls back at once and is retried next run.
-                retry_options=types.HttpRetryOptions(attempts=1),
+            # The SDK retries transient failures itself; jitter as large as the first wait
+            # keeps the SDK's default shape (1 s + up to 1 s) and lets tests use tiny waits.
+            retry_options = types.HttpRetryOptions(
+                attempts=self.max_attempts,
+                initial_delay=self.initial_backoff_seconds,
+                max_delay=self.max_backoff_seconds,
+                jitter=self.initial_backoff_seconds,
+                http_status_codes=list(RETRYABLE_STATUS_CODES),
             )
-            self._client = genai.Client(api_key=self.api_key, http_options=http_options)
+            self._client = make_gemini_client(
+                self.api_key,
+                base_url=self.base_url,
+                timeout_seconds=self.timeout_seconds,
+                retry_options=retry_options,
+            )
         return self._client
 
     def complete(self, prompt: str, style: str) -> str:
@@ -279,9 +342,33 @@ class GeminiTextEnhancer(LLMEnhancer):
         ]
         return "".join(texts)
 
+    def is_transient(self, exc: Exception) -> bool:
+        # Exactly what the SDK's HttpRetryOptions retries.
+        if isinstance(exc, genai_errors.APIError):
+            return exc.code in RETRYABLE_STATUS_CODES
+        return isinstance(exc, SDK_RETRIED_ERRORS)
+
+    def is_unavailable(self, exc: Exception) -> bool:
+        if isinstance(exc, CONNECT_ERRORS):
+            return True
+        if not isinstance(exc, genai_errors.APIError):
+            return False
+        details = error_details(exc)
+        return (
+            exc.code in UNAVAILABLE_STATUS_CODES
+            or "API_KEY_INVALID" in error_reasons(details)  # Gemini answers a bad key with 400
+            or (exc.code == 429 and bool(daily_quota_ids(details)))  # back after midnight PT
+        )
+
     def describe_error(self, exc: Exception) -> str:
         if isinstance(exc, genai_errors.APIError):
             text = f"HTTP {exc.code} {exc.status or ''}: {exc.message or ''}".strip()
+            quotas = daily_quota_ids(error_details(exc)) if exc.code == 429 else []
+            if quotas:
+                text = f"daily quota exhausted ({', '.join(quotas)}): {text}"
+        elif isinstance(exc, CONNECT_ERRORS):
+            where = self.base_url or "the Gemini API"
+            text = f"cannot reach {where} ({type(exc).__name__}: {exc})"
         elif "timeout" in type(exc).__name__.lower():
             text = f"timed out after {self.timeout_seconds:g} s"
         else:
@@ -289,7 +376,7 @@ class GeminiTextEnhancer(LLMEnhancer):
         return self.scrub(text)
 
     def scrub(self, text: str) -> str:
-        return text.replace(self.api_key, "[redacted]") if self.api_key else text
+        return redact(text, self.api_key)
 
 
 @dataclass
@@ -300,9 +387,24 @@ class OllamaEnhancer(LLMEnhancer):
     base_url: str = DEFAULT_OLLAMA_BASE_URL
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.method = "ollama"
 
     def complete(self, prompt: str, style: str) -> str:
+        # urllib has no retry policy of its own: this loop is the one HttpRetryOptions gives
+        # the Gemini enhancer.
+        attempt = 1
+        while True:
+            try:
+                return self._generate(prompt, style)
+            except Exception as exc:
+                if attempt >= self.max_attempts or not self.is_transient(exc):
+                    raise
+            time.sleep(self.backoff_seconds(attempt))
+            attempt += 1
+
+    def _generate(self, prompt: str, style: str) -> str:
+        """One POST /api/generate."""
         payload = {
             "model": self.model,
             "prompt": user_message(prompt, style),
@@ -326,6 +428,18 @@ class OllamaEnhancer(LLMEnhancer):
             raise EnhancerError("answer has no 'response' text")
         return body["response"]
 
+    def is_transient(self, exc: Exception) -> bool:
+        # A refused connection is not retried: Ollama runs locally, so it means "not running".
+        if isinstance(exc, urllib.error.HTTPError):
+            return exc.code in RETRYABLE_STATUS_CODES
+        return isinstance(exc, TimeoutError)  # the answer did not come in time
+
+    def is_unavailable(self, exc: Exception) -> bool:
+        if isinstance(exc, urllib.error.HTTPError):  # an answer: the server is up
+            return exc.code in UNAVAILABLE_STATUS_CODES
+        # urlopen wraps every failure to connect (refused, unknown host, connect timeout).
+        return isinstance(exc, urllib.error.URLError)
+
     def describe_error(self, exc: Exception) -> str:
         if isinstance(exc, urllib.error.HTTPError):
             try:
@@ -333,10 +447,10 @@ class OllamaEnhancer(LLMEnhancer):
             except (ValueError, AttributeError, OSError):
                 detail = ""
             return f"HTTP {exc.code}: {detail or exc.reason}"
-        if isinstance(exc, TimeoutError) or "timed out" in str(exc):
-            return f"timed out after {self.timeout_seconds:g} s"
         if isinstance(exc, urllib.error.URLError):
             return f"cannot reach Ollama at {self.base_url} ({exc.reason}); is `ollama serve` up?"
+        if isinstance(exc, TimeoutError):
+            return f"timed out after {self.timeout_seconds:g} s"
         return f"{type(exc).__name__}: {exc}"
 
 

@@ -10,16 +10,23 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagegen_pipeline.backends.base import GenerationSettings, ImageRequest, content_address
+from imagegen_pipeline.backends.base import GenerationSettings, ImageRequest
 from imagegen_pipeline.backends.gemini import (
+    DAILY_QUOTA_WARNING,
     MISSING_KEY_MESSAGE,
     GeminiBackend,
-    GeminiConfig,
     GeminiKeyMissingError,
     aspect_ratio_for,
 )
-from imagegen_pipeline.image_generation import PlannedImage, run_images_step
-from tests.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
+from imagegen_pipeline.images_step import (
+    ImagesStepContext,
+    PlannedImage,
+    content_address,
+    run_images_step,
+)
+from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.storage import Storage
+from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
 
 FAST = {
     "timeout_seconds": 2.0,
@@ -32,8 +39,8 @@ FAST = {
 
 def make_backend(server: FakeGemini, **overrides) -> GeminiBackend:
     """A backend on the fake server, with fast timeouts and backoffs."""
-    settings = {**FAST, **overrides}
-    return GeminiBackend(GeminiConfig(api_key=FAKE_GEMINI_KEY, base_url=server.url, **settings))
+    settings = {"api_key": FAKE_GEMINI_KEY, "base_url": server.url, **FAST, **overrides}
+    return GeminiBackend(GeminiSettings(**settings))
 
 
 def request(prompt_id: str, prompt: str | None = None, **changes) -> ImageRequest:
@@ -110,7 +117,7 @@ def test_settings_size_and_device(fake_gemini: FakeGemini):
         guidance=0.0,
     )
     assert backend.device == "remote"
-    assert (backend.default_width, backend.default_height) == (1024, 1024)
+    assert backend.default_size == (1024, 1024)
     assert backend.supports_negative_prompt is False
     assert list(backend.generate([])) == []
 
@@ -207,11 +214,11 @@ def test_unreachable_server_fails_with_a_network_error():
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = GeminiConfig(
+    settings = GeminiSettings(
         api_key=FAKE_GEMINI_KEY, base_url=f"http://127.0.0.1:{port}", max_retries=1, **FAST
     )
 
-    [result] = list(GeminiBackend(config).generate([request("moon")]))
+    [result] = list(GeminiBackend(settings).generate([request("moon")]))
 
     assert result.status == "failed"
     assert result.error.startswith("network error") and "after 1 retries" in result.error
@@ -245,16 +252,14 @@ def test_a_mix_of_faults_loses_nothing_and_writes_no_placeholder(
             prompt = f"a paper lantern [{prompt_id}/{index}]"
             wanted = request(prompt_id, prompt, image_index=index, seed=index)
             image_id = content_address(settings, wanted)
-            path = tmp_path / prompt_id / f"{index:02d}_{image_id[:16]}.png"
-            planned.append(PlannedImage(wanted, image_id, path))
+            planned.append(PlannedImage(wanted, image_id, f"{prompt_id}/{index:02d}.png"))
+    step = ImagesStepContext(storage=Storage(tmp_path), prompt_set="mix", run_id="r1")
 
-    outcome = run_images_step(
-        backend, planned, images_dir=tmp_path, prompt_set="mix", run_id="r1", log=lambda _: None
-    )
+    outcome = run_images_step(backend, planned, step, log=lambda _: None)
 
-    rows = {(row["prompt_id"], row["image_index"]): row for row in outcome.image_rows}
+    rows = {(row.prompt_id, row.image_index): row for row in outcome.records}
     assert len(rows) == len(planned) == 24  # one row per image: nothing lost
-    assert {prompt_id: rows[(prompt_id, 0)]["status"] for prompt_id in faults} == {
+    assert {prompt_id: rows[(prompt_id, 0)].status for prompt_id in faults} == {
         "ok-one": "ok",
         "ok-two": "ok",
         "retry-429": "ok",
@@ -268,23 +273,18 @@ def test_a_mix_of_faults_loses_nothing_and_writes_no_placeholder(
         "garbled": "failed",
         "dead": "failed",
     }
-    assert all(rows[(prompt_id, 1)]["status"] == "ok" for prompt_id in faults)
-    assert outcome.counts == {
-        "ok": 18,
-        "skipped_existing": 0,
-        "failed": 2,
-        "blocked": 4,
-        "skipped_budget": 0,
-    }
-    retries = {prompt_id: rows[(prompt_id, 0)]["retries"] for prompt_id in faults}
+    assert all(rows[(prompt_id, 1)].status == "ok" for prompt_id in faults)
+    counts = {status: count for status, count in outcome.counts.items() if count}
+    assert counts == {"ok": 18, "failed": 2, "blocked": 4}
+    retries = {prompt_id: rows[(prompt_id, 0)].retries for prompt_id in faults}
     assert retries["retry-429"] == retries["retry-hang"] == 1 and retries["dead"] == 2
-    for row in outcome.image_rows:
-        if row["status"] == "ok":
-            assert row["path"] and Path(row["path"]).exists()
-            assert row["cost_usd"] > 0 and row["output_tokens"] == 1290
+    for row in outcome.records:
+        if row.status == "ok":
+            assert row.path and Path(row.path).exists()
+            assert row.cost_usd > 0 and row.output_tokens == 1290
         else:
-            assert row["path"] is None and row["sha256"] is None
-            assert row["error"]
+            assert row.path is None and row.sha256 is None
+            assert row.error
     assert len(sorted(tmp_path.rglob("*.png"))) == 18  # no file for a blocked or failed image
 
 
@@ -359,20 +359,44 @@ def test_the_api_key_stays_out_of_reprs_and_errors(fake_gemini: FakeGemini):
 
 
 def test_a_wrong_key_is_a_clear_failure(fake_gemini: FakeGemini):
-    config = GeminiConfig(api_key="AIza-wrong-key", base_url=fake_gemini.url, **FAST)
+    settings = GeminiSettings(api_key="AIza-wrong-key", base_url=fake_gemini.url, **FAST)
 
-    [result] = list(GeminiBackend(config).generate([request("owl")]))
+    [result] = list(GeminiBackend(settings).generate([request("owl")]))
 
     assert result.status == "failed" and "API key not valid" in result.error
     assert len(fake_gemini.requests) == 1  # a 400 is not retried
 
 
-@pytest.mark.parametrize("key", ["", "   "])
-def test_a_missing_key_is_a_clear_error(key: str):
+@pytest.mark.parametrize("key", [None, "", "   "])
+def test_a_missing_key_is_a_clear_error(key: str | None):
     with pytest.raises(GeminiKeyMissingError) as raised:
-        GeminiConfig(api_key=key)
+        GeminiBackend(GeminiSettings(api_key=key))
     assert str(raised.value) == MISSING_KEY_MESSAGE
     assert "https://aistudio.google.com/apikey" in MISSING_KEY_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("timeout_seconds", 0, "must be positive"),
+        ("max_concurrent_requests", 0, "must be positive"),
+        ("requests_per_minute", -1, "must be positive"),
+        ("max_retries", -1, "must be >= 0"),
+        ("budget_usd", -0.01, "must be >= 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused(setting: str, value: float, problem: str):
+    with pytest.raises(ValueError, match=f"GeminiSettings.{setting} {problem}"):
+        GeminiBackend(GeminiSettings(api_key=FAKE_GEMINI_KEY, **{setting: value}))
+
+
+def test_the_key_is_used_stripped(fake_gemini: FakeGemini):
+    backend = make_backend(fake_gemini, api_key=f"  {FAKE_GEMINI_KEY}\n")
+
+    [result] = list(backend.generate([request("owl")]))
+
+    assert result.status == "ok"
+    assert fake_gemini.requests[0].headers["x-goog-api-key"] == FAKE_GEMINI_KEY
 
 
 def test_results_stream_while_later_requests_run():
@@ -401,3 +425,67 @@ def test_stopping_early_cancels_the_rest():
 
         assert len(server.requests) == sent < 20  # nothing more is sent after close()
         assert not [t for t in threading.enumerate() if t.name == "gemini-backend"]
+
+
+def test_the_run_summary_totals_a_run(fake_gemini: FakeGemini):
+    fake_gemini.script("harbour", "rate_limit", "server_error", "ok")
+    fake_gemini.script("castle", "image_safety")
+    backend = make_backend(fake_gemini)
+    todo = [request("harbour", "a harbour at dawn"), request("castle", "a castle on a hill")]
+    todo += [request(f"p{i}") for i in range(3)]
+
+    results = list(backend.generate(todo))
+    summary = backend.run_summary()
+
+    assert summary.warnings == []
+    metadata = summary.metadata
+    assert metadata["prompt_tokens"] == sum(r.details["prompt_tokens"] for r in results)
+    assert metadata["output_tokens"] == 4 * 1290  # four images; the refusal drew none
+    assert metadata["retries"] == 2 and metadata["http_calls"] == 7
+    assert metadata["errors_by_status"] == {"429": 1, "500": 1}
+    assert type(metadata["errors_by_status"]) is dict  # plain, for Dagster metadata
+    assert metadata["spent_usd"] == pytest.approx(sum(r.details["cost_usd"] for r in results))
+    assert metadata["budget_reached"] is False and metadata["daily_quota_exhausted"] is False
+    assert "budget_usd" not in metadata  # no cap configured
+    assert make_backend(fake_gemini).run_summary().metadata["http_calls"] == 0  # before a run
+
+
+def test_the_run_summary_warns_when_the_budget_is_reached(fake_gemini: FakeGemini):
+    backend = make_backend(fake_gemini, budget_usd=0.10, max_concurrent_requests=1)
+
+    results = list(backend.generate([request(f"p{i}") for i in range(5)]))
+    summary = backend.run_summary()
+
+    assert [r.status for r in results].count("skipped_budget") == 3
+    assert summary.metadata["budget_usd"] == 0.10 and summary.metadata["budget_reached"] is True
+    [warning] = summary.warnings
+    assert warning.startswith("Gemini budget of $0.10 reached ($0.0")
+    assert "3 image(s) were not requested (status skipped_budget)" in warning
+    assert "Raise budget_usd" in warning and "re-run" in warning
+
+
+def test_the_run_summary_warns_about_a_daily_quota(fake_gemini: FakeGemini):
+    fake_gemini.script("first", "daily_quota")
+    backend = make_backend(fake_gemini, max_concurrent_requests=1)
+
+    list(backend.generate([request("a", "the first lantern"), request("b")]))
+    summary = backend.run_summary()
+
+    assert summary.metadata["daily_quota_exhausted"] is True
+    assert summary.metadata["errors_by_status"] == {"429": 1}
+    assert summary.warnings == [DAILY_QUOTA_WARNING]
+    assert "midnight Pacific time" in DAILY_QUOTA_WARNING
+
+
+def test_the_api_key_stays_out_of_the_run_summary(fake_gemini: FakeGemini):
+    fake_gemini.script("echo", "bad_key")  # the server echoes the key in its error message
+    fake_gemini.script("first", "daily_quota")
+    backend = make_backend(fake_gemini, budget_usd=0.08, max_concurrent_requests=1)
+    todo = [request("echo", "an echo in a canyon"), request("a", "the first lantern")]
+
+    list(backend.generate([*todo, request("b"), request("c")]))
+    summary = backend.run_summary()
+
+    assert summary.metadata["budget_reached"] and summary.metadata["daily_quota_exhausted"]
+    assert len(summary.warnings) == 2
+    assert FAKE_GEMINI_KEY not in repr(summary) and FAKE_GEMINI_KEY not in str(summary)

@@ -3,7 +3,8 @@
 import pandas as pd
 
 from imagegen_pipeline.enhancement import TemplateEnhancer, enhance_prompts
-from imagegen_pipeline.enhancement.base import count_clip_tokens, score_prompt
+from imagegen_pipeline.enhancement.base import rate_prompt
+from imagegen_pipeline.text_encoders import count_clip_tokens
 from imagegen_pipeline.enhancement.template import STYLE_PHRASES
 
 
@@ -26,16 +27,16 @@ def test_enhancement_is_deterministic():
     assert first == second
 
 
-def test_prompt_quality_issues():
-    assert score_prompt("a detailed lighthouse on a cliff in a storm").issues == []
-    short = score_prompt("a cat")
+def test_prompt_rating_issues():
+    assert rate_prompt("a detailed lighthouse on a cliff in a storm").issues == []
+    short = rate_prompt("a cat")
     assert short.score == 70 and short.issues[0].startswith("too short")
-    generic = score_prompt("a nice beautiful picture of a harbour town")
+    generic = rate_prompt("a nice beautiful picture of a harbour town")
     assert "generic words: beautiful, nice, picture" in generic.issues
-    contradiction = score_prompt("a busy street by day and by night, crowded but empty")
+    contradiction = rate_prompt("a busy street by day and by night, crowded but empty")
     assert "contradiction: 'day' and 'night'" in contradiction.issues
     assert "contradiction: 'empty' and 'crowded'" in contradiction.issues
-    long = score_prompt(" ".join(["a very long winding description"] * 20))
+    long = rate_prompt(" ".join(["a very long winding description"] * 20))
     assert any(issue.startswith("too long") for issue in long.issues)
 
 
@@ -67,4 +68,4 @@ def test_enhance_prompts_records_original_enhanced_method_and_token_counts():
     assert not table.loc[0, "clip_truncated"]
     assert table.loc[1, "clip_truncated"] and table.loc[1, "clip_tokens"] > 77
     assert table.loc[1, "t5_tokens_estimate"] < 256
-    assert table.loc[0, "quality_score"] == 70
+    assert table.loc[0, "prompt_score"] == 70

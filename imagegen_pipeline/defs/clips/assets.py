@@ -3,93 +3,117 @@
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.clips.resources import SvdResource
-from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_step
+from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
-from imagegen_pipeline.defs.partitions import partition_parts, prompt_set_x_backend_partitions
-from imagegen_pipeline.defs.storage import StorageResource
-from imagegen_pipeline.run_metadata import CLIPS_SCHEMA, write_step_metadata
-from imagegen_pipeline.video.clip_generation import plan_clips, run_clips_step, select_sources
+from imagegen_pipeline.defs.partitions import (
+    keys_by_backend,
+    prompt_set_x_backend_partitions,
+    single_run,
+)
+from imagegen_pipeline.defs.steps import model_use, worker_name, write_step_record
+from imagegen_pipeline.project_config import load_project_config
+from imagegen_pipeline.records import StepRecord, VideoClipRecord, utc_now
+from imagegen_pipeline.registry import SVD
+from imagegen_pipeline.video.video_step import (
+    VideoStepContext,
+    clips_folder,
+    plan_video_clips,
+    run_video_step,
+    select_sources,
+)
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seconds", "memory_fallback", "error"]
+CLIP_COLUMNS = list(VideoClipRecord.__dataclass_fields__)
 
 
 @dg.asset(
     partitions_def=prompt_set_x_backend_partitions,
+    backfill_policy=single_run,
     group_name="clips",
     kinds={"pytorch", "huggingface", "video"},
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
+    required_resource_keys={"storage", SVD.name},
 )
 def clips(
-    context: dg.AssetExecutionContext,
-    quality: pd.DataFrame,
-    storage: StorageResource,
-    svd: SvdResource,
-) -> dg.Output[pd.DataFrame]:
-    """An MP4 clip and an animated WebP preview of the chosen images; one row per clip.
+    context: dg.AssetExecutionContext, quality: dict[str, pd.DataFrame]
+) -> dict[str, pd.DataFrame]:
+    """An MP4 video clip and an animated WebP preview of the chosen images; one row per clip.
 
     Reads ``quality`` rather than ``images``: the quality table holds every image row plus its
-    scores, so ``svd.selection="top_n"`` can rank each prompt's images by CLIP score, and blank
+    scores, so ``selection="top_n"`` can rank each prompt's images by CLIP score, and blank
     images are never animated. The graph is therefore a chain, images -> quality -> clips ->
-    clip_quality: ``quality`` never reads clips (their scores are the ``clip_quality`` asset),
-    so there is no cycle and no "use the scores if they happen to exist" fallback.
-
-    Clips are content-addressed, so a re-run makes only the missing ones. One failed clip fails
-    alone; the step fails only when clips were planned and none exists afterwards.
+    video_quality: ``quality`` never reads clips (their scores are ``video_quality``), so there
+    is no cycle. Clips are content-addressed, so a re-run makes only the missing ones; one
+    failed clip fails alone.
     """
-    prompt_set, backend = partition_parts(context)
-    sources = select_sources(quality, svd.selection, svd.n)
-    context.log.info(f"{len(sources)} image(s) chosen ({svd.selection}, n={svd.n}).")
-    clips_dir = storage.base / "clips" / prompt_set / backend
-    generator = svd.create_generator()
-    planned = plan_clips(sources, generator, clips_dir)
-    run_id = context.run.run_id
-    with model_step(generator):
-        outcome = run_clips_step(
-            generator,
-            planned,
-            clips_dir=clips_dir,
-            prompt_set=prompt_set,
-            backend=backend,
-            run_id=run_id,
-            preview_side=svd.preview_side,
-            log=context.log.info,
-        )
-    clips_file, steps_file = write_step_metadata(
-        storage.base, "clips", outcome.clip_rows, outcome.step_row,
-        run_id=run_id, prompt_set=prompt_set, backend=backend,
-    )  # fmt: skip
-    table = pd.DataFrame(outcome.clip_rows, columns=CLIPS_SCHEMA.names)
-    counts = outcome.counts
-    if planned and not counts["ok"] + counts["skipped_existing"]:
-        raise dg.Failure(
-            f"No clip of {prompt_set}/{backend} succeeded: {counts}. "
-            f"First error: {next((r['error'] for r in outcome.clip_rows if r['error']), 'n/a')}",
-            metadata={"run_metadata": dg.MetadataValue.path(str(clips_file))},
-        )
-    step = outcome.step_row
-    fallbacks = int(table["memory_fallback"].notna().sum())
-    if fallbacks:
-        context.log.warning(f"{fallbacks} clip(s) needed an out-of-memory fallback.")
-    previews = list(table["preview_path"].dropna())
-    return dg.Output(
-        table,
-        metadata={
-            "rows": len(table),
-            **counts,
-            "model_id": step["model_id"],
-            "device": step["device"],
-            "seconds": round(step["seconds"], 3),
-            "clips_per_minute": dg.MetadataValue.float(60 * (step["items_per_second"] or 0.0)),
-            "model_load_seconds": round(step["model_load_seconds"], 3),
-            "memory_fallbacks": fallbacks,
-            "preview": markdown_table(table, PREVIEW_COLUMNS),
-            "first_frames": thumbnails(previews, limit=4),
-            "clips_dir": dg.MetadataValue.path(str(clips_dir)),
-            "run_metadata_steps": dg.MetadataValue.path(str(steps_file)),
-            **(
-                {"run_metadata_clips": dg.MetadataValue.path(str(clips_file))} if clips_file else {}
-            ),
-        },
-    )
+    storage_resource = context.resources.storage
+    storage = storage_resource.storage()
+    tables: dict[str, pd.DataFrame] = {}
+    with model_for_step(context, SVD, load_project_config()) as warm:
+        generator, settings = warm.model, warm.settings
+        for backend, entries in keys_by_backend(context.partition_keys).items():
+            for key, prompt_set in entries:
+                started_at = utc_now()
+                sources = select_sources(quality[key], settings.selection, settings.n)
+                planned = plan_video_clips(sources, generator, storage)
+                step = VideoStepContext(
+                    storage=storage,
+                    prompt_set=prompt_set,
+                    backend=backend,
+                    run_id=context.run.run_id,
+                    preview_side=settings.preview_side,
+                    writer_threads=storage_resource.writer_threads,
+                )
+                outcome = run_video_step(generator, planned, step, log=context.log.info)
+                counts = outcome.counts
+                record = StepRecord(
+                    run_id=context.run.run_id,
+                    asset="clips",
+                    prompt_set=prompt_set,
+                    backend=backend,
+                    model_id=generator.settings.model_id,
+                    revision=generator.settings.revision,
+                    device=generator.device,
+                    worker=worker_name(),
+                    requested=len(planned),
+                    generated=counts.get("ok", 0),
+                    skipped_existing=counts.get("skipped_existing", 0),
+                    failed=counts.get("failed", 0),
+                    seconds=outcome.seconds,
+                    **model_use(outcome, SVD.is_local),
+                    started_at=started_at,
+                )
+                write_step_record(storage, record)
+                table = pd.DataFrame([r.__dict__ for r in outcome.records], columns=CLIP_COLUMNS)
+                fallbacks = int(table["memory_fallback"].notna().sum())
+                if fallbacks:
+                    context.log.warning(f"{fallbacks} clip(s) needed an out-of-memory fallback.")
+                if counts.get("failed"):
+                    context.log.warning(
+                        f"{prompt_set}/{backend}: {counts['failed']} clip(s) failed."
+                    )
+                context.add_asset_metadata(
+                    {
+                        "rows": len(table),
+                        **counts,
+                        "model_id": record.model_id,
+                        "device": record.device,
+                        "worker": record.worker,
+                        "seconds": round(outcome.seconds, 3),
+                        "model_loads": record.model_loads,
+                        "model_cache_hits": record.model_cache_hits,
+                        "model_load_seconds": round(record.model_load_seconds, 3),
+                        "memory_fallbacks": fallbacks,
+                        "preview": markdown_table(table, PREVIEW_COLUMNS),
+                        "first_frames": thumbnails(
+                            list(table["preview_path"].dropna()), storage.read_bytes, limit=4
+                        ),
+                        "clips_dir": dg.MetadataValue.path(
+                            str(clips_folder(storage, prompt_set, backend))
+                        ),
+                    },
+                    partition_key=key,
+                )
+                tables[key] = table
+    return tables

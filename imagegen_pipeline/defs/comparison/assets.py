@@ -1,27 +1,41 @@
 """Each prompt set's backends compared: a table, a bar chart and an HTML contact sheet."""
 
-from pathlib import Path
-
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.atomic_files import write_bytes_atomic, write_text_atomic
-from imagegen_pipeline.defs.comparison.report import (
+from imagegen_pipeline.defs.metadata import markdown_table
+from imagegen_pipeline.defs.partitions import (
+    from_prompt_set,
+    prompt_set_partitions,
+    single_run,
+    split_key,
+)
+from imagegen_pipeline.defs.storage import StorageResource
+from imagegen_pipeline.reports.comparison import (
     backend_summary,
     bar_chart_png,
     data_uri,
     gallery_html,
 )
-from imagegen_pipeline.defs.metadata import markdown_table
-from imagegen_pipeline.defs.partitions import from_prompt_set, prompt_set_partitions
-from imagegen_pipeline.defs.storage import StorageResource
-from imagegen_pipeline.prompt_csv import BACKEND_NAMES
 
 SUMMARY_COLUMNS = [
-    "backend", "images", "failed", "blocked", "mean_clip_score", "median_clip_score",
-    "mean_aesthetic", "seconds_per_image", "cost_per_image_usd", "clips",
+    "backend",
+    "images",
+    "failed",
+    "blocked",
+    "mean_clip_score",
+    "median_clip_score",
+    "mean_aesthetic",
+    "seconds_per_image",
+    "cost_per_image_usd",
+    "clips",
     "mean_temporal_consistency",
-]  # fmt: skip
+]
+# Every backend partition of the set is read; a backend that never ran (Gemini without a key)
+# has no table and is simply absent from the comparison.
+PER_BACKEND_INPUT = dg.AssetIn(
+    partition_mapping=from_prompt_set, metadata={"allow_missing_partitions": True}
+)
 
 
 class ComparisonConfig(dg.Config):
@@ -31,22 +45,19 @@ class ComparisonConfig(dg.Config):
     thumbnail_side: int = 256  # longest side of each embedded thumbnail, in pixels
 
 
-def _partition_tables(storage: StorageResource, asset: str, prompt_set: str) -> dict:
-    """Each backend's stored table of ``asset`` for ``prompt_set``, for backends that have one."""
-    tables = {}
-    for backend in BACKEND_NAMES:
-        path = storage.table_path(asset, prompt_set, backend)
-        if path.exists():
-            tables[backend] = pd.read_parquet(path)
-    return tables
+def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per-backend tables regrouped by prompt set: {prompt set: {backend: table}}."""
+    grouped: dict[str, dict[str, pd.DataFrame]] = {}
+    for key, table in tables.items():
+        prompt_set, backend = split_key(key)
+        grouped.setdefault(prompt_set, {})[backend] = table
+    return grouped
 
 
 @dg.asset(
     partitions_def=prompt_set_partitions,
-    deps=[
-        dg.AssetDep("quality", partition_mapping=from_prompt_set),
-        dg.AssetDep("clip_quality", partition_mapping=from_prompt_set),
-    ],
+    ins={"quality": PER_BACKEND_INPUT, "video_quality": PER_BACKEND_INPUT},
+    backfill_policy=single_run,
     group_name="comparison",
     kinds={"html", "parquet"},
     # Refresh after any backend's reports of the set change, once none is still running;
@@ -57,44 +68,48 @@ def _partition_tables(storage: StorageResource, asset: str, prompt_set: str) -> 
     ),
 )
 def backend_comparison(
-    context: dg.AssetExecutionContext, config: ComparisonConfig, storage: StorageResource
-) -> dg.Output[pd.DataFrame]:
+    context: dg.AssetExecutionContext,
+    config: ComparisonConfig,
+    storage: StorageResource,
+    quality: dict[str, pd.DataFrame],
+    video_quality: dict[str, pd.DataFrame],
+) -> dict[str, pd.DataFrame]:
     """One row per backend (images, failures, CLIP and aesthetic scores, seconds and cost per
-    image, clips), a bar chart, and storage/reports/<prompt set>/gallery.html.
-
-    Each prompt-set partition depends on every backend partition of its set. The backends that
-    ran are read from their stored Parquet tables directly (a backend never run, e.g. Gemini
-    without a key, is simply absent), which keeps the IO manager one-partition-per-file simple.
-    """
-    prompt_set = context.partition_key
-    quality = _partition_tables(storage, "quality", prompt_set)
-    if not quality:
-        raise dg.Failure(f"No backend of {prompt_set!r} has a quality report yet.")
-    clip_quality = _partition_tables(storage, "clip_quality", prompt_set)
-    summary = backend_summary(quality, clip_quality)
-    chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
-    page = gallery_html(
-        prompt_set,
-        summary,
-        quality,
-        clip_quality,
-        chart,
-        worst_first=config.worst_first,
-        thumbnail_side=config.thumbnail_side,
-    )
-    reports_dir = storage.base / "reports" / prompt_set
-    chart_path, gallery_path = reports_dir / "comparison.png", reports_dir / "gallery.html"
-    write_bytes_atomic(chart_path, chart)
-    write_text_atomic(gallery_path, page)
-    context.log.info(f"Gallery: {gallery_path.resolve()}")
-    return dg.Output(
-        summary,
-        metadata={
-            "backends": len(summary),
-            "summary": markdown_table(summary.round(4), SUMMARY_COLUMNS),
-            "chart": dg.MetadataValue.md(f"![comparison]({data_uri(chart, 'image/png')})"),
-            "gallery": dg.MetadataValue.path(str(gallery_path)),
-            "gallery_url": dg.MetadataValue.url(Path(gallery_path).resolve().as_uri()),
-            "chart_png": dg.MetadataValue.path(str(chart_path)),
-        },
-    )
+    image, video clips), a bar chart, and storage/reports/<prompt set>/gallery.html."""
+    store = storage.storage()
+    quality_by_set, video_by_set = by_set(quality), by_set(video_quality)
+    summaries = {}
+    for prompt_set in context.partition_keys:
+        reports = quality_by_set.get(prompt_set, {})
+        if not reports:
+            raise dg.Failure(f"No backend of {prompt_set!r} has a quality report yet.")
+        videos = video_by_set.get(prompt_set, {})
+        summary = backend_summary(reports, videos)
+        chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
+        page = gallery_html(
+            prompt_set,
+            summary,
+            reports,
+            videos,
+            chart,
+            read_bytes=store.read_bytes,
+            worst_first=config.worst_first,
+            thumbnail_side=config.thumbnail_side,
+        )
+        chart_path = store.path("reports", prompt_set, "comparison.png")
+        gallery_path = store.path("reports", prompt_set, "gallery.html")
+        store.write_bytes(chart_path, chart)
+        store.write_bytes(gallery_path, page.encode("utf-8"))
+        context.log.info(f"Gallery of {prompt_set}: {gallery_path}")
+        context.add_asset_metadata(
+            {
+                "backends": len(summary),
+                "summary": markdown_table(summary.round(4), SUMMARY_COLUMNS),
+                "chart": dg.MetadataValue.md(f"![comparison]({data_uri(chart, 'image/png')})"),
+                "gallery": dg.MetadataValue.path(str(gallery_path)),
+                "chart_png": dg.MetadataValue.path(str(chart_path)),
+            },
+            partition_key=prompt_set,
+        )
+        summaries[prompt_set] = summary
+    return summaries

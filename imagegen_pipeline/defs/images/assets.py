@@ -1,151 +1,202 @@
-"""Images of one prompt set from one backend, with one run-metadata row per image."""
+"""Images of each prompt set from each backend, with one run-metadata row per image.
 
-from pathlib import Path
+``images`` is a graph-backed asset of two ops so that a hosted API's partitions never hold a
+slot of the ``gpu`` pool while they wait on the network: ``generate_with_apis`` (no pool) makes
+the Gemini images of the run's partitions, then ``generate_on_gpu`` (``gpu`` pool) makes the
+local backends' images and assembles every partition's table. Both handle all the partition
+keys of their run (a single-run backfill), loading each model once.
+"""
+
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.backends.base import ImageBackend
-from imagegen_pipeline.backends.gemini import GeminiBackend, GeminiKeyMissingError
-from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_step
-from imagegen_pipeline.defs.images.resources import (
-    FluxSchnellResource,
-    GeminiResource,
-    SdxlTurboResource,
-)
+from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     from_prompt_set,
-    partition_parts,
+    keys_by_backend,
     prompt_set_x_backend_partitions,
+    single_run,
 )
-from imagegen_pipeline.defs.storage import StorageResource
-from imagegen_pipeline.image_generation import plan_images, run_images_step
-from imagegen_pipeline.run_metadata import write_step_metadata
+from imagegen_pipeline.defs.steps import model_use, worker_name, write_step_record
+from imagegen_pipeline.images_step import (
+    ImagesStepContext,
+    images_folder,
+    plan_images,
+    run_images_step,
+)
+from imagegen_pipeline.project_config import load_project_config
+from imagegen_pipeline.records import EXISTING_STATUSES, ImageRecord, StepRecord, utc_now
+from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
+API_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if not spec.is_local)
+LOCAL_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if spec.is_local)
+IMAGE_COLUMNS = list(ImageRecord.__dataclass_fields__)
+
+# What one op hands on: per partition key, its table and its materialization metadata.
+PartitionResults = dict[str, tuple[pd.DataFrame, dict[str, Any]]]
 
 
-@dg.asset(
+def make_images(
+    context: dg.AssetExecutionContext,
+    enhanced_prompts: dict[str, pd.DataFrame],
+    backends: frozenset[str],
+) -> PartitionResults:
+    """Generate the images of the run's partitions whose backend is in ``backends``."""
+    storage_resource = context.resources.storage
+    storage = storage_resource.storage()
+    project = load_project_config()
+    results: PartitionResults = {}
+    for backend_name, entries in keys_by_backend(context.partition_keys).items():
+        if backend_name not in backends:
+            continue
+        spec = backend_spec(backend_name)
+        with model_for_step(context, spec, project) as warm:
+            backend = warm.model
+            for key, prompt_set in entries:
+                started_at = utc_now()
+                planned = plan_images(enhanced_prompts[prompt_set], backend)
+                step = ImagesStepContext(
+                    storage=storage,
+                    prompt_set=prompt_set,
+                    run_id=context.run.run_id,
+                    png_compress_level=storage_resource.png_compress_level,
+                    writer_threads=storage_resource.writer_threads,
+                )
+                outcome = run_images_step(backend, planned, step, log=context.log.info)
+                summary = backend.run_summary()
+                for warning in summary.warnings:
+                    context.log.warning(warning)
+                counts = outcome.counts
+                settings = backend.settings
+                record = StepRecord(
+                    run_id=context.run.run_id,
+                    asset="images",
+                    prompt_set=prompt_set,
+                    backend=backend_name,
+                    model_id=settings.model_id,
+                    revision=settings.revision,
+                    device=backend.device,
+                    worker=worker_name(),
+                    requested=len(planned),
+                    generated=counts.get("ok", 0),
+                    skipped_existing=counts.get("skipped_existing", 0),
+                    failed=counts.get("failed", 0),
+                    blocked=counts.get("blocked", 0),
+                    skipped_budget=counts.get("skipped_budget", 0),
+                    seconds=outcome.seconds,
+                    items_per_second=_rate(counts.get("ok", 0), outcome.records),
+                    **model_use(outcome, spec.is_local),
+                    offload=summary.metadata.get("offload"),
+                    batch_size=summary.metadata.get("batch_size"),
+                    memory_plan=summary.metadata.get("memory_plan"),
+                    peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
+                    cost_usd=_sum(r.cost_usd for r in outcome.records),
+                    started_at=started_at,
+                )
+                write_step_record(storage, record)
+                table = pd.DataFrame([r.__dict__ for r in outcome.records], columns=IMAGE_COLUMNS)
+                failures = counts.get("failed", 0) + counts.get("blocked", 0)
+                if failures:
+                    first = next((r.error for r in outcome.records if r.error), "")
+                    context.log.warning(
+                        f"{prompt_set}/{backend_name}: {failures} of {len(planned)} image(s) "
+                        f"failed or were blocked; first error: {first}"
+                    )
+                results[key] = (
+                    table,
+                    {
+                        "rows": len(table),
+                        **counts,
+                        **{k: v for k, v in summary.metadata.items() if v is not None},
+                        "model_id": settings.model_id,
+                        "device": backend.device,
+                        "worker": record.worker,
+                        "seconds": round(outcome.seconds, 3),
+                        "model_loads": record.model_loads,
+                        "model_cache_hits": record.model_cache_hits,
+                        "model_load_seconds": round(record.model_load_seconds, 3),
+                        "images_per_second": float(record.items_per_second or 0.0),
+                        "cost_usd": float(record.cost_usd or 0.0),
+                        "preview": markdown_table(table, PREVIEW_COLUMNS),
+                        "images_dir": dg.MetadataValue.path(
+                            str(images_folder(storage, prompt_set, backend_name))
+                        ),
+                    },
+                )
+    return results
+
+
+def _rate(generated: int, records: list[ImageRecord]) -> float | None:
+    seconds = sum(r.seconds or 0.0 for r in records if r.status == "ok")
+    return generated / seconds if seconds else None
+
+
+def _max(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _sum(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+@dg.op(
+    required_resource_keys={"storage", *API_BACKENDS},
+    out=dg.Out(io_manager_key="step_io_manager"),
+)
+def generate_with_apis(
+    context: dg.AssetExecutionContext, enhanced_prompts: dict[str, pd.DataFrame]
+) -> PartitionResults:
+    """Images from hosted APIs (Gemini) for the run's partitions; holds no GPU slot."""
+    return make_images(context, enhanced_prompts, API_BACKENDS)
+
+
+@dg.op(
+    required_resource_keys={"storage", *LOCAL_BACKENDS},
+    pool=GPU_POOL,
+    tags=gpu_op_tags(),
+)
+def generate_on_gpu(
+    context: dg.AssetExecutionContext,
+    enhanced_prompts: dict[str, pd.DataFrame],
+    api_images: PartitionResults,
+) -> dict[str, pd.DataFrame]:
+    """Images from the local models, then every partition's table and metadata."""
+    results = {**api_images, **make_images(context, enhanced_prompts, LOCAL_BACKENDS)}
+    storage = context.resources.storage.storage()
+    planned = existing = 0
+    for key, (table, metadata) in results.items():
+        paths = list(table.loc[table["status"].isin(EXISTING_STATUSES), "path"].dropna())
+        planned += len(table)
+        existing += len(paths)
+        metadata["thumbnails"] = thumbnails(paths, storage.read_bytes)
+        context.add_asset_metadata(metadata, asset_key="images", partition_key=key)
+    if planned and not existing:
+        tables = [table for table, _ in results.values()]
+        first = next((e for t in tables for e in t["error"] if e), "n/a")
+        raise dg.Failure(
+            f"No image of this run succeeded ({planned} planned). First error: {first}"
+        )
+    return {key: table for key, (table, _) in results.items()}
+
+
+@dg.graph_asset(
     partitions_def=prompt_set_x_backend_partitions,
     ins={"enhanced_prompts": dg.AssetIn(partition_mapping=from_prompt_set)},
+    backfill_policy=single_run,
     group_name="images",
     kinds={"pytorch", "huggingface", "parquet"},
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
 )
-def images(
-    context: dg.AssetExecutionContext,
-    enhanced_prompts: pd.DataFrame,
-    storage: StorageResource,
-    flux_schnell: FluxSchnellResource,
-    sdxl_turbo: SdxlTurboResource,
-    gemini: GeminiResource,
-) -> dg.Output[pd.DataFrame]:
-    """Generate every image of the prompt set that the backend lacks; one row per image.
+def images(enhanced_prompts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Every image of each prompt set the backend lacks, as PNGs; this table has one row per
+    image (status, path, seed, seconds, cost).
 
-    Outputs are content-addressed PNGs, so a re-run generates only what is missing. One failed
-    prompt fails alone; the step fails only when no image of the partition exists afterwards.
+    Outputs are content-addressed, so a re-run generates only what is missing. One failed
+    prompt fails alone: the ``every_image_generated`` check reports it.
     """
-    prompt_set, backend_name = partition_parts(context)
-    backend: ImageBackend
-    if backend_name == "flux_schnell":
-        backend = flux_schnell.create_backend()
-    elif backend_name == "sdxl_turbo":
-        backend = sdxl_turbo.create_backend()
-    elif backend_name == "gemini":
-        try:
-            backend = gemini.create_backend()
-        except GeminiKeyMissingError as error:
-            raise dg.Failure(description=str(error)) from None
-    else:
-        raise dg.Failure(f"Unknown backend {backend_name!r}.")
-
-    images_dir = storage.images_dir(prompt_set, backend_name)
-    planned = plan_images(enhanced_prompts, backend, images_dir)
-    run_id = context.run.run_id
-    with model_step(backend):
-        outcome = run_images_step(
-            backend,
-            planned,
-            images_dir=images_dir,
-            prompt_set=prompt_set,
-            run_id=run_id,
-            log=context.log.info,
-        )
-    images_file, steps_file = write_step_metadata(
-        storage.base, "images", outcome.image_rows, outcome.step_row,
-        run_id=run_id, prompt_set=prompt_set, backend=backend_name,
-    )  # fmt: skip
-    table = pd.DataFrame(outcome.image_rows)
-    counts = outcome.counts
-    gemini_metadata = (
-        gemini_totals(table, backend, context.log) if isinstance(backend, GeminiBackend) else {}
-    )
-    available = counts["ok"] + counts["skipped_existing"]
-    if planned and not available:
-        raise dg.Failure(
-            f"No image of {prompt_set}/{backend_name} succeeded: {counts}. "
-            f"First error: {next((r['error'] for r in outcome.image_rows if r['error']), 'n/a')}",
-            metadata={"run_metadata": dg.MetadataValue.path(str(images_file))},
-        )
-    step = outcome.step_row
-    paths = [p for p in table.get("path", pd.Series(dtype=str)).dropna()]
-    return dg.Output(
-        table,
-        metadata={
-            "rows": len(table),
-            **{status: count for status, count in counts.items()},
-            "model_id": step["model_id"],
-            "device": step["device"],
-            "seconds": round(step["seconds"], 3),
-            "images_per_second": dg.MetadataValue.float(step["items_per_second"] or 0.0),
-            "model_load_seconds": round(step["model_load_seconds"], 3),
-            "preview": markdown_table(table, PREVIEW_COLUMNS),
-            "thumbnails": thumbnails(paths),
-            "images_dir": dg.MetadataValue.path(str(images_dir)),
-            "run_metadata_images": dg.MetadataValue.path(str(images_file)),
-            "run_metadata_steps": dg.MetadataValue.path(str(steps_file)),
-            "cost_usd": float(step["cost_usd"] or 0.0),
-            **gemini_metadata,
-        },
-    )
-
-
-def gemini_totals(table: pd.DataFrame, backend: GeminiBackend, log: Any) -> dict[str, Any]:
-    """Tokens, retries and calls of a Gemini partition; logs a reached budget or daily quota."""
-
-    def total(column: str) -> int:
-        values = table[column] if column in table else pd.Series(dtype=float)
-        return int(pd.to_numeric(values, errors="coerce").fillna(0).sum())
-
-    stats = backend.last_run
-    budget = backend.config.budget_usd
-    skipped = int((table["status"] == "skipped_budget").sum()) if len(table) else 0
-    if stats.budget_reached:
-        log.warning(
-            f"Gemini budget of ${budget:.2f} reached (${stats.spent_usd:.4f} spent): "
-            f"{skipped} image(s) were not requested (status skipped_budget). Raise budget_usd "
-            "on the gemini resource and re-run to make them; finished images are kept."
-        )
-    if stats.daily_quota_exhausted:
-        log.error(
-            "The Gemini daily quota is exhausted: requests after it were not sent. Re-run after "
-            "the quota resets (midnight Pacific time) or use a key with a higher quota."
-        )
-    return {
-        "prompt_tokens": total("prompt_tokens"),
-        "output_tokens": total("output_tokens"),
-        "retries": total("retries"),
-        "http_calls": stats.http_calls,
-        **({"budget_usd": float(budget)} if budget is not None else {}),
-        "budget_reached": stats.budget_reached,
-        "daily_quota_exhausted": stats.daily_quota_exhausted,
-    }
-
-
-def image_paths(table: pd.DataFrame) -> list[Path]:
-    """Paths of the images of an ``images`` partition that exist (new or from earlier runs)."""
-    usable = table[table["status"].isin(["ok", "skipped_existing"])]
-    return [Path(path) for path in usable["path"]]
+    return generate_on_gpu(enhanced_prompts, generate_with_apis(enhanced_prompts))

@@ -1,30 +1,117 @@
-"""Enhanced prompt sets go on to image generation with every enabled backend."""
+"""Automation of image generation: after prompts are enhanced, and on a schedule in bulk.
 
-import os
+Both ask for as few runs as possible: one run per backend, spanning every prompt set that needs
+work, with ``BackfillPolicy.single_run`` assets loading each model once. Prompt sets inside the
+span that are already complete cost a folder listing each (content-addressed skip), no model.
+"""
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 
 import dagster as dg
+from dagster._core.storage.tags import (  # the tags Dagster itself uses for partition ranges
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from imagegen_pipeline.defs.jobs import generate_images_job
-from imagegen_pipeline.defs.partitions import LOCAL_BACKENDS
+from imagegen_pipeline.defs.partitions import (
+    partition_key,
+    prompt_set_partitions,
+    prompt_set_x_backend_partitions,
+)
+from imagegen_pipeline.project_config import load_project_config
+from imagegen_pipeline.registry import enabled_backends
+
+ENHANCED_PROMPTS = dg.AssetKey("enhanced_prompts")
+FINAL_ASSET = dg.AssetKey("video_quality")  # a prompt set x backend is done when this is
 
 
-def enabled_backends() -> list[str]:
-    """Backends that generate automatically: the local ones, and Gemini once it has a key."""
-    return [*LOCAL_BACKENDS, *(["gemini"] if os.getenv("GEMINI_API_KEY") else [])]
+def generation_requests(
+    instance: dg.DagsterInstance, sets_by_backend: Mapping[str, Iterable[str]], reason: str
+) -> list[dg.RunRequest]:
+    """One run per backend over the span of its prompt sets (in partition order)."""
+    all_sets = instance.get_dynamic_partitions(prompt_set_partitions.name)
+    requests = []
+    for backend, prompt_sets in sets_by_backend.items():
+        wanted = set(prompt_sets)
+        ordered = [s for s in all_sets if s in wanted]
+        if not ordered:
+            continue
+        first, last = ordered[0], ordered[-1]
+        digest = hashlib.sha256(",".join(ordered).encode()).hexdigest()[:12]
+        start, end = partition_key(first, backend), partition_key(last, backend)
+        tags = {"imagegen/reason": reason, "imagegen/prompt_sets": ",".join(ordered)[:4000]}
+        if first == last:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{reason}:{backend}:{digest}", partition_key=start, tags=tags
+                )
+            )
+        else:
+            tags |= {
+                ASSET_PARTITION_RANGE_START_TAG: str(start),
+                ASSET_PARTITION_RANGE_END_TAG: str(end),
+            }
+            requests.append(dg.RunRequest(run_key=f"{reason}:{backend}:{digest}", tags=tags))
+    return requests
 
 
-@dg.asset_sensor(
-    asset_key=dg.AssetKey("enhanced_prompts"),
+@dg.sensor(
     job=generate_images_job,
+    minimum_interval_seconds=load_project_config().sensor_interval_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-def generate_after_prompts_sensor(
-    context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry
-):
-    """When a prompt set is enhanced, generate its images with every enabled backend."""
-    prompt_set = asset_event.dagster_event.partition
-    for backend in enabled_backends():
-        yield dg.RunRequest(
-            run_key=f"{asset_event.run_id}:{prompt_set}:{backend}",
-            partition_key=dg.MultiPartitionKey({"prompt_set": prompt_set, "backend": backend}),
-        )
+def generate_after_prompts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """When prompt sets are enhanced, generate their images with every enabled backend.
+
+    The cursor is the storage id of the last ``enhanced_prompts`` materialization handled, so
+    every set enhanced since the last tick is seen, however many landed in one tick."""
+    result = context.instance.fetch_materializations(
+        ENHANCED_PROMPTS, limit=1000, cursor=context.cursor, ascending=True
+    )
+    prompt_sets = {
+        record.partition_key for record in result.records if record.partition_key is not None
+    }
+    backends = enabled_backends(load_project_config().backends)
+    wanted = dict.fromkeys(backends, prompt_sets)
+    requests = generation_requests(context.instance, wanted, "enhanced")
+    return dg.SensorResult(run_requests=requests, cursor=result.cursor or context.cursor)
+
+
+def unfinished_partitions(
+    instance: dg.DagsterInstance, backends: Sequence[str]
+) -> dict[str, set[str]]:
+    """Per backend, the enhanced prompt sets whose pipeline is missing or failed."""
+    enhanced = instance.get_materialized_partitions(ENHANCED_PROMPTS)
+    keys = [str(partition_key(s, b)) for s in sorted(enhanced) for b in backends]
+    if not keys:
+        return {}
+    done = instance.get_materialized_partitions(FINAL_ASSET)
+    status = instance.get_status_by_partition(FINAL_ASSET, keys, prompt_set_x_backend_partitions)
+    failed = {key for key, state in (status or {}).items() if state and state.value == "FAILED"}
+    unfinished: dict[str, set[str]] = {}
+    for prompt_set in enhanced:
+        for backend in backends:
+            key = str(partition_key(prompt_set, backend))
+            if key not in done or key in failed:
+                unfinished.setdefault(backend, set()).add(prompt_set)
+    return unfinished
+
+
+@dg.schedule(
+    job=generate_images_job,
+    cron_schedule=load_project_config().bulk_cron,
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)
+def bulk_generation_schedule(context: dg.ScheduleEvaluationContext):
+    """Every prompt set x enabled backend that is missing or failed, one run per backend.
+
+    Off until turned on (the toggle in the UI, or ``dagster schedule start``); the cron is
+    ``bulk_cron`` in imagegen.toml or IMAGEGEN_BULK_CRON."""
+    backends = enabled_backends(load_project_config().backends)
+    todo = unfinished_partitions(context.instance, backends)
+    if not todo:
+        return dg.SkipReason("Every prompt set is generated, scored and compared.")
+    stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
+    return generation_requests(context.instance, todo, f"bulk:{stamp}")

@@ -1,16 +1,23 @@
 """Prompt CSVs in, validated and enhanced prompts out (one partition per CSV file)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
+from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
 from imagegen_pipeline.defs.metadata import markdown_table
-from imagegen_pipeline.defs.partitions import prompt_set_partitions
+from imagegen_pipeline.defs.partitions import prompt_set_partitions, single_run
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.enhancement import enhance_prompts
-from imagegen_pipeline.prompt_csv import PromptFileError, prompt_set_name, read_prompt_csv
+from imagegen_pipeline.prompt_csv import (
+    REJECTED_COLUMNS,
+    PromptFileError,
+    prompt_set_name,
+    read_prompt_csv,
+)
 
 
 def prompt_csv_files(prompts_dir: str | Path) -> dict[str, Path]:
@@ -31,52 +38,78 @@ def prompt_csv_files(prompts_dir: str | Path) -> dict[str, Path]:
         ),
     },
     partitions_def=prompt_set_partitions,
+    backfill_policy=single_run,
     group_name="prompts",
     can_subset=False,
 )
-def prompts(context: dg.AssetExecutionContext, storage: StorageResource):
-    """Read and validate one prompt CSV; bad rows are set aside with their reasons."""
-    prompt_set = context.partition_key
-    path = prompt_csv_files(storage.prompts_dir).get(prompt_set)
-    if path is None:
-        raise dg.Failure(f"No CSV file for prompt set {prompt_set!r} in {storage.prompts_dir}/")
-    try:
-        table = read_prompt_csv(path)
-    except PromptFileError as error:
-        yield dg.Output(error.rejected, "rejected_prompts", metadata={"rows": len(error.rejected)})
-        raise dg.Failure(description=str(error)) from None
-    for problem in table.rejected.to_dict("records"):
-        context.log.warning(
-            f"{problem['file']}, line {problem['line']}, {problem['field']}: {problem['reason']}"
+def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iterator[dg.Output]:
+    """Read and validate each prompt CSV of the run; bad rows are set aside with their reasons.
+
+    A file that cannot be used at all (not UTF-8, no ``prompt`` column, no valid row) gives an
+    empty ``prompts`` table and its reason in ``rejected_prompts``, so the other files of a
+    many-set run go on; the step fails when no file of the run could be used.
+    """
+    folder = storage.prompts_folder()
+    files = prompt_csv_files(folder)
+    valid: dict[str, pd.DataFrame] = {}
+    rejected: dict[str, pd.DataFrame] = {}
+    unusable: list[str] = []
+    for prompt_set in context.partition_keys:
+        path = files.get(prompt_set)
+        if path is None:
+            message = f"No CSV file for prompt set {prompt_set!r} in {folder}/"
+            context.log.error(message)
+            unusable.append(message)
+            valid[prompt_set], rejected[prompt_set] = pd.DataFrame(), _file_problem(folder, message)
+            continue
+        try:
+            table = read_prompt_csv(path)
+        except PromptFileError as error:
+            context.log.error(str(error))
+            unusable.append(str(error))
+            problems = pd.concat([error.rejected, _file_problem(path, str(error))])
+            valid[prompt_set], rejected[prompt_set] = pd.DataFrame(), problems
+            continue
+        for problem in table.rejected.to_dict("records"):
+            where = f"{problem['file']}, line {problem['line']}, {problem['field']}"
+            context.log.warning(f"{where}: {problem['reason']}")
+        valid[prompt_set], rejected[prompt_set] = table.valid, table.rejected
+        context.add_asset_metadata(
+            {
+                "file": dg.MetadataValue.path(str(path)),
+                "rows": len(table.valid),
+                "rejected_rows": table.rejected_rows,
+                "preview": markdown_table(
+                    table.valid, ["prompt_id", "prompt", "style", "num_images"]
+                ),
+            },
+            asset_key="prompts",
+            partition_key=prompt_set,
         )
-    yield dg.Output(
-        table.valid,
-        "prompts",
-        metadata={
-            "file": dg.MetadataValue.path(str(path)),
-            "rows": len(table.valid),
-            "rejected_rows": table.rejected_rows,
-            "preview": markdown_table(table.valid, ["prompt_id", "prompt", "style", "num_images"]),
-        },
-    )
-    yield dg.Output(
-        table.rejected,
-        "rejected_prompts",
-        metadata={
-            "rows": table.rejected_rows,
-            "problems": len(table.rejected),
-            "preview": markdown_table(table.rejected, ["line", "field", "reason", "value"]),
-        },
-    )
+    if len(unusable) == len(context.partition_keys):
+        raise dg.Failure(description="\n".join(unusable))
+    yield dg.Output(valid, "prompts")
+    yield dg.Output(rejected, "rejected_prompts")
 
 
-@dg.asset_check(asset="rejected_prompts", description="Every row of the CSV was valid.")
+def _file_problem(file: Path, reason: str) -> pd.DataFrame:
+    """A rejected-prompts row for a whole file that could not be used (line 0, field "file")."""
+    problem = dict.fromkeys(REJECTED_COLUMNS, "") | {
+        "file": str(file),
+        "line": 0,
+        "field": "file",
+        "reason": reason,
+    }
+    return pd.DataFrame([problem], columns=list(REJECTED_COLUMNS))
+
+
 def all_prompt_rows_valid(rejected_prompts: pd.DataFrame) -> dg.AssetCheckResult:
-    """WARN when rows were rejected, listing the first reasons."""
+    """Every row of the CSV was valid (WARN for rejected rows, ERROR for an unusable file)."""
     rejected_lines = int(rejected_prompts["line"].nunique()) if len(rejected_prompts) else 0
+    whole_file = bool(len(rejected_prompts)) and rejected_prompts["field"].eq("file").any()
     return dg.AssetCheckResult(
         passed=rejected_lines == 0,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.ERROR if whole_file else dg.AssetCheckSeverity.WARN,
         metadata={
             "rejected_rows": rejected_lines,
             "reasons": markdown_table(rejected_prompts, ["line", "field", "reason"]),
@@ -84,36 +117,51 @@ def all_prompt_rows_valid(rejected_prompts: pd.DataFrame) -> dg.AssetCheckResult
     )
 
 
+PROMPT_CHECKS = {"all_prompt_rows_valid": all_prompt_rows_valid}
+
+
+@dg.multi_asset_check(
+    specs=partitioned_check_specs("rejected_prompts", PROMPT_CHECKS, prompt_set_partitions),
+    can_subset=True,
+)
+def prompt_checks(rejected_prompts: dict[str, pd.DataFrame]):
+    """Every check of ``PROMPT_CHECKS`` on each prompt set of the run."""
+    yield from per_partition("rejected_prompts", PROMPT_CHECKS, rejected_prompts)
+
+
 @dg.asset(
     partitions_def=prompt_set_partitions,
+    backfill_policy=single_run,
     group_name="prompts",
     kinds={"pandas"},
 )
 def enhanced_prompts(
     context: dg.AssetExecutionContext,
-    prompts: pd.DataFrame,
+    prompts: dict[str, pd.DataFrame],
     enhancer: PromptEnhancerResource,
     storage: StorageResource,
-) -> dg.Output[pd.DataFrame]:
-    """Each prompt made detailed for image models, with a quality score and token counts."""
-    prompt_enhancer = enhancer.create_enhancer(
-        context.partition_key, cache_dir=storage.base / "cache" / "enhancements"
-    )
-    table = enhance_prompts(prompts, prompt_enhancer)
-    fallbacks = int((table["fallback_reason"] != "").sum())
-    if fallbacks:
-        context.log.warning(f"{fallbacks} prompt(s) fell back to the template enhancer.")
-    return dg.Output(
-        table,
-        metadata={
-            "rows": len(table),
-            "method": prompt_enhancer.method,
-            "model": prompt_enhancer.model or "n/a",
-            "fallbacks": fallbacks,
-            "mean_quality_score": float(table["quality_score"].mean()),
-            "clip_truncated": int(table["clip_truncated"].sum()),
-            "preview": markdown_table(
-                table, ["prompt_id", "enhanced_prompt", "method", "quality_score", "clip_tokens"]
-            ),
-        },
-    )
+) -> dict[str, pd.DataFrame]:
+    """Each prompt made detailed for image models, with a rating and token counts."""
+    tables = {}
+    for prompt_set, valid in prompts.items():
+        prompt_enhancer = enhancer.create_enhancer(prompt_set, storage.storage())
+        table = enhance_prompts(valid, prompt_enhancer) if len(valid) else pd.DataFrame()
+        fallbacks = int((table["fallback_reason"] != "").sum()) if len(table) else 0
+        if fallbacks:
+            context.log.warning(f"{prompt_set}: {fallbacks} prompt(s) fell back to the template.")
+        context.add_asset_metadata(
+            {
+                "rows": len(table),
+                "method": prompt_enhancer.method,
+                "model": prompt_enhancer.model or "n/a",
+                "fallbacks": fallbacks,
+                "mean_prompt_score": float(table["prompt_score"].mean()) if len(table) else 0.0,
+                "clip_truncated": int(table["clip_truncated"].sum()) if len(table) else 0,
+                "preview": markdown_table(
+                    table, ["prompt_id", "enhanced_prompt", "method", "prompt_score", "clip_tokens"]
+                ),
+            },
+            partition_key=prompt_set,
+        )
+        tables[prompt_set] = table
+    return tables

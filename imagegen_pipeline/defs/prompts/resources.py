@@ -1,6 +1,6 @@
 """How prompts are enhanced, per prompt set."""
 
-from pathlib import Path
+import os
 
 import dagster as dg
 from pydantic import Field
@@ -14,6 +14,7 @@ from imagegen_pipeline.enhancement.llm import (
     GeminiTextEnhancer,
     OllamaEnhancer,
 )
+from imagegen_pipeline.storage import Storage
 
 
 class PromptEnhancerResource(dg.ConfigurableResource):
@@ -21,31 +22,33 @@ class PromptEnhancerResource(dg.ConfigurableResource):
 
     default_method: str = "template"  # used for prompt sets not named in method_by_prompt_set
     method_by_prompt_set: dict[str, str] = {}  # noqa: RUF012 - e.g. {"product_shots": "gemini"}
-    # GEMINI_API_KEY for the "gemini" method: default_resources() passes
-    # dg.EnvVar("GEMINI_API_KEY") only when it is set; repr=False keeps it out of every repr.
+    # None: GEMINI_API_KEY, read when the step starts, so a run config that sets another field
+    # cannot drop it and it is never stored with the run; repr=False keeps it out of reprs.
     gemini_api_key: str | None = Field(default=None, repr=False)
     gemini_text_model: str = DEFAULT_GEMINI_TEXT_MODEL  # the Gemini model that rewrites prompts
     gemini_base_url: str | None = None  # another endpoint (a proxy, a test server)
     ollama_base_url: str = DEFAULT_OLLAMA_BASE_URL  # where `ollama serve` listens
     ollama_model: str = DEFAULT_OLLAMA_MODEL  # a model pulled into Ollama (`ollama pull ...`)
     timeout_seconds: float = 60.0  # one LLM call; a timed-out prompt falls back to the template
-    cache_dir: str | None = None  # cached LLM answers; None: <storage base>/cache/enhancements
+    cache_dir: str | None = None  # cached LLM answers; None: <storage>/cache/enhancements
 
     def method_for(self, prompt_set: str) -> str:
         """The enhancement method configured for ``prompt_set``."""
         return self.method_by_prompt_set.get(prompt_set, self.default_method)
 
-    def create_enhancer(self, prompt_set: str, cache_dir: Path | None = None) -> PromptEnhancer:
-        """The enhancer for ``prompt_set``; LLM answers are cached in ``cache_dir``."""
+    def create_enhancer(self, prompt_set: str, storage: Storage) -> PromptEnhancer:
+        """The enhancer for ``prompt_set``; LLM answers are cached under the storage."""
         method = self.method_for(prompt_set)
         if method == "template":
             return TemplateEnhancer()
-        folder = Path(self.cache_dir) if self.cache_dir else cache_dir
-        cache = EnhancementCache(folder) if folder is not None else None
+        folder = Storage(self.cache_dir) if self.cache_dir else storage
+        cache = EnhancementCache(
+            folder.path("cache", "enhancements") if not self.cache_dir else folder.base
+        )
         if method == "gemini":
             return GeminiTextEnhancer(
                 model=self.gemini_text_model,
-                api_key=self.gemini_api_key or "",
+                api_key=self.gemini_api_key or os.getenv("GEMINI_API_KEY", ""),
                 base_url=self.gemini_base_url,
                 cache=cache,
                 timeout_seconds=self.timeout_seconds,

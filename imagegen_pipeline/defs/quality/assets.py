@@ -1,35 +1,49 @@
-"""Quality reports: CLIP and aesthetic scores and pixel checks of every image and clip."""
+"""Quality reports: CLIP and aesthetic scores and pixel checks of every image and video clip."""
 
 import time
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_step
+from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     from_prompt_set,
-    partition_parts,
+    keys_by_backend,
     prompt_set_x_backend_partitions,
+    single_run,
 )
-from imagegen_pipeline.defs.quality.resources import ClipScorerResource, QualityThresholds
-from imagegen_pipeline.defs.storage import StorageResource
+from imagegen_pipeline.defs.steps import worker_name, write_step_record
+from imagegen_pipeline.defs.storage import stored_table
+from imagegen_pipeline.project_config import load_project_config
+from imagegen_pipeline.records import StepRecord, utc_now
+from imagegen_pipeline.registry import CLIP_MODEL
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.scoring.quality_step import (
-    score_clip_table,
+from imagegen_pipeline.scoring.scoring_step import (
     score_image_table,
+    score_video_clip_table,
     with_generation_facts,
 )
-from imagegen_pipeline.video.clip_generation import EXISTING_STATUSES
 
 PREVIEW_COLUMNS = [
-    "prompt_id", "image_index", "clip_score", "clip_score_enhanced", "aesthetic",
-    "is_blank", "generation_seconds", "generation_cost_usd",
-]  # fmt: skip
-CLIP_PREVIEW_COLUMNS = [
-    "prompt_id", "image_index", "status", "source_similarity", "temporal_consistency",
+    "prompt_id",
+    "image_index",
+    "clip_score",
+    "clip_score_enhanced",
+    "aesthetic",
+    "is_blank",
+    "generation_seconds",
+    "generation_cost_usd",
+]
+VIDEO_PREVIEW_COLUMNS = [
+    "prompt_id",
+    "image_index",
+    "status",
+    "source_similarity",
+    "temporal_consistency",
     "temporal_consistency_min",
-]  # fmt: skip
+]
 
 
 def _mean(frame: pd.DataFrame, column: str) -> float | str:
@@ -38,22 +52,81 @@ def _mean(frame: pd.DataFrame, column: str) -> float | str:
     return float(values.mean()) if values.notna().any() else "n/a"
 
 
+def _scored(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["scored"].astype(bool)] if len(table) else table
+
+
+def score_partitions(
+    context: dg.AssetExecutionContext,
+    asset: str,
+    score: Any,
+) -> dict[str, pd.DataFrame]:
+    """Run ``score(model, key, prompt_set, backend)`` on each partition of the run with one
+    CLIP model; record a step row (loads, warm-cache hits) and each partition's metadata."""
+    storage = context.resources.storage.storage()
+    tables: dict[str, pd.DataFrame] = {}
+    with model_for_step(context, CLIP_MODEL, load_project_config()) as warm:
+        model = warm.model
+        for backend, entries in keys_by_backend(context.partition_keys).items():
+            for key, prompt_set in entries:
+                started_at, started = utc_now(), time.perf_counter()
+                loads_before = model.model_loads
+                table, metadata = score(model, key, prompt_set, backend)
+                loaded = model.model_loads > loads_before
+                newly = int(table["newly_scored"].sum()) if len(table) else 0
+                seconds = time.perf_counter() - started
+                load_seconds = model.load_seconds if loaded else 0.0
+                record = StepRecord(
+                    run_id=context.run.run_id,
+                    asset=asset,
+                    prompt_set=prompt_set,
+                    backend=backend,
+                    model_id=model.model_label,
+                    revision=None,
+                    device=str(model.device),
+                    worker=worker_name(),
+                    requested=len(table),
+                    generated=newly,
+                    skipped_existing=len(_scored(table)) - newly,
+                    failed=int(table["score_error"].notna().sum()) if len(table) else 0,
+                    seconds=seconds,
+                    items_per_second=newly / max(seconds - load_seconds, 1e-9) if newly else None,
+                    model_loads=int(loaded),
+                    model_cache_hits=int(newly > 0 and not loaded),
+                    model_load_seconds=load_seconds,
+                    started_at=started_at,
+                )
+                write_step_record(storage, record)
+                metadata |= {
+                    "rows": len(table),
+                    "scored": len(_scored(table)),
+                    "newly_scored": newly,
+                    "scorer_model": model.model_label,
+                    "model_loads": record.model_loads,
+                    "model_cache_hits": record.model_cache_hits,
+                    "model_load_seconds": round(load_seconds, 3),
+                    "worker": record.worker,
+                }
+                context.add_asset_metadata(metadata, partition_key=key)
+                tables[key] = table
+    return tables
+
+
 @dg.asset(
     partitions_def=prompt_set_x_backend_partitions,
     ins={"enhanced_prompts": dg.AssetIn(partition_mapping=from_prompt_set)},
+    backfill_policy=single_run,
     group_name="quality",
     kinds={"pytorch", "parquet"},
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
+    required_resource_keys={"storage", "quality_thresholds", CLIP_MODEL.name},
 )
 def quality(
     context: dg.AssetExecutionContext,
-    images: pd.DataFrame,
-    enhanced_prompts: pd.DataFrame,
-    storage: StorageResource,
-    clip_scorer: ClipScorerResource,
-    quality_thresholds: QualityThresholds,
-) -> dg.Output[pd.DataFrame]:
+    images: dict[str, pd.DataFrame],
+    enhanced_prompts: dict[str, pd.DataFrame],
+) -> dict[str, pd.DataFrame]:
     """Scores of every image of the partition: one row per image, sortable by score or cost.
 
     Each row is the image's run-metadata row (status, seed, model, seconds, cost) plus the time
@@ -63,111 +136,77 @@ def quality(
     brightness, contrast, saturation, sharpness and the blank flag. Images that do not exist
     (failed, blocked, skipped for budget) keep their row with empty scores.
     """
-    prompt_set, backend = partition_parts(context)
-    started = time.perf_counter()
-    originals = dict(
-        zip(enhanced_prompts["prompt_id"], enhanced_prompts["original_prompt"], strict=True)
-    )
-    report_path = storage.table_path("quality", prompt_set, backend)
-    previous = pd.read_parquet(report_path) if report_path.exists() else None
-    scorer = clip_scorer.create_scorer()
-    with model_step(scorer):
+    storage = context.resources.storage.storage()
+    thresholds = context.resources.quality_thresholds.blank_thresholds()
+    workers = getattr(context.resources, CLIP_MODEL.name).workers
+
+    def score(model: Any, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
+        prompts = enhanced_prompts[prompt_set]
+        originals = dict(zip(prompts["prompt_id"], prompts["original_prompt"], strict=True))
         table = score_image_table(
-            scorer,
-            images,
+            model,
+            images[key],
             originals,
-            thresholds=quality_thresholds.blank_thresholds(),
-            workers=clip_scorer.workers,
-            previous=previous,
+            storage=storage,
+            thresholds=thresholds,
+            workers=workers,
+            previous=stored_table(storage, "quality", prompt_set, backend),
+            log=context.log.info,
         )
-        load_seconds = scorer.load_seconds
-    table = with_generation_facts(table, load_run_metadata(storage.base, "images"))
-    seconds = time.perf_counter() - started
-    scored = table[table["scored"]] if len(table) else table
-    if len(table) and scored.empty:
-        raise dg.Failure(
-            f"No image of {prompt_set}/{backend} could be scored.",
-            metadata={"errors": markdown_table(table, ["prompt_id", "status", "score_error"])},
-        )
-    worst = scored.sort_values("clip_score") if len(scored) else scored
-    blank = int(scored["is_blank"].sum()) if len(scored) else 0
-    return dg.Output(
-        table,
-        metadata={
-            "rows": len(table),
-            "scored": len(scored),
-            "blank": blank,
+        made = load_run_metadata(storage, "images", prompt_set=prompt_set, backend=backend)
+        table = with_generation_facts(table, made)
+        scored = _scored(table)
+        worst = scored.sort_values("clip_score") if len(scored) else scored
+        return table, {
+            "blank": int(scored["is_blank"].sum()) if len(scored) else 0,
             "truncated_prompts": int(scored["clip_truncated"].eq(True).sum()) if len(scored) else 0,
             "mean_clip_score": _mean(scored, "clip_score"),
-            "median_clip_score": float(scored["clip_score"].median()) if len(scored) else "n/a",
             "mean_clip_score_enhanced": _mean(scored, "clip_score_enhanced"),
             "mean_aesthetic": _mean(scored, "aesthetic"),
             "mean_laion_aesthetic": _mean(scored, "laion_aesthetic"),
-            "scorer_model": scorer.model_label,
-            "newly_scored": int(table["newly_scored"].sum()) if len(table) else 0,
-            # Scoring throughput, model loading excluded.
-            "images_per_second": dg.MetadataValue.float(
-                int(table["newly_scored"].sum()) / max(seconds - load_seconds, 1e-9)
-                if len(table)
-                else 0.0
-            ),
             "worst_images": markdown_table(worst, PREVIEW_COLUMNS),
-            "worst_thumbnails": thumbnails(list(worst["path"]) if len(worst) else [], limit=4),
-            "model_load_seconds": round(load_seconds, 3),
-        },
-    )
+            "worst_thumbnails": thumbnails(
+                list(worst["path"]) if len(worst) else [], storage.read_bytes, limit=4
+            ),
+        }
+
+    return score_partitions(context, "quality", score)
 
 
 @dg.asset(
     partitions_def=prompt_set_x_backend_partitions,
+    backfill_policy=single_run,
     group_name="quality",
     kinds={"pytorch", "parquet"},
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
+    required_resource_keys={"storage", CLIP_MODEL.name},
 )
-def clip_quality(
-    context: dg.AssetExecutionContext,
-    clips: pd.DataFrame,
-    storage: StorageResource,
-    clip_scorer: ClipScorerResource,
-) -> dg.Output[pd.DataFrame]:
-    """Scores of every clip of the partition: one row per clip (its run-metadata row too).
+def video_quality(
+    context: dg.AssetExecutionContext, clips: dict[str, pd.DataFrame]
+) -> dict[str, pd.DataFrame]:
+    """Scores of every video clip of the partition: one row per clip (its metadata row too).
 
     ``source_similarity``: CLIP cosine of each frame to the source image (mean, min): does the
     clip still show the picture? ``temporal_consistency``: cosine of consecutive frames (mean,
     min): does it flicker or jump? A separate asset from ``quality`` because clips are made
     from the ``quality`` ranking, so scoring them there would be a cycle.
     """
-    started = time.perf_counter()
-    existing = clips[clips["status"].isin(EXISTING_STATUSES)] if len(clips) else clips
-    if existing.empty:
-        context.log.info("No clip to score.")
-        return dg.Output(clips.assign(scored=False), metadata={"rows": len(clips), "scored": 0})
-    prompt_set, backend = partition_parts(context)
-    report_path = storage.table_path("clip_quality", prompt_set, backend)
-    previous = pd.read_parquet(report_path) if report_path.exists() else None
-    scorer = clip_scorer.create_scorer()
-    with model_step(scorer):
-        table = score_clip_table(scorer, clips, previous)
-        load_seconds = scorer.load_seconds
-    seconds = time.perf_counter() - started
-    scored = table[table["scored"]]
-    return dg.Output(
-        table,
-        metadata={
-            "rows": len(table),
-            "scored": len(scored),
-            "newly_scored": int(table["newly_scored"].sum()),
-            "clips_per_second": dg.MetadataValue.float(
-                int(table["newly_scored"].sum()) / max(seconds - load_seconds, 1e-9)
-            ),
+    storage = context.resources.storage.storage()
+
+    def score(model: Any, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
+        table = score_video_clip_table(
+            model,
+            clips[key],
+            storage=storage,
+            previous=stored_table(storage, "video_quality", prompt_set, backend),
+            log=context.log.info,
+        )
+        scored = _scored(table)
+        return table, {
             "mean_source_similarity": _mean(scored, "source_similarity"),
             "mean_temporal_consistency": _mean(scored, "temporal_consistency"),
-            "min_temporal_consistency": float(scored["temporal_consistency_min"].min())
-            if len(scored)
-            else "n/a",
-            "scorer_model": scorer.model_label,
-            "preview": markdown_table(table, CLIP_PREVIEW_COLUMNS),
-            "model_load_seconds": round(load_seconds, 3),
-        },
-    )
+            "preview": markdown_table(table, VIDEO_PREVIEW_COLUMNS),
+        }
+
+    return score_partitions(context, "video_quality", score)

@@ -9,43 +9,22 @@
 None is blocking: a bad partition is still worth looking at in the comparison gallery.
 """
 
-import warnings
-from collections.abc import Callable
-from typing import Any
+from functools import partial
 
 import dagster as dg
 import pandas as pd
 
+from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
 from imagegen_pipeline.defs.metadata import markdown_table
-from imagegen_pipeline.defs.partitions import prompt_set_x_backend_partitions
-from imagegen_pipeline.defs.quality.assets import quality as quality_asset
 from imagegen_pipeline.defs.quality.resources import QualityThresholds
 
 LIST_COLUMNS = ["prompt_id", "image_index", "clip_score", "status", "path"]
-
-
-def quality_check(description: str) -> Callable[[Callable[..., dg.AssetCheckResult]], Any]:
-    """``dg.asset_check`` on each partition of ``quality``, run with its materialization."""
-
-    def decorate(function: Callable[..., dg.AssetCheckResult]) -> dg.AssetChecksDefinition:
-        # Partitioned checks are marked preview in Dagster 1.13, but without a partitions_def
-        # a check cannot load its own partition's table.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", dg.PreviewWarning)
-            return dg.asset_check(
-                asset=quality_asset,
-                description=description,
-                partitions_def=prompt_set_x_backend_partitions,
-            )(function)
-
-    return decorate
 
 
 def _scored(quality: pd.DataFrame) -> pd.DataFrame:
     return quality[quality["scored"].astype(bool)] if len(quality) else quality
 
 
-@quality_check("No scored image is blank or nearly uniform.")
 def no_blank_images(quality: pd.DataFrame) -> dg.AssetCheckResult:
     """ERROR when any image is a solid colour or has almost no luminance variation."""
     scored = _scored(quality)
@@ -61,7 +40,6 @@ def no_blank_images(quality: pd.DataFrame) -> dg.AssetCheckResult:
     )
 
 
-@quality_check("Few images score under the minimum CLIP score (see quality_thresholds).")
 def clip_scores_mostly_above_threshold(
     quality: pd.DataFrame, quality_thresholds: QualityThresholds
 ) -> dg.AssetCheckResult:
@@ -84,7 +62,6 @@ def clip_scores_mostly_above_threshold(
     )
 
 
-@quality_check("Every prompt has at least one scored image.")
 def every_prompt_has_a_scored_image(quality: pd.DataFrame) -> dg.AssetCheckResult:
     """ERROR when a prompt of the partition ended with no image that could be scored."""
     prompts = set(quality["prompt_id"]) if len(quality) else set()
@@ -102,8 +79,20 @@ def every_prompt_has_a_scored_image(quality: pd.DataFrame) -> dg.AssetCheckResul
     )
 
 
-quality_checks = [
-    no_blank_images,
-    clip_scores_mostly_above_threshold,
-    every_prompt_has_a_scored_image,
-]
+QUALITY_CHECKS = {
+    "no_blank_images": no_blank_images,
+    "clip_scores_mostly_above_threshold": clip_scores_mostly_above_threshold,
+    "every_prompt_has_a_scored_image": every_prompt_has_a_scored_image,
+}
+
+
+@dg.multi_asset_check(specs=partitioned_check_specs("quality", QUALITY_CHECKS), can_subset=True)
+def quality_checks(quality: dict[str, pd.DataFrame], quality_thresholds: QualityThresholds):
+    """Every check of ``QUALITY_CHECKS`` on each partition of the run."""
+    checks = {
+        **QUALITY_CHECKS,
+        "clip_scores_mostly_above_threshold": partial(
+            clip_scores_mostly_above_threshold, quality_thresholds=quality_thresholds
+        ),
+    }
+    yield from per_partition("quality", checks, quality)

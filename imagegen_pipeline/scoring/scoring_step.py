@@ -1,32 +1,39 @@
-"""One quality step, Dagster-free: score every image of a partition, and every clip.
+"""One quality step, Dagster-free: score every image of a partition, and every video clip.
 
-Images are decoded, measured (``perceptual``) and preprocessed by a few threads ahead of the
-model, so the accelerator is not left waiting on PNG decoding; a bounded window of prefetched
-images keeps memory flat however many images a partition has.
+Files are read, decoded, measured (``perceptual``) and preprocessed by a few threads ahead of
+the model, so the accelerator is not left waiting on PNG or MP4 decoding; a bounded window of
+prefetched items keeps memory flat however many a partition has. Scores of files whose bytes
+and prompts did not change are reused from the last report, and the model is loaded only when
+something is left to score.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
-import torch
 from PIL import Image
 
-from imagegen_pipeline.scoring.clip_scorer import ClipScorer
+from imagegen_pipeline.progress import Progress
+from imagegen_pipeline.records import EXISTING_STATUSES
 from imagegen_pipeline.scoring.perceptual import (
     DEFAULT_BLANK_THRESHOLDS,
     BlankThresholds,
     perceptual_metrics,
 )
-from imagegen_pipeline.video.clip_generation import EXISTING_STATUSES
-from imagegen_pipeline.video.writers import read_mp4_frames
+from imagegen_pipeline.storage import Storage
+from imagegen_pipeline.video.video_files import read_mp4_frames
+
+if TYPE_CHECKING:
+    import torch
+
+    from imagegen_pipeline.scoring.clip_model import ClipModel
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +46,7 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], workers: int, window: i
         yield from map(fn, items)
         return
     iterator = iter(items)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future[R]] = deque()
         for item in iterator:
             pending.append(pool.submit(fn, item))
@@ -55,22 +62,29 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], workers: int, window: i
 
 # Columns of a report that describe how an image was made, not how it scored.
 _NOT_SCORES = frozenset(
-    {"original_prompt", "score_key", "scorer_model", "newly_scored", "generation_seconds",
-     "generation_cost_usd", "generated_at"}
-)  # fmt: skip
+    {
+        "original_prompt",
+        "score_key",
+        "scorer_model",
+        "newly_scored",
+        "generation_seconds",
+        "generation_cost_usd",
+        "generated_at",
+    }
+)
 
 
 def score_key(row: Mapping[str, Any], scorer_label: str, thresholds: BlankThresholds) -> str:
-    """What an image's scores depend on: its bytes, both prompts, the scorer, the thresholds."""
+    """What an item's scores depend on: its bytes, both prompts, the scorer, the thresholds."""
     parts = [row.get("sha256"), row.get("original_prompt"), row.get("prompt"), scorer_label]
     return hashlib.sha256(json.dumps([*parts, repr(thresholds)]).encode()).hexdigest()
 
 
-def reusable_scores(previous: pd.DataFrame | None, images: pd.DataFrame) -> dict[str, dict]:
+def reusable_scores(previous: pd.DataFrame | None, table: pd.DataFrame) -> dict[str, dict]:
     """Score columns of an earlier report's scored rows, by score key."""
     if previous is None or previous.empty or "score_key" not in previous:
         return {}
-    columns = [c for c in previous.columns if c not in images.columns and c not in _NOT_SCORES]
+    columns = [c for c in previous.columns if c not in table.columns and c not in _NOT_SCORES]
     scored = previous[previous["scored"].eq(True)]
     return {
         key: dict(zip(columns, values, strict=True))
@@ -105,13 +119,15 @@ def rows_to_score(
 
 
 def score_image_table(
-    scorer: ClipScorer,
+    model: ClipModel,
     images: pd.DataFrame,
     original_prompts: Mapping[str, str],
     *,
+    storage: Storage,
     thresholds: BlankThresholds = DEFAULT_BLANK_THRESHOLDS,
     workers: int = 4,
     previous: pd.DataFrame | None = None,
+    log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """The ``images`` table with every score added; rows without an image keep empty scores.
 
@@ -124,16 +140,18 @@ def score_image_table(
         for row in images.to_dict("records")
     ]
     rows, todo = rows_to_score(
-        images.assign(original_prompt=originals), previous, scorer.model_label, thresholds
+        images.assign(original_prompt=originals), previous, model.model_label, thresholds
     )
     if todo:
-        scorer.load()
+        model.load()
+    progress = Progress("images scored", len(todo), log)
+    import torch  # only now: a re-run with nothing to score never pays for importing it
 
     def prepare(index: int) -> tuple[int, torch.Tensor | None, dict[str, Any]]:
         try:
-            with Image.open(rows[index]["path"]) as image:
+            with Image.open(storage.open_binary(rows[index]["path"])) as image:
                 image = image.convert("RGB")
-            return index, scorer.preprocess(image), perceptual_metrics(image, thresholds)
+            return index, model.preprocess(image), perceptual_metrics(image, thresholds)
         except (OSError, ValueError) as error:  # a missing or corrupt file fails alone
             return index, None, {"score_error": f"{type(error).__name__}: {error}"}
 
@@ -141,26 +159,30 @@ def score_image_table(
 
     def flush() -> None:
         indices = [index for index, _ in batch]
-        scores = scorer.score_pixels(
+        scores = model.score_pixels(
             torch.stack([pixels for _, pixels in batch]),
             [rows[i]["original_prompt"] for i in indices],
             [rows[i].get("prompt") for i in indices],
         )
         for index, score in zip(indices, scores, strict=True):
             rows[index].update(score, scored=True, newly_scored=True)
+        progress.advance(len(batch))
         batch.clear()
 
-    size = scorer.config.batch_size
+    size = model.config.batch_size
     for index, pixels, measured in prefetched(prepare, todo, workers, window=2 * size):
         rows[index].update(measured)
         if pixels is not None:
             batch.append((index, pixels))
+        else:
+            progress.advance()
         if len(batch) == size:
             flush()
     if batch:
         flush()
+    progress.finish()
     table = pd.DataFrame(rows)
-    table["scorer_model"] = scorer.model_label
+    table["scorer_model"] = model.model_label
     return table
 
 
@@ -186,23 +208,45 @@ def with_generation_facts(table: pd.DataFrame, image_runs: pd.DataFrame) -> pd.D
     return table.merge(facts, on="image_id", how="left")
 
 
-def score_clip_table(
-    scorer: ClipScorer, clips: pd.DataFrame, previous: pd.DataFrame | None = None
+def score_video_clip_table(
+    model: ClipModel,
+    clips: pd.DataFrame,
+    *,
+    storage: Storage,
+    workers: int = 2,
+    previous: pd.DataFrame | None = None,
+    log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """The ``clips`` table with each existing clip's source similarity and temporal consistency.
 
     Scores of ``previous`` are reused for clips whose bytes and scorer are unchanged.
     """
-    rows, todo = rows_to_score(clips, previous, scorer.model_label, DEFAULT_BLANK_THRESHOLDS)
-    for index in todo:
+    rows, todo = rows_to_score(clips, previous, model.model_label, DEFAULT_BLANK_THRESHOLDS)
+    if todo:
+        model.load()
+    progress = Progress("video clips scored", len(todo), log)
+
+    def decode(index: int) -> tuple[int, Any]:
+        row = rows[index]
+        try:
+            frames = read_mp4_frames(storage.read_bytes(row["path"]))
+            source = Image.open(io.BytesIO(storage.read_bytes(row["source_path"]))).convert("RGB")
+            return index, (source, frames)
+        except (OSError, ValueError) as error:
+            return index, error
+
+    for index, decoded in prefetched(decode, todo, workers, window=2 * max(workers, 1)):
         row = rows[index]
         row["newly_scored"] = True
-        try:
-            frames = read_mp4_frames(Path(row["path"]))
-            with Image.open(row["source_path"]) as source:
-                row.update(scorer.score_clip(source.convert("RGB"), frames), scored=True)
-        except (OSError, ValueError) as error:
-            row["score_error"] = f"{type(error).__name__}: {error}"
+        if isinstance(decoded, Exception):
+            row["score_error"] = f"{type(decoded).__name__}: {decoded}"
+        else:
+            try:
+                row.update(model.score_video_clip(*decoded), scored=True)
+            except ValueError as error:
+                row["score_error"] = f"{type(error).__name__}: {error}"
+        progress.advance()
+    progress.finish()
     table = pd.DataFrame(rows)
-    table["scorer_model"] = scorer.model_label
+    table["scorer_model"] = model.model_label
     return table

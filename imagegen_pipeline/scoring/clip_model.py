@@ -1,4 +1,4 @@
-"""CLIP scores with open_clip, Dagster-free: prompt alignment, aesthetics, clip consistency.
+"""CLIP scores with open_clip, Dagster-free: prompt alignment, aesthetics, video consistency.
 
 The default model is ViT-L-14 with OpenAI's weights, the model torchmetrics' ``CLIPScore`` and
 the LAION aesthetic predictor are built on, so the numbers compare with published ones.
@@ -19,7 +19,7 @@ Scores of one image:
 - ``laion_aesthetic`` (only with a head file): the LAION aesthetic predictor, a
   ``Linear(768, 1)`` on L2-normalised ViT-L-14 image embeddings, roughly 1 to 10.
 
-Scores of one clip (cosine similarities of normalised image embeddings, -1 to 1):
+Scores of one video clip (cosine similarities of normalised image embeddings, -1 to 1):
 ``source_similarity`` (each frame to the source image, mean and min) and
 ``temporal_consistency`` (consecutive frames, mean and min).
 
@@ -31,16 +31,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagegen_pipeline.backends.diffusers_backend import free_accelerator_memory, resolve_device
-from imagegen_pipeline.model_weights import OPEN_CLIP_DEFAULT, ModelWeightsMissingError
+from imagegen_pipeline.model_settings import ClipModelSettings
+from imagegen_pipeline.model_weights import ModelWeightsMissingError
+from imagegen_pipeline.registry import CLIP_MODEL
+from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
 
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
@@ -76,21 +77,7 @@ ASPECTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 ASPECT_COLUMNS = ["aesthetic" if name == "aesthetic" else f"aesthetic_{name}" for name in ASPECTS]
 
 
-@dataclass
-class ClipScorerConfig:
-    """Which open_clip model scores, where its weights are, and how it runs."""
-
-    model: str = OPEN_CLIP_DEFAULT[
-        0
-    ]  # open_clip model name, "local-dir:<folder>", a folder, "hf-hub:<repo>"
-    pretrained: str | None = OPEN_CLIP_DEFAULT[1]  # weights tag of a model name
-    checkpoint: str | None = None  # a local weights file for the model name (tag optional)
-    quick_gelu: bool | None = None  # None: what the pretrained tag says (True for OpenAI's)
-    device: str = "auto"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    batch_size: int = 32
-    aesthetic_head: str | None = None  # LAION linear head weights (.pth / .safetensors)
-    allow_download: bool = False  # steps load local files only unless this is set
+OPEN_CLIP_DEFAULT: tuple[str, str] = CLIP_MODEL.weights.open_clip_tag  # type: ignore[assignment,union-attr]
 
 
 def _cached_tag_file(tag_config: dict[str, Any]) -> str | None:
@@ -116,7 +103,7 @@ def _cached_tag_file(tag_config: dict[str, Any]) -> str | None:
 
 def _missing(model: str, pretrained: str | None, repo_id: str | None) -> ModelWeightsMissingError:
     what = f"{model}/{pretrained}" if pretrained else model
-    pull = "open_clip" if (model, pretrained) == OPEN_CLIP_DEFAULT else (repo_id or model)
+    pull = CLIP_MODEL.name if (model, pretrained) == OPEN_CLIP_DEFAULT else (repo_id or model)
     return ModelWeightsMissingError(
         f"open_clip weights {what!r} are not on this machine. Run `imagegen models pull {pull}` "
         "on a machine that can reach the Hugging Face Hub (copy its HF_HOME cache here if this "
@@ -125,7 +112,7 @@ def _missing(model: str, pretrained: str | None, repo_id: str | None) -> ModelWe
     )
 
 
-def open_clip_source(config: ClipScorerConfig) -> tuple[str, dict[str, Any]]:
+def open_clip_source(config: ClipModelSettings) -> tuple[str, dict[str, Any]]:
     """The open_clip model name and loader arguments for ``config``, from local files only."""
     import open_clip
 
@@ -214,13 +201,14 @@ def token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer.encode(text)) + 2  # SimpleTokenizer: BPE tokens + <sot> + <eot>
 
 
-class ClipScorer:
-    """An open_clip model, loaded once per step, scoring images and clips in batches."""
+class ClipModel:
+    """An open_clip model, loaded once per step, scoring images and video clips in batches."""
 
-    def __init__(self, config: ClipScorerConfig) -> None:
+    def __init__(self, config: ClipModelSettings, model_id: str | None = None) -> None:
         if config.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.config = config
+        self.model_id = model_id
         self.device = resolve_device(config.device)
         self.model: Any = None
         self.preprocess: Any = None
@@ -229,11 +217,14 @@ class ClipScorer:
         self._texts: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
         self._aspects: torch.Tensor | None = None  # [aspects, 2, dim]: positive, negative
-        self.load_seconds = 0.0  # how long load() took; 0 while the model was never needed
+        self.load_seconds = 0.0  # how long the last load() took; 0 while never needed
+        self.model_loads = 0
 
     @property
     def model_label(self) -> str:
         """The model as recorded with every score."""
+        if self.model_id and self.model_id != self.config.model:
+            return self.model_id
         if self.config.model.startswith((LOCAL_DIR, HF_HUB)) or not self.config.pretrained:
             return self.config.model
         return f"{self.config.model}/{self.config.pretrained}"
@@ -266,6 +257,7 @@ class ClipScorer:
             sides.append(torch.stack([self._ensemble(positives), self._ensemble(negatives)]))
         self._aspects = torch.stack(sides)
         self.load_seconds = time.perf_counter() - started
+        self.model_loads += 1
         return self.load_seconds
 
     def unload(self) -> None:
@@ -273,6 +265,10 @@ class ClipScorer:
         self.model = self.head = self._aspects = None
         self._texts.clear()
         free_accelerator_memory()
+
+    def weight_bytes(self) -> int:
+        """Memory the loaded model holds (for the warm-model cache)."""
+        return module_bytes(self.model, self.head)
 
     # --- embeddings ---------------------------------------------------------------------------
 
@@ -369,10 +365,12 @@ class ClipScorer:
             rows += self.score_pixels(pixels, prompts[start : start + size], enhanced)
         return rows
 
-    def score_clip(self, source: Image.Image, frames: Sequence[Image.Image]) -> dict[str, Any]:
-        """How close a clip's frames stay to the source image and to each other."""
+    def score_video_clip(
+        self, source: Image.Image, frames: Sequence[Image.Image]
+    ) -> dict[str, Any]:
+        """How close a video clip's frames stay to the source image and to each other."""
         if not frames:
-            raise ValueError("a clip without frames cannot be scored")
+            raise ValueError("a video clip without frames cannot be scored")
         embeddings = self.embed_images([source, *frames])
         source_embedding, frame_embeddings = embeddings[0], embeddings[1:]
         to_source = frame_embeddings @ source_embedding

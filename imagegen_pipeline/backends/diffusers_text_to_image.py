@@ -1,0 +1,232 @@
+"""What the local diffusers backends share: loading, memory fitting, batching, out-of-memory.
+
+Subclasses name their pipeline class and precision and say how one batch is called; this module
+does the rest the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
+from PIL import Image
+
+from imagegen_pipeline.backends.base import (
+    GenerationSettings,
+    ImageBackend,
+    ImageRequest,
+    ImageResult,
+    RunSummary,
+)
+from imagegen_pipeline.model_settings import DiffusersImageSettings
+from imagegen_pipeline.records import utc_now
+from imagegen_pipeline.torch_runtime import (
+    PeakMemory,
+    dtype_name,
+    free_accelerator_memory,
+    is_out_of_memory,
+    load_diffusers_pipeline,
+    local_model_folder,
+    pipeline_bytes,
+    place_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusersTextToImage(ImageBackend):
+    """A text-to-image diffusers pipeline, loaded once and called once per batch."""
+
+    pipeline_class_name: ClassVar[str]  # a diffusers pipeline class, imported at load time
+    preferred_dtype: ClassVar[str]  # the model's own precision on a GPU
+    variant: ClassVar[str | None] = None  # weight files variant ("fp16") the repo ships
+
+    def __init__(self, settings: DiffusersImageSettings, model_id: str | None = None) -> None:
+        if settings.width is None or settings.height is None:
+            raise ValueError("resolve the settings first: width and height must be set")
+        self.config = settings
+        self.model_id = model_id or settings.model  # what content addresses record
+        self.pipeline: Any = None
+        self.model_loads = 0
+        self._device = resolve_device(settings.device)
+        self._dtype = resolve_dtype(settings.dtype, self.preferred_dtype, self._device)
+        self.memory_plan: MemoryPlan | None = None
+        self.batch_size = settings.batch_size or 1
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(
+            backend=self.name,
+            model_id=self.model_id,
+            revision=self.config.revision or "main",
+            steps=self.config.steps,
+            guidance=self.config.guidance,
+        )
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.config.width, self.config.height  # type: ignore[return-value]
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the pipeline runs in."""
+        return self._dtype
+
+    def plan_memory(self) -> MemoryPlan | None:
+        """Offload and batch size for the free memory of the device (None when both are set)."""
+        config = self.config
+        if config.offload != "auto" and config.batch_size is not None:
+            return None
+        folder = local_model_folder(config.model, config.revision)
+        if folder is None:  # no weights here: loading fails next, with the clear message
+            return None
+        width, height = self.default_size
+        return plan_memory(
+            folder,
+            dtype=dtype_name(self._dtype),
+            free_bytes=free_memory_bytes(str(self._device)),
+            width=width,
+            height=height,
+            max_batch_size=config.max_batch_size,
+            vae_slicing=config.vae_slicing,
+            offload=config.offload,
+            batch_size=config.batch_size,
+        )
+
+    def load(self) -> float:
+        if self.pipeline is not None:
+            return 0.0
+        import diffusers
+
+        started = time.perf_counter()
+        self.memory_plan = self.plan_memory()
+        offload = self.memory_plan.offload if self.memory_plan else self.config.offload
+        self.batch_size = self.memory_plan.batch_size if self.memory_plan else self.batch_size
+        if self.memory_plan:
+            logger.info("%s memory plan: %s", self.name, self.memory_plan.reason)
+        pipeline = load_diffusers_pipeline(
+            getattr(diffusers, self.pipeline_class_name),
+            self.config.model,
+            revision=self.config.revision,
+            dtype=self._dtype,
+            variant=self.variant,
+            allow_download=self.config.allow_download,
+        )
+        place_pipeline(pipeline, offload, self._device)
+        # Decode a batch one image at a time / in tiles: less peak memory at a small cost.
+        if self.config.vae_slicing:
+            pipeline.vae.enable_slicing()
+        if self.config.vae_tiling:
+            pipeline.vae.enable_tiling()
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.offload = offload
+        self.model_loads += 1
+        return time.perf_counter() - started
+
+    def unload(self) -> None:
+        self.pipeline = None
+        free_accelerator_memory()
+
+    def weight_bytes(self) -> int:
+        return pipeline_bytes(self.pipeline) if self.pipeline is not None else 0
+
+    def run_summary(self) -> RunSummary:
+        plan = self.memory_plan
+        return RunSummary(
+            metadata={
+                "offload": plan.offload if plan else self.config.offload,
+                "batch_size": self.batch_size,
+                "memory_plan": plan.reason if plan else "offload and batch size set by hand",
+            }
+        )
+
+    def pipeline_kwargs(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
+        """Backend-specific arguments of one pipeline call (the prompts are added here)."""
+        return {}
+
+    def generate(self, requests: Sequence[ImageRequest]) -> Iterator[ImageResult]:
+        """Batches of up to ``batch_size`` same-size requests, one pipeline call per batch,
+        results in request order.
+
+        Out of memory halves the batch and retries, down to one image; any other failure of a
+        batch retries its images one by one, so one bad prompt fails alone.
+        """
+        self.load()
+        by_size: dict[tuple[int, int], list[ImageRequest]] = {}
+        for request in requests:
+            by_size.setdefault((request.width, request.height), []).append(request)
+        for same_size in by_size.values():
+            pending = deque(self._batches(same_size))
+            while pending:
+                batch = pending.popleft()
+                if len(batch) > self.batch_size:  # planned before an out-of-memory halving
+                    pending.extendleft(reversed(self._batches(batch)))
+                    continue
+                started_at = utc_now()
+                try:
+                    images, seconds, peak_mb = self._call(batch)
+                except Exception as exc:
+                    if len(batch) > 1:
+                        if is_out_of_memory(exc):
+                            free_accelerator_memory()
+                            self.batch_size = max(1, len(batch) // 2)
+                            logger.warning(
+                                "Out of memory at batch %d; retrying at %d.",
+                                len(batch),
+                                self.batch_size,
+                            )
+                            halves = [batch[: self.batch_size], batch[self.batch_size :]]
+                        else:
+                            halves = [[request] for request in batch]
+                        pending.extendleft(reversed(halves))
+                        continue
+                    if is_out_of_memory(exc):
+                        free_accelerator_memory()
+                    yield ImageResult(batch[0], "failed", error=f"{type(exc).__name__}: {exc}")
+                    continue
+                for request, image in zip(batch, images, strict=True):
+                    yield ImageResult(
+                        request,
+                        "ok",
+                        image=image,
+                        seconds=seconds / len(batch),
+                        details={
+                            "peak_gpu_memory_mb": peak_mb,
+                            "batch_size": len(batch),
+                            "started_at": started_at,
+                        },
+                    )
+
+    def _batches(self, requests: Sequence[ImageRequest]) -> list[list[ImageRequest]]:
+        size = self.batch_size
+        return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+
+    def _call(self, batch: Sequence[ImageRequest]) -> tuple[list[Image.Image], float, float | None]:
+        # One CPU generator per image: each image's initial noise depends on its own seed
+        # alone, so any image can be regenerated by itself, on any device, in any batch.
+        generators = [torch.Generator("cpu").manual_seed(request.seed) for request in batch]
+        started = time.perf_counter()
+        with PeakMemory(self._device) as peak, torch.inference_mode():
+            output = self.pipeline(
+                prompt=[request.prompt for request in batch],
+                generator=generators,
+                num_inference_steps=self.config.steps,
+                guidance_scale=self.config.guidance,
+                width=batch[0].width,
+                height=batch[0].height,
+                output_type="pil",
+                **self.pipeline_kwargs(batch),
+            )
+        return list(output.images), time.perf_counter() - started, peak.mib

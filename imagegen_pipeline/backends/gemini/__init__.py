@@ -1,0 +1,73 @@
+"""Gemini image generation (``gemini-2.5-flash-image``) through the official google-genai SDK.
+
+One ``generateContent`` call per image, with ``responseModalities=["IMAGE"]``, the aspect ratio
+nearest to the requested size and the request's seed. The calls run concurrently on a private
+event loop in a helper thread, paced by a token bucket, retried with exponential backoff and full
+jitter on 408/429/5xx and timeouts (the SDK's own retries are off so that every retry is counted
+and paced), and stopped early by a per-run budget or an exhausted daily quota.
+
+Every request ends in exactly one result: ``ok`` (an image), ``blocked`` (the model answered
+without an image: a safety refusal, NO_IMAGE, text only, a blocked prompt; never a placeholder),
+``failed`` (an error, with its text) or ``skipped_budget``.
+
+Negative prompts: Gemini has no negative-prompt parameter, and this backend does not fold one
+into the prompt text ("Avoid: ..."). Google's prompting guide for image generation recommends
+describing the wanted scene positively ("semantic negative prompts") because naming a concept,
+even to exclude it, tends to put it in the picture; the per-style negatives of the template
+enhancer ("text, watermark, blurry, ...") are tuned for diffusion models' classifier-free
+guidance and would do exactly that here. ``supports_negative_prompt`` is therefore False, and
+the pipeline records an empty negative prompt for Gemini images, which keeps their content
+addresses honest.
+
+The API key is never logged, printed or recorded: it is left out of reprs and redacted from
+every error text, warning and metadata value this package produces.
+
+The modules, one concern each:
+
+- ``backend``: :class:`GeminiBackend`, the concurrent request loop and its run summary;
+- ``content``: what a call sends (aspect ratio, seed) and what its answer means (image/blocked);
+- ``errors``: what a failed call means (retry, give up, daily quota) and the backend's errors;
+- ``pacing``: the token bucket and the retry backoff;
+- ``pricing``: tokens and cost of an answer.
+"""
+
+from imagegen_pipeline.backends.gemini.backend import (
+    BUDGET_WARNING,
+    DAILY_QUOTA_WARNING,
+    GeminiBackend,
+    GeminiRunStats,
+    checked_settings,
+)
+from imagegen_pipeline.backends.gemini.content import ASPECT_RATIOS, aspect_ratio_for
+from imagegen_pipeline.backends.gemini.errors import (
+    MISSING_KEY_MESSAGE,
+    CallFailure,
+    GeminiBackendError,
+    GeminiKeyMissingError,
+    classify_error,
+)
+from imagegen_pipeline.backends.gemini.pacing import TokenBucket
+from imagegen_pipeline.backends.gemini.pricing import TOKENS_PER_IMAGE, usage_cost
+from imagegen_pipeline.model_settings import GeminiSettings
+
+# The model GeminiSettings defaults to; declared there, once.
+DEFAULT_MODEL: str = GeminiSettings.model_fields["model"].default
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "BUDGET_WARNING",
+    "DAILY_QUOTA_WARNING",
+    "DEFAULT_MODEL",
+    "MISSING_KEY_MESSAGE",
+    "TOKENS_PER_IMAGE",
+    "CallFailure",
+    "GeminiBackend",
+    "GeminiBackendError",
+    "GeminiKeyMissingError",
+    "GeminiRunStats",
+    "TokenBucket",
+    "aspect_ratio_for",
+    "checked_settings",
+    "classify_error",
+    "usage_cost",
+]

@@ -1,0 +1,47 @@
+"""What every model step records about itself: one row in the ``steps`` run-metadata table."""
+
+import os
+import socket
+from typing import Any
+
+from imagegen_pipeline.generation_step import StepOutcome
+from imagegen_pipeline.records import StepRecord, utc_now
+from imagegen_pipeline.run_metadata import write_records
+from imagegen_pipeline.storage import Storage
+
+
+def worker_name() -> str:
+    """The process running this step: the celery worker's node name inside a celery task,
+    else host:pid."""
+    try:
+        from celery import current_task
+
+        if current_task and current_task.request.hostname:
+            return str(current_task.request.hostname)
+    except ImportError:  # celery is only installed for the distributed executors
+        pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def model_use(outcome: StepOutcome[Any], is_local: bool) -> dict[str, Any]:
+    """Loads and warm-cache hits of one step: a load when it loaded the model, a hit when it
+    had work and found the model already loaded (by an earlier step, run or partition)."""
+    loaded = outcome.load_seconds > 0
+    return {
+        "model_loads": int(loaded),
+        "model_cache_hits": int(is_local and outcome.generated > 0 and not loaded),
+        "model_load_seconds": outcome.load_seconds,
+    }
+
+
+def write_step_record(storage: Storage, record: StepRecord) -> str | None:
+    """Add one step row to the ``steps`` table; returns the file it went to."""
+    record.finished_at = record.finished_at or utc_now()
+    return write_records(
+        storage,
+        "steps",
+        [record],
+        run_id=record.run_id,
+        prompt_set=record.prompt_set,
+        backend=record.backend,
+    )

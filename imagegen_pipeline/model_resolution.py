@@ -1,0 +1,127 @@
+"""Turn settings that say "auto" into what a step loads, the same way at every entry point.
+
+``model="auto"`` becomes the model's ``IMAGEGEN_*_MODEL`` variable or ``imagegen.toml`` entry,
+else the real weights when they are in the Hugging Face cache, else the tiny random-weight
+stand-in, built once and announced loudly. Settings left at ``None`` take the registry's
+defaults for what was chosen: the model card's sizes for real weights, small fast ones for the
+tiny stand-ins, so a CPU-only machine finishes in seconds whichever entry point started the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from imagegen_pipeline.model_weights import is_cached
+from imagegen_pipeline.project_config import ProjectConfig
+from imagegen_pipeline.registry import ModelSpec
+from imagegen_pipeline.tiny_models import build_tiny_model, is_tiny_model
+
+logger = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What "auto" became for one model."""
+
+    name: str
+    model: str  # what the loader is given: repo id, folder, or "local-dir:<folder>"
+    model_id: str  # what content addresses and metadata record; the same on every machine
+    is_tiny: bool
+    notice: str = ""  # a line to log loudly when a tiny stand-in replaces the real weights
+
+
+def weights_present(spec: ModelSpec, revision: str | None = None) -> bool:
+    """True when ``spec``'s real weights are in this machine's Hugging Face cache."""
+    if spec.weights is None:
+        return True  # a hosted API: nothing to download
+    if spec.weights.open_clip_tag is None:
+        return is_cached(spec.weights.repo_id, revision)
+    from huggingface_hub import try_to_load_from_cache
+
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return any(
+        isinstance(try_to_load_from_cache(spec.weights.repo_id, name), str) for name in names
+    )
+
+
+def resolve_model(spec: ModelSpec, configured: str, project: ProjectConfig) -> ResolvedModel:
+    """The model ``configured`` ("auto", a repo id or a folder) stands for on this machine."""
+    choice = project.model_for(spec.name) if configured == "auto" else configured
+    if choice != "auto":
+        folder = Path(choice.removeprefix(LOCAL_DIR)).expanduser()
+        tiny = folder.is_dir() and is_tiny_model(folder)
+        if tiny and spec.role == "scoring" and not choice.startswith(LOCAL_DIR):
+            choice = f"{LOCAL_DIR}{folder}"
+        return ResolvedModel(spec.name, choice, choice, tiny)
+    if weights_present(spec) or spec.tiny_model is None:
+        return ResolvedModel(spec.name, spec.default_model, spec.default_model, False)
+    folder = build_tiny_model(spec.tiny_model, project.tiny_models_dir)
+    model = f"{LOCAL_DIR}{folder}" if spec.role == "scoring" else str(folder)
+    notice = (
+        f"{spec.name}: no real weights on this machine, so a TINY RANDOM-WEIGHT stand-in is "
+        f"used ({folder}): its output is noise. `imagegen models pull {spec.name}` on a machine "
+        f"that reaches the Hugging Face Hub fetches the real {spec.default_model}."
+    )
+    # The stand-in's id names what it stands in for, not where this machine built it, so its
+    # content addresses agree across machines (the build is deterministic).
+    return ResolvedModel(spec.name, model, f"tiny-random/{spec.default_model}", True, notice)
+
+
+def resolve_settings(
+    spec: ModelSpec, settings: BaseModel, project: ProjectConfig
+) -> tuple[Any, ResolvedModel | None]:
+    """``settings`` with every "auto"/None filled in, and what the model resolved to."""
+    values = settings.model_dump()
+    resolved = None
+    if spec.is_local:  # a hosted model (Gemini) is named, not loaded
+        resolved = resolve_model(spec, values["model"], project)
+        values["model"] = resolved.model
+        if resolved.notice:
+            logger.warning(resolved.notice)
+    if values.get("device") == "auto":
+        values["device"] = project.device
+    defaults = spec.tiny_defaults if resolved and resolved.is_tiny else spec.defaults
+    for name, value in defaults.items():
+        if values.get(name) is None:
+            values[name] = value
+    if "api_key" in values and not values["api_key"] and spec.key_env_var:
+        values["api_key"] = os.getenv(spec.key_env_var, "").strip() or None
+    return type(settings).model_validate(values), resolved
+
+
+@dataclass
+class WarmModel:
+    """A model from this process's warm cache, with the settings it was resolved to."""
+
+    model: Any
+    settings: BaseModel
+    resolved: ResolvedModel | None
+    cache_hit: bool  # the same configuration was already in the cache
+
+
+def warm_model(spec: ModelSpec, settings: BaseModel, project: ProjectConfig) -> WarmModel:
+    """``spec``'s model for ``settings`` from the warm cache, created (not loaded) if absent."""
+    from imagegen_pipeline.model_cache import WARM_MODELS
+    from imagegen_pipeline.registry import implementation_class
+
+    concrete, resolved = resolve_settings(spec, settings, project)
+    model_class = implementation_class(spec)
+
+    def create() -> Any:
+        if resolved is None:  # a hosted API: nothing to resolve or identify
+            return model_class(concrete)
+        return model_class(concrete, model_id=resolved.model_id)
+
+    # The full configuration is the key: any change of model, precision, offload or size
+    # means other weights or another placement, so the old model is freed first.
+    key = concrete.model_dump_json()
+    model, hit = WARM_MODELS.get(spec.name, key, create)
+    return WarmModel(model, concrete, resolved, hit)

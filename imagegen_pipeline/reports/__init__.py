@@ -1,0 +1,1 @@
+"""Reports built from the pipeline's tables: plain functions and templates, no Dagster."""

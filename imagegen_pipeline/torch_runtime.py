@@ -1,0 +1,154 @@
+"""Torch and diffusers plumbing every model shares: device, dtype, memory, loading, placement.
+
+Image backends, the video generator and the CLIP scorer import these side by side, so none of
+them imports another to reach a helper.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagegen_pipeline.model_weights import ModelWeightsMissingError, missing_weights_message
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for ``device``; "auto" is CUDA when present, else the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    logger.warning("No CUDA device found: running on the CPU, which is orders of magnitude slower.")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, preferred: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``dtype``; "auto" keeps half precision for accelerators only."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    # Half-precision matmuls on the CPU are slow or missing; float32 is the safe choice there.
+    return DTYPES[preferred] if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16, and so on."""
+    return str(dtype).removeprefix("torch.")
+
+
+def free_accelerator_memory() -> None:
+    """Return cached blocks to the driver so the next model in this process has room."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA (and other accelerator) out-of-memory errors."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def module_bytes(*modules: Any) -> int:
+    """Bytes of the parameters and buffers of torch modules (None entries are skipped)."""
+    total = 0
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            tensors = [*module.parameters(), *module.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def pipeline_bytes(pipeline: Any) -> int:
+    """Bytes of every torch module of a diffusers pipeline."""
+    return module_bytes(*getattr(pipeline, "components", {}).values())
+
+
+def local_model_folder(model: str, revision: str | None) -> Path | None:
+    """The folder holding ``model``: itself when it is a folder, else its hub cache snapshot."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception:  # not in the cache (or not a repo id): the caller decides what that means
+        return None
+
+
+def load_diffusers_pipeline(
+    pipeline_class: type,
+    model: str,
+    *,
+    revision: str | None,
+    dtype: torch.dtype,
+    variant: str | None,
+    allow_download: bool,
+) -> Any:
+    """``pipeline_class.from_pretrained`` with one clear error when the weights are missing."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Progress bars would fill every step's compute log with carriage returns.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    local = Path(model).expanduser()
+    if local.exists():
+        model = str(local)
+    elif model.startswith(("/", ".", "~")):
+        raise ModelWeightsMissingError(missing_weights_message(model, revision))
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "revision": revision,
+        "local_files_only": not allow_download,
+    }
+    try:
+        try:
+            return pipeline_class.from_pretrained(model, variant=variant, **kwargs)
+        except (OSError, ValueError) as variant_error:
+            if variant is None or "variant" not in str(variant_error).lower():
+                raise
+            # A local export or fine-tune often ships full-precision files only.
+            logger.info("No %s variant in %s; loading the default weights.", variant, model)
+            return pipeline_class.from_pretrained(model, **kwargs)
+    except OSError as exc:
+        raise ModelWeightsMissingError(missing_weights_message(model, revision, str(exc))) from None
+
+
+def place_pipeline(pipeline: Any, offload: str, device: torch.device) -> None:
+    """Put ``pipeline`` on ``device``, or set up CPU offload towards it."""
+    # Offload keeps only the running sub-model on the GPU ("model") or only the running layer
+    # ("sequential": slowest, least memory); either replaces moving the whole pipeline. On the
+    # CPU there is nothing to offload to.
+    if offload == "model" and device.type != "cpu":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif offload == "sequential" and device.type != "cpu":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+
+
+class PeakMemory:
+    """Peak CUDA memory of a block of work, in MiB (None off CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
+            # Kernels run asynchronously: wait for them so the time and the peak are real.
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20

@@ -1,0 +1,66 @@
+"""What a video clip is, without torch: the settings in its address, its seed, its result.
+
+The video step plans, skips and records clips with these; only ``svd.py`` needs torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from PIL import Image
+
+from imagegen_pipeline.records import VideoClipStatus
+
+SEED_MODULUS = 2**31  # int32-safe, like image seeds
+
+
+@dataclass(frozen=True)
+class VideoClipSettings:
+    """Everything about the model run that changes a clip's pixels; part of its address."""
+
+    model_id: str
+    revision: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    min_guidance_scale: float
+    max_guidance_scale: float
+
+
+@dataclass
+class VideoClipResult:
+    """What SVD made of one source image."""
+
+    status: VideoClipStatus
+    frames: list[Image.Image] = field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0
+    peak_gpu_memory_mb: float | None = None
+    memory_fallback: str | None = None  # the out-of-memory rungs this clip ran under
+    started_at: datetime | None = None
+
+
+def video_clip_seed(source_image_id: str) -> int:
+    """The seed of the clip of a source image: a stable hash of the image's content address."""
+    digest = hashlib.sha256(f"svd:{source_image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
+
+
+def video_clip_address(
+    settings: VideoClipSettings, source_sha256: str, source_image_id: str, seed: int
+) -> str:
+    """A sha256 over every input that changes the clip; equal addresses mean equal work."""
+    key = {
+        **asdict(settings),
+        "source_sha256": source_sha256,
+        "source_image_id": source_image_id,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
