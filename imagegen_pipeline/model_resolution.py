@@ -9,6 +9,7 @@ tiny stand-ins, so a CPU-only machine finishes in seconds whichever entry point 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -121,7 +122,8 @@ def warm_model(spec: ModelSpec, settings: BaseModel, project: ProjectConfig) -> 
         return model_class(concrete, model_id=resolved.model_id)
 
     # The full configuration is the key: any change of model, precision, offload or size
-    # means other weights or another placement, so the old model is freed first.
-    key = concrete.model_dump_json()
+    # means other weights or another placement, so the old model is freed first. Hashed, so
+    # an API key in the settings never sits in the cache in clear.
+    key = hashlib.sha256(concrete.model_dump_json().encode()).hexdigest()
     model, hit = WARM_MODELS.get(spec.name, key, create)
     return WarmModel(model, concrete, resolved, hit)

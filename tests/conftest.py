@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
 from imagegen_pipeline.tiny_models import build_tiny_model
 
 # Tests never reach a model hub: every model is built locally in the real repos' layout.
@@ -23,13 +24,15 @@ torch.set_num_threads(1)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE_SIDE = 64  # tiny models draw noise; small images keep the suite fast
-# The smallest clips the tiny SVD makes (64 px is its minimum side): seconds, not minutes.
-TINY_SVD_SETTINGS = {"width": 64, "height": 64, "num_frames": 4, "steps": 2, "decode_chunk_size": 2}
 
 EXAMPLE_CSV = """prompt_id,prompt,style,seed,num_images,backends
 cat,a cat sleeping on a sunny windowsill,photorealistic,11,2,
 city,a neon city street at night in the rain,cinematic,,1,
 owl,a brass clockwork owl perched on an old book,artistic,,1,flux_schnell
+"""
+SECOND_CSV = """prompt,style
+a lighthouse on a cliff in a storm,cinematic
+a bowl of ramen on a wooden table,photorealistic
 """
 
 
@@ -38,7 +41,7 @@ owl,a brass clockwork owl perched on an old book,artistic,,1,flux_schnell
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder of tiny models per test session (and per xdist worker)."""
+    """One folder of tiny models per test session."""
     return tmp_path_factory.mktemp("tiny-models")
 
 
@@ -64,6 +67,19 @@ def tiny_svd(tiny_models_dir: Path) -> Path:
 def tiny_open_clip(tiny_models_dir: Path) -> Path:
     """A tiny open_clip CLIP (load it as ``local-dir:<path>``)."""
     return build_tiny_model("open_clip_vit_l_14", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_variables(
+    tiny_flux: Path, tiny_sdxl: Path, tiny_svd: Path, tiny_open_clip: Path
+) -> dict[str, str]:
+    """The environment that points every "auto" model at the tiny builds (for subprocesses)."""
+    return {
+        "IMAGEGEN_FLUX_SCHNELL_MODEL": str(tiny_flux),
+        "IMAGEGEN_SDXL_TURBO_MODEL": str(tiny_sdxl),
+        "IMAGEGEN_SVD_MODEL": str(tiny_svd),
+        "IMAGEGEN_CLIP_MODEL": str(tiny_open_clip),
+    }
 
 
 # --- Dagster --------------------------------------------------------------------------------
@@ -97,41 +113,51 @@ def make_resources(
     tiny_svd: Path,
     tiny_open_clip: Path,
 ) -> Callable[..., dict[str, Any]]:
-    """Build the project's resources on the tiny models and temporary folders.
+    """The project's resources on the tiny models and temporary folders.
 
     Keyword arguments replace whole resources, e.g. ``make_resources(flux_schnell=...)``.
     """
-    from imagegen_pipeline.defs.resources import default_resources, reconfigured
+    from imagegen_pipeline.defs.resources import default_resources, settings_resource
+    from imagegen_pipeline.defs.storage import (
+        StepOutputIOManager,
+        StorageResource,
+        TableIOManager,
+    )
+    from imagegen_pipeline.registry import MODELS
+
+    def model(name: str, **values: Any) -> dg.ConfigurableResource:
+        return settings_resource(MODELS[name].settings)(**values)
 
     def make(**overrides: Any) -> dict[str, Any]:
-        resources = default_resources()
-        storage = reconfigured(
-            resources["storage"], prompts_dir=str(prompts_dir), base_dir=str(tmp_path / "storage")
-        )
-        size = {"width": TEST_IMAGE_SIDE, "height": TEST_IMAGE_SIDE}
-        resources.update(
-            storage=storage,
-            io_manager=reconfigured(resources["io_manager"], storage=storage),
-            flux_schnell=reconfigured(
-                resources["flux_schnell"], model=str(tiny_flux), batch_size=2, **size
-            ),
-            sdxl_turbo=reconfigured(
-                resources["sdxl_turbo"], model=str(tiny_sdxl), batch_size=2, **size
-            ),
-            svd=reconfigured(resources["svd"], model=str(tiny_svd), **TINY_SVD_SETTINGS),
-            clip_scorer=reconfigured(
-                resources["clip_scorer"], model=f"local-dir:{tiny_open_clip}", batch_size=4
-            ),
-        )
+        storage = StorageResource(base=str(tmp_path / "storage"), prompts_dir=str(prompts_dir))
+        size = {"width": TEST_IMAGE_SIDE, "height": TEST_IMAGE_SIDE, "batch_size": 2}
+        resources = {
+            **default_resources(),
+            "storage": storage,
+            "io_manager": TableIOManager(storage=storage),
+            "step_io_manager": StepOutputIOManager(storage=storage),
+            "flux_schnell": model("flux_schnell", model=str(tiny_flux), **size),
+            "sdxl_turbo": model("sdxl_turbo", model=str(tiny_sdxl), **size),
+            "svd": model("svd", model=str(tiny_svd)),
+            "clip_model": model("clip_model", model=f"local-dir:{tiny_open_clip}", batch_size=4),
+        }
         resources.update(overrides)
         return resources
 
     return make
 
 
-# --- fake Gemini and Ollama servers (tests/fake_servers.py) ---------------------------------
+@pytest.fixture(autouse=True)
+def cold_model_cache() -> Iterator[None]:
+    """Every test starts and ends with no model kept warm, so load counts are its own."""
+    from imagegen_pipeline.model_cache import WARM_MODELS
 
-from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama  # noqa: E402
+    WARM_MODELS.clear()
+    yield
+    WARM_MODELS.clear()
+
+
+# --- fake Gemini and Ollama servers (imagegen_pipeline/testing/fake_servers.py) -------------
 
 
 @pytest.fixture

@@ -553,9 +553,7 @@ def start_s3(tmp_dir: str | os.PathLike[str], bucket: str = "imagegen-test") -> 
         url = f"http://{LOCALHOST}:{port}"
         log_path = tmp_dir / f"moto-{port}.log"
         with contextlib.ExitStack() as cleanup:
-            env = {
-                key: value for key, value in os.environ.items() if not key.startswith("AWS_")
-            }
+            env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
             env.update(s3_client_env(url), PYTHONUNBUFFERED="1")
             env.pop("AWS_ENDPOINT_URL")
             env.pop("AWS_ENDPOINT_URL_S3")
@@ -760,26 +758,19 @@ def celery_workers_by_step(instance: Any, run_id: str) -> dict[str, list[str]]:
 
     dagster-celery's task reports, when it starts a step in a worker, an engine event "Executing
     steps STEP in celery worker" with metadata "Celery worker" = the worker's node name (its
-    ``-n NAME@%h``) and the step key on the event. A step executed twice (a redelivered task)
-    lists two entries; the same event can be stored twice (the worker reports it and the
-    orchestrator logs it again from the task's result), so consecutive duplicates are dropped.
+    ``-n NAME@%h``) and the step key on the event. A step executed twice (a task redelivered
+    after its worker died) lists both workers, in order.
     """
     from dagster import DagsterEventType
 
     by_step: dict[str, list[str]] = {}
-    seen: set[tuple[str, str, float]] = set()
-    for record in instance.get_records_for_run(
+    records = instance.get_records_for_run(
         run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=100_000
-    ).records:
-        entry = record.event_log_entry
-        event = entry.dagster_event
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
         metadata = event.engine_event_data.metadata if event.engine_event_data else {}
         worker = metadata.get("Celery worker")
-        if worker is None or event.step_key is None:
-            continue
-        key = (event.step_key, str(worker.value), entry.timestamp)
-        if key in seen:
-            continue
-        seen.add(key)
-        by_step.setdefault(event.step_key, []).append(str(worker.value))
+        if worker is not None and event.step_key is not None:
+            by_step.setdefault(event.step_key, []).append(str(worker.value))
     return by_step

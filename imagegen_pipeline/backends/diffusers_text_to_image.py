@@ -92,17 +92,21 @@ class DiffusersTextToImage(ImageBackend):
         if folder is None:  # no weights here: loading fails next, with the clear message
             return None
         width, height = self.default_size
-        return plan_memory(
-            folder,
-            dtype=dtype_name(self._dtype),
-            free_bytes=free_memory_bytes(str(self._device)),
-            width=width,
-            height=height,
-            max_batch_size=config.max_batch_size,
-            vae_slicing=config.vae_slicing,
-            offload=config.offload,
-            batch_size=config.batch_size,
-        )
+        try:
+            return plan_memory(
+                folder,
+                dtype=dtype_name(self._dtype),
+                free_bytes=free_memory_bytes(str(self._device)),
+                width=width,
+                height=height,
+                max_batch_size=config.max_batch_size,
+                vae_slicing=config.vae_slicing,
+                offload=config.offload,
+                batch_size=config.batch_size,
+            )
+        except ValueError as error:  # a layout the estimates do not know: run unoffloaded
+            logger.warning("%s: no memory plan (%s); offload none, batch 1.", self.name, error)
+            return None
 
     def load(self) -> float:
         if self.pipeline is not None:
@@ -111,7 +115,8 @@ class DiffusersTextToImage(ImageBackend):
 
         started = time.perf_counter()
         self.memory_plan = self.plan_memory()
-        offload = self.memory_plan.offload if self.memory_plan else self.config.offload
+        planned = self.memory_plan.offload if self.memory_plan else self.config.offload
+        offload = "none" if planned == "auto" else planned
         self.batch_size = self.memory_plan.batch_size if self.memory_plan else self.batch_size
         if self.memory_plan:
             logger.info("%s memory plan: %s", self.name, self.memory_plan.reason)

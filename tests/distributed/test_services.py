@@ -16,7 +16,6 @@ from tests.services import (
     S3Service,
     ServiceStartError,
     ServiceUnavailable,
-    free_port,
     start_redis,
 )
 
