@@ -11,7 +11,6 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime
 
 import pandas as pd
 from upath import UPath
@@ -28,8 +27,8 @@ from imagegen_pipeline.generation_step import (
     run_generation_step,
 )
 from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
-from imagegen_pipeline.records import ImageRecord, utc_now
-from imagegen_pipeline.run_metadata import RunMetadataWriter, load_run_metadata
+from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
+from imagegen_pipeline.run_metadata import RunMetadataWriter, finished_outputs
 from imagegen_pipeline.storage import Storage
 
 ADDRESS_CHARS = 16  # 64 bits of the sha256 in file names: collisions need ~4 billion images
@@ -136,7 +135,13 @@ def run_images_step(
     if swept:
         log(f"Removed {swept} temporary file(s) left by an interrupted run.")
     on_disk = storage.list_files(folder)  # one listing, not one probe per image
-    made_before = _generation_rows(storage, step.prompt_set, settings.backend) if on_disk else {}
+    made_before = (
+        finished_outputs(
+            storage, "images", "image_id", prompt_set=step.prompt_set, backend=settings.backend
+        )
+        if on_disk
+        else {}
+    )
     metadata = RunMetadataWriter(
         storage, "images", run_id=step.run_id, prompt_set=step.prompt_set, backend=settings.backend
     )
@@ -168,25 +173,36 @@ def run_images_step(
 
     def describe_existing(item: PlannedImage) -> Iterator[ImageRecord]:
         path = folder / item.relative_path
-        if item.image_id in made_before:
-            sha256 = made_before[item.image_id]
-        else:
+        size = on_disk[item.relative_path]
+        sha256, recorded_size = made_before.get(item.image_id, (None, None))
+        if item.image_id not in made_before:
             # Made by a run killed before its row was flushed: the PNG carries that row.
             png = storage.read_bytes(path)
             _, facts = read_png_record(png)
-            sha256 = hashlib.sha256(png).hexdigest()
+            facts = facts_from_json(facts)
             made_by = facts.pop("run_id", step.run_id)
-            for moment in ("started_at", "finished_at"):
-                facts[moment] = datetime.fromisoformat(facts[moment]) if facts.get(moment) else None
+            sha256 = hashlib.sha256(png).hexdigest()
             yield record(
-                item, "ok", made_by, **facts, path=str(path), sha256=sha256, recovered=True
+                item,
+                "ok",
+                made_by,
+                **facts,
+                path=str(path),
+                sha256=sha256,
+                bytes=len(png),
+                recovered=True,
             )
+        elif recorded_size is not None and recorded_size != size:
+            # Replaced under its name since it was made: describe what is there now.
+            log(f"{path} changed since it was made ({recorded_size} -> {size} bytes).")
+            sha256 = hashlib.sha256(storage.read_bytes(path)).hexdigest()
         yield record(
             item,
             "skipped_existing",
             step.run_id,
             path=str(path),
             sha256=sha256,
+            bytes=size,
             device=backend.device,
             started_at=utc_now(),
             finished_at=utc_now(),
@@ -228,7 +244,9 @@ def run_images_step(
         path = folder / item.relative_path
         storage.write_bytes(path, png)
         sha256 = hashlib.sha256(png).hexdigest()
-        return record(item, "ok", step.run_id, **facts, path=str(path), sha256=sha256)
+        return record(
+            item, "ok", step.run_id, **facts, path=str(path), sha256=sha256, bytes=len(png)
+        )
 
     return run_generation_step(
         what=f"images {step.prompt_set}/{settings.backend}",
@@ -242,13 +260,4 @@ def run_images_step(
         metadata=metadata,
         log=log,
         writer_threads=step.writer_threads,
-    )
-
-
-def _generation_rows(storage: Storage, prompt_set: str, backend: str) -> dict[str, str | None]:
-    """The images of a partition that have a generation row (status ok), with their sha256."""
-    rows = load_run_metadata(storage, "images", prompt_set=prompt_set, backend=backend)
-    made = rows[rows["status"] == "ok"].drop_duplicates("image_id", keep="last")
-    return dict(
-        zip(made["image_id"], made["sha256"].where(made["sha256"].notna(), None), strict=True)
     )

@@ -53,8 +53,8 @@ class ProjectConfig:
 # Environment variables, the file's keys they override, and how to read them.
 ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "IMAGEGEN_PROMPTS_DIR": ("prompts_dir", str),
+    "IMAGEGEN_STORAGE_DIR": ("storage", str),  # the older name; IMAGEGEN_STORAGE wins
     "IMAGEGEN_STORAGE": ("storage", str),
-    "IMAGEGEN_STORAGE_DIR": ("storage", str),  # the older name
     "IMAGEGEN_MODELS_DIR": ("models_dir", str),
     "IMAGEGEN_DEVICE": ("device", str),
     "IMAGEGEN_BACKENDS": ("backends", lambda v: tuple(p for p in v.replace(",", " ").split())),

@@ -52,6 +52,7 @@ class ImageRecord:
     error: str = ""
     path: str | None = None
     sha256: str | None = None  # of the PNG file's bytes
+    bytes: int | None = None  # the file's size: a re-run spots a file replaced under its name
     seconds: float | None = None  # device time of this image (its share of the batch)
     device: str | None = None
     batch_size: int | None = None
@@ -93,7 +94,8 @@ class VideoClipRecord:
     memory_fallback: str | None = None  # what an out-of-memory retry took, if anything
     path: str | None = None
     preview_path: str | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # of the MP4 file's bytes
+    bytes: int | None = None  # the MP4's size
     seconds: float | None = None
     device: str | None = None
     peak_gpu_memory_mb: float | None = None
@@ -132,6 +134,14 @@ class StepRecord:
     cost_usd: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+def facts_from_json(facts: dict[str, Any]) -> dict[str, Any]:
+    """Generation facts read back from a file's embedded JSON, timestamps parsed again."""
+    parsed = dict(facts)
+    for moment in ("started_at", "finished_at"):
+        parsed[moment] = datetime.fromisoformat(parsed[moment]) if parsed.get(moment) else None
+    return parsed
 
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")

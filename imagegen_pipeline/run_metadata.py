@@ -146,3 +146,15 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         for field in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def finished_outputs(
+    storage: Storage, table: str, id_column: str, *, prompt_set: str, backend: str
+) -> dict[str, tuple[str | None, int | None]]:
+    """Outputs of a partition that have a generation row (status ok): id -> (sha256, bytes)."""
+    rows = load_run_metadata(storage, table, prompt_set=prompt_set, backend=backend)
+    made = rows[rows["status"] == "ok"].drop_duplicates(id_column, keep="last")
+    return {
+        row[id_column]: (row["sha256"], None if pd.isna(row["bytes"]) else int(row["bytes"]))
+        for row in made.to_dict("records")
+    }

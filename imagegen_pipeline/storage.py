@@ -98,28 +98,31 @@ class Storage:
         """True when ``path`` exists."""
         return path.exists()
 
-    def list_files(self, folder: UPath) -> set[str]:
-        """Every file under ``folder``, as POSIX paths relative to it: one listing, not a probe
-        per file. Temporary files of interrupted writes are left out."""
+    def list_files(self, folder: UPath) -> dict[str, int]:
+        """Every file under ``folder`` with its size in bytes, by POSIX path relative to it: one
+        listing, not a probe per file. Temporary files of interrupted writes are left out."""
         if is_local(folder):
             root = Path(folder.path)
             if not root.is_dir():
-                return set()
-            found = set()
+                return {}
+            found = {}
             for directory, _, names in os.walk(root):
                 relative = Path(directory).relative_to(root)
-                found.update(
-                    (relative / name).as_posix()
-                    for name in names
-                    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX))
-                )
+                for name in names:
+                    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                        size = (Path(directory) / name).stat().st_size
+                        found[(relative / name).as_posix()] = size
             return found
         prefix = folder.path.rstrip("/") + "/"
         try:
-            names = folder.fs.find(folder.path)
+            entries = folder.fs.find(folder.path, detail=True)
         except FileNotFoundError:
-            return set()
-        return {name[len(prefix) :] for name in names if name.startswith(prefix)}
+            return {}
+        return {
+            name[len(prefix) :]: int(info.get("size") or 0)
+            for name, info in entries.items()
+            if name.startswith(prefix)
+        }
 
     def sweep_temp_files(self, folder: UPath) -> int:
         """Delete the temporary files that killed runs left under ``folder``; returns how many.

@@ -25,11 +25,16 @@ Services:
   ``.storage_options`` the s3fs/universal-pathlib keyword arguments
   (``s3fs.S3FileSystem(**svc.storage_options)``,
   ``upath.UPath("s3://bucket/key", **svc.storage_options)``).
-- :func:`start_celery_worker`: ``dagster-celery worker start`` with a ``-y`` worker config, one
-  queue (or the default ``dagster`` queue), a node name ``NAME@HOSTNAME`` and prefork
-  concurrency 1. ``.hostname`` is the node name that dagster-celery reports as "Celery worker"
-  in the run's event log; ``.kill()`` SIGKILLs the whole worker (main process and pool
+- :func:`start_celery_worker`: ``dagster-celery worker start`` with a ``-y`` worker config, its
+  queues (default: dagster-celery's ``dagster`` queue), a node name ``NAME@HOSTNAME`` and
+  prefork concurrency 1. ``.hostname`` is the node name that dagster-celery reports as "Celery
+  worker" in the run's event log; ``.kill()`` SIGKILLs the whole worker (main process and pool
   children), ``.pool_pids()`` lists the pool children (the processes that run the steps).
+
+Dagster on them: :func:`write_dagster_home` writes a DAGSTER_HOME whose instance lives in the
+PostgreSQL server (with the ``postgresql+psycopg2`` scheme: SQLAlchemy 2.1 would pick the
+missing psycopg 3 driver for a bare ``postgresql://``); :func:`celery_workers_by_step` reads
+from a run's event log which celery worker executed each step.
 """
 
 from __future__ import annotations
@@ -539,9 +544,8 @@ def start_s3(tmp_dir: str | os.PathLike[str], bucket: str = "imagegen-test") -> 
     """moto's S3 server (a subprocess) on 127.0.0.1 and a free port, with ``bucket`` created."""
     missing = [
         module
-        for module in ("moto.server", "flask", "boto3")
-        if importlib.util.find_spec(module.split(".")[0]) is None
-        or (module == "moto.server" and importlib.util.find_spec(module) is None)
+        for module in ("moto", "flask", "flask_cors", "boto3")  # moto's server needs flask
+        if importlib.util.find_spec(module) is None
     ]
     if missing:
         raise ServiceUnavailable("s3 (moto)", f"missing {missing} (pip install 'moto[server]')")
@@ -636,6 +640,7 @@ def start_celery_worker(
     pythonpath: Iterable[str | os.PathLike[str]] = (),
     loglevel: str = "INFO",
     ready_timeout: float = 90,
+    config_path: str | os.PathLike[str] | None = None,
 ) -> CeleryWorker:
     """``dagster-celery worker start`` for ``queues`` (default: dagster-celery's ``dagster``
     queue), node name ``name@HOSTNAME``, prefork pool of ``concurrency`` processes.
@@ -643,7 +648,9 @@ def start_celery_worker(
     The worker gets ``DAGSTER_HOME`` (it loads the instance from there, so its dagster.yaml must
     reach the same run storage as the orchestrator), ``env`` on top of this process's
     environment and ``pythonpath`` (plus ``cwd``) prepended to ``PYTHONPATH`` so it can import
-    the job's module. Returns once the worker logs that it is ready.
+    the job's module. ``config_path`` uses an existing ``-y`` file (e.g. deploy/celery/
+    worker.yaml) instead of writing one from broker_url/backend_url/config_source. Returns once
+    the worker logs that it is ready.
     """
     executable = _venv_executable("dagster-celery")
     if executable is None:
@@ -651,9 +658,10 @@ def start_celery_worker(
     tmp_dir = Path(tmp_dir)
     queues = list(queues) or [CELERY_DEFAULT_QUEUE]
     hostname = f"{name}@{socket.gethostname()}"  # what celery's "%h" expands to
-    config_path = write_celery_worker_config(
-        tmp_dir / f"celery-worker-{name}.yaml", broker_url, backend_url, config_source
-    )
+    if config_path is None:
+        config_path = write_celery_worker_config(
+            tmp_dir / f"celery-worker-{name}.yaml", broker_url, backend_url, config_source
+        )
     log_path = tmp_dir / f"celery-worker-{name}.log"
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     worker_env = dict(os.environ)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from imagegen_pipeline import tiny_models
+from imagegen_pipeline.registry import MODELS
 from imagegen_pipeline.tiny_models import (
     MARKER_NAME,
     REAL_REPOS,
@@ -111,6 +112,25 @@ def _pixels(image: Image.Image) -> np.ndarray:
 def _assert_noise_not_solid(images: list[Image.Image]) -> None:
     for image in images:
         assert _pixels(image).std() > 5.0, "tiny model produced a (near) solid image"
+
+
+def test_names_and_folders_follow_the_registry() -> None:
+    assert REAL_REPOS == {
+        "flux_schnell": "black-forest-labs/FLUX.1-schnell",
+        "sdxl_turbo": "stabilityai/sdxl-turbo",
+        "svd_xt": "stabilityai/stable-video-diffusion-img2vid-xt",
+        "open_clip_vit_l_14": "ViT-L-14",
+    }
+    assert TINY_MODEL_DIRS == {
+        "flux_schnell": "FLUX.1-schnell",
+        "sdxl_turbo": "sdxl-turbo",
+        "svd_xt": "stable-video-diffusion-img2vid-xt",
+        "open_clip_vit_l_14": "ViT-L-14",
+    }
+    assert sorted(TINY_MODELS) == sorted(REAL_REPOS)
+    for spec in MODELS.values():
+        if spec.tiny_model:
+            assert REAL_REPOS[spec.tiny_model] == spec.default_model
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

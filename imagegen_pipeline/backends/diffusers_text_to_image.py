@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
-from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
 from PIL import Image
 
 from imagegen_pipeline.backends.base import (
@@ -23,6 +22,7 @@ from imagegen_pipeline.backends.base import (
     ImageResult,
     RunSummary,
 )
+from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
 from imagegen_pipeline.model_settings import DiffusersImageSettings
 from imagegen_pipeline.records import utc_now
 from imagegen_pipeline.torch_runtime import (

@@ -21,6 +21,22 @@ __all__ = [
 ]
 
 PASSTHROUGH_COLUMNS = ("line", "style", "seed", "width", "height", "num_images", "backends")
+ENHANCED_COLUMNS = (
+    "prompt_id",
+    "original_prompt",
+    "enhanced_prompt",
+    "negative_prompt",
+    "method",
+    "model",
+    "fallback_reason",
+    "prompt_score",
+    "prompt_issues",
+    "clip_tokens",
+    "clip_truncated",
+    "t5_tokens_estimate",
+    "t5_truncated",
+    *PASSTHROUGH_COLUMNS,
+)
 
 
 def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataFrame:
@@ -49,7 +65,7 @@ def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataF
                 **{column: prompt[column] for column in PASSTHROUGH_COLUMNS},
             }
         )
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=list(ENHANCED_COLUMNS))
     for column in ("seed", "width", "height"):
         table[column] = table[column].astype("Int64")
     return table

@@ -54,7 +54,7 @@ def conditioning_image(image: Image.Image, width: int, height: int) -> Image.Ima
 class SvdGenerator:
     """StableVideoDiffusionPipeline, loaded once, called once per clip."""
 
-    preferred_dtype = torch.float16
+    preferred_dtype = "float16"  # a torch_runtime.DTYPES name, as resolve_dtype expects
     variant = "fp16"  # the repo ships fp16 files; fp32 ones are twice the download
 
     def __init__(self, config: SvdSettings, model_id: str | None = None) -> None:

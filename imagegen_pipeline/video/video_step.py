@@ -12,7 +12,6 @@ import hashlib
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
@@ -25,8 +24,13 @@ from imagegen_pipeline.generation_step import (
     run_generation_step,
 )
 from imagegen_pipeline.images_step import ADDRESS_CHARS
-from imagegen_pipeline.records import EXISTING_STATUSES, VideoClipRecord, utc_now
-from imagegen_pipeline.run_metadata import RunMetadataWriter, load_run_metadata
+from imagegen_pipeline.records import (
+    EXISTING_STATUSES,
+    VideoClipRecord,
+    facts_from_json,
+    utc_now,
+)
+from imagegen_pipeline.run_metadata import RunMetadataWriter, finished_outputs
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.video.video_clip import (
     VideoClipResult,
@@ -149,11 +153,13 @@ def run_video_step(
     if swept:
         log(f"Removed {swept} temporary file(s) left by an interrupted run.")
     on_disk = storage.list_files(folder)
-    made_before: dict[str, str | None] = {}
-    if on_disk:
-        rows = load_run_metadata(storage, "clips", prompt_set=step.prompt_set, backend=step.backend)
-        made = rows[rows["status"] == "ok"].drop_duplicates("clip_id", keep="last")
-        made_before = dict(zip(made["clip_id"], made["sha256"], strict=True))
+    made_before = (
+        finished_outputs(
+            storage, "clips", "clip_id", prompt_set=step.prompt_set, backend=step.backend
+        )
+        if on_disk
+        else {}
+    )
     metadata = RunMetadataWriter(
         storage, "clips", run_id=step.run_id, prompt_set=step.prompt_set, backend=step.backend
     )
@@ -189,14 +195,14 @@ def run_video_step(
 
     def describe_existing(item: PlannedVideoClip) -> Iterator[VideoClipRecord]:
         path, preview = files(item)
-        sha256 = made_before.get(item.clip_id)
+        size = on_disk[f"{item.stem}.mp4"]
+        sha256, recorded_size = made_before.get(item.clip_id, (None, None))
         if item.clip_id not in made_before:
             # Made by a run killed before its row was flushed: the preview carries that row.
-            facts = read_preview_facts(storage.read_bytes(preview))
+            facts = facts_from_json(read_preview_facts(storage.read_bytes(preview)))
             made_by = facts.pop("run_id", step.run_id)
-            for moment in ("started_at", "finished_at"):
-                facts[moment] = datetime.fromisoformat(facts[moment]) if facts.get(moment) else None
-            sha256 = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+            video = storage.read_bytes(path)
+            sha256 = hashlib.sha256(video).hexdigest()
             yield record(
                 item,
                 "ok",
@@ -205,8 +211,13 @@ def run_video_step(
                 path=str(path),
                 preview_path=str(preview),
                 sha256=sha256,
+                bytes=len(video),
                 recovered=True,
             )
+        elif recorded_size is not None and recorded_size != size:
+            # Replaced under its name since it was made: describe what is there now.
+            log(f"{path} changed since it was made ({recorded_size} -> {size} bytes).")
+            sha256 = hashlib.sha256(storage.read_bytes(path)).hexdigest()
         yield record(
             item,
             "skipped_existing",
@@ -214,6 +225,7 @@ def run_video_step(
             path=str(path),
             preview_path=str(preview),
             sha256=sha256,
+            bytes=size,
             device=generator.device,
             started_at=utc_now(),
             finished_at=utc_now(),
@@ -263,6 +275,7 @@ def run_video_step(
             path=str(path),
             preview_path=str(preview),
             sha256=sha256,
+            bytes=len(video),
         )
 
     return run_generation_step(

@@ -1,4 +1,4 @@
-"""End to end on tiny models: images -> quality -> clips -> clip_quality -> backend_comparison."""
+"""End to end on tiny models: images -> quality -> clips -> video_quality -> backend_comparison."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from PIL import Image
 
 from imagegen_pipeline.definitions import defs
 from imagegen_pipeline.defs.quality.resources import QualityThresholds
-from imagegen_pipeline.local_runner import materialize_prompt_set
+from imagegen_pipeline.local_runner import materialize_prompt_sets
+from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.video.writers import read_mp4_frames
-from tests.conftest import PROJECT_ROOT, TINY_SVD_SETTINGS
+from imagegen_pipeline.video.video_files import read_mp4_frames
+from tests.conftest import PROJECT_ROOT
+
+# The tiny SVD's settings come from the registry, wherever the tiny models are used.
+TINY_SVD = SVD.tiny_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +37,14 @@ def check_results(results: list[dg.ExecuteInProcessResult]) -> dict[str, bool]:
         for evaluation in result.get_asset_check_evaluations():
             if evaluation.asset_key != dg.AssetKey("quality"):
                 continue
-            key = f"{evaluation.check_name} {result.dagster_run.tags.get('dagster/partition')}"
+            key = f"{evaluation.check_name} {evaluation.partition}"
             outcomes[key] = evaluation.passed
     return outcomes
 
 
-def table(storage: Path, asset: str, *partition: str) -> pd.DataFrame:
-    return pd.read_parquet(storage / "tables" / asset / Path(*partition).with_suffix(".parquet"))
+def table(storage: Path, asset: str, prompt_set: str, backend: str | None = None) -> pd.DataFrame:
+    folder = storage / "tables" / asset / (backend or "")
+    return pd.read_parquet(folder / f"{prompt_set}.parquet")
 
 
 @pytest.fixture(autouse=True)
@@ -54,8 +59,8 @@ def one_cpu_thread():
 @pytest.fixture
 def first_run(dagster_instance, make_resources, tmp_path):
     resources = make_resources()
-    results = materialize_prompt_set(
-        defs, "example", BACKENDS, instance=dagster_instance, resources=resources
+    results = materialize_prompt_sets(
+        defs, ["example"], BACKENDS, instance=dagster_instance, resources=resources
     )
     return results, resources, tmp_path / "storage"
 
@@ -85,12 +90,12 @@ def test_the_whole_graph_on_tiny_models(first_run, dagster_instance):
         assert set(clips["prompt_id"]) == prompts and (clips["image_index"] == 0).all()
         assert (clips["status"] == "ok").all()
         for row in clips.to_dict("records"):
-            frames = read_mp4_frames(Path(row["path"]))
-            assert len(frames) == TINY_SVD_SETTINGS["num_frames"]
-            assert frames[0].size == (TINY_SVD_SETTINGS["width"], TINY_SVD_SETTINGS["height"])
+            frames = read_mp4_frames(Path(row["path"]).read_bytes())
+            assert len(frames) == TINY_SVD["num_frames"]
+            assert frames[0].size == (TINY_SVD["width"], TINY_SVD["height"])
             with Image.open(row["preview_path"]) as preview:
-                assert preview.n_frames == TINY_SVD_SETTINGS["num_frames"]
-        clip_scores = table(storage, "clip_quality", "example", backend)
+                assert preview.n_frames == TINY_SVD["num_frames"]
+        clip_scores = table(storage, "video_quality", "example", backend)
         assert clip_scores["scored"].all()
         assert clip_scores["temporal_consistency"].between(-1, 1).all()
 
@@ -107,8 +112,8 @@ def test_the_whole_graph_on_tiny_models(first_run, dagster_instance):
     assert len(load_run_metadata(storage, "clips")) == 5
 
     # A re-run makes no image and no clip: everything is found by its content address.
-    again = materialize_prompt_set(
-        defs, "example", BACKENDS, instance=dagster_instance, resources=resources
+    again = materialize_prompt_sets(
+        defs, ["example"], BACKENDS, instance=dagster_instance, resources=resources
     )
     assert all(r.success for r in again)
     for backend in BACKENDS:
@@ -117,7 +122,7 @@ def test_the_whole_graph_on_tiny_models(first_run, dagster_instance):
         assert set(report["status"]) == {"skipped_existing"}
         assert report["generation_seconds"].gt(0).all()  # still known from the first run
     steps = load_run_metadata(storage, "steps")
-    clip_steps = steps[steps["asset"] == "clips"]
+    clip_steps = steps[steps["asset"] == "clips"].sort_values("started_at")
     assert list(clip_steps["generated"]) == [3, 2, 0, 0]
 
 
@@ -128,8 +133,8 @@ def test_checks_fail_on_a_blank_image_and_a_high_threshold(first_run, dagster_in
     Image.new("RGB", (64, 64), (128, 128, 128)).save(blank_path)  # a "safety filter" grey
 
     strict = dict(resources, quality_thresholds=QualityThresholds(min_clip_score=101.0))
-    rerun = materialize_prompt_set(
-        defs, "example", ["flux_schnell"], instance=dagster_instance, resources=strict
+    rerun = materialize_prompt_sets(
+        defs, ["example"], ["flux_schnell"], instance=dagster_instance, resources=strict
     )
     checks = check_results(rerun)
     partition = "flux_schnell|example"

@@ -3,13 +3,13 @@
 import dagster as dg
 
 from imagegen_pipeline.definitions import defs
-from imagegen_pipeline.local_runner import materialize_prompt_set
+from imagegen_pipeline.local_runner import materialize_prompt_sets
 
 
 def test_comparison_is_requested_after_a_backend_finishes(dagster_instance, make_resources):
     resources = make_resources()
-    materialize_prompt_set(
-        defs, "example", ["sdxl_turbo"], instance=dagster_instance, resources=resources
+    materialize_prompt_sets(
+        defs, ["example"], ["sdxl_turbo"], instance=dagster_instance, resources=resources
     )
     comparison = dg.AssetKey("backend_comparison")
     # The demo materialized the comparison too: nothing has changed since, nothing to do.

@@ -13,16 +13,15 @@ import pytest
 from PIL import Image
 
 from imagegen_pipeline.defs.images.assets import images
-from imagegen_pipeline.defs.images.resources import (
-    FluxSchnellResource,
-    GeminiResource,
-    SdxlTurboResource,
-)
 from imagegen_pipeline.defs.prompts.assets import enhanced_prompts, prompts
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
-from imagegen_pipeline.defs.resources import default_resources
-from imagegen_pipeline.defs.storage import ParquetIOManager, StorageResource
-from tests.fake_servers import FAKE_GEMINI_KEY, FakeGemini
+from imagegen_pipeline.defs.resources import default_resources, settings_resource
+from imagegen_pipeline.defs.storage import StepOutputIOManager, StorageResource, TableIOManager
+from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini
+
+GeminiResource = settings_resource(GeminiSettings)
 
 PROMPT_SET = "mixed"
 PROMPTS_CSV = """prompt_id,prompt,style,seed,num_images,backends
@@ -62,20 +61,20 @@ def make_resources(
     tmp_path: Path, prompts_folder: Path, image_server: FakeGemini, text_server: FakeGemini
 ) -> dict[str, Any]:
     """The project's resources on temporary folders, with Gemini pointed at the fakes."""
-    storage = StorageResource(prompts_dir=str(prompts_folder), base_dir=str(tmp_path / "storage"))
-    key = dg.EnvVar("GEMINI_API_KEY")  # what default_resources() passes when the key is set
+    storage = StorageResource(prompts_dir=str(prompts_folder), base=str(tmp_path / "storage"))
+    # No key anywhere in the resources: it is read from GEMINI_API_KEY when the step starts.
     return {
+        **default_resources(),  # the local backends' resources: never loaded here
         "storage": storage,
-        "io_manager": ParquetIOManager(storage=storage),
+        "io_manager": TableIOManager(storage=storage),
+        "step_io_manager": StepOutputIOManager(storage=storage),
         "enhancer": PromptEnhancerResource(
             method_by_prompt_set={PROMPT_SET: "gemini"},
-            gemini_api_key=key,
             gemini_base_url=text_server.url,
+            initial_backoff_seconds=0.01,
+            max_backoff_seconds=0.05,
         ),
-        "flux_schnell": FluxSchnellResource(),  # not loaded: no partition of theirs runs
-        "sdxl_turbo": SdxlTurboResource(),
         "gemini": GeminiResource(
-            api_key=key,
             base_url=image_server.url,
             timeout_seconds=2.0,
             requests_per_minute=6000,
@@ -109,6 +108,16 @@ def materialize_gemini_partition(
     return prepared, generated
 
 
+def images_output(
+    instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The gemini partition's images table and its materialization metadata."""
+    tables = result.output_for_node("images")
+    [record] = instance.fetch_materializations(dg.AssetKey("images"), limit=1).records
+    metadata = {key: value.value for key, value in record.asset_materialization.metadata.items()}
+    return tables[str(GEMINI_PARTITION)] if isinstance(tables, dict) else tables, metadata
+
+
 def script_faults(server: FakeGemini) -> None:
     server.script("harbour", "rate_limit", "ok")
     server.script("volcano", "image_safety")
@@ -131,9 +140,7 @@ def test_the_gemini_partition_with_a_mix_of_faults(
         _, result = materialize_gemini_partition(instance, resources)
 
         assert result.success
-        table = result.output_for_node("images")
-        [materialization] = result.asset_materializations_for_node("images")
-    metadata = {key: value.value for key, value in materialization.metadata.items()}
+        table, metadata = images_output(instance, result)
 
     enhanced = pd.read_parquet(tmp_path / "storage/tables/enhanced_prompts/mixed.parquet")
     assert set(enhanced["method"]) == {"gemini"} and set(enhanced["model"]) == {"gemini-2.5-flash"}
@@ -181,8 +188,12 @@ def test_the_gemini_partition_with_a_mix_of_faults(
     assert metadata["prompt_tokens"] == int(table["prompt_tokens"].fillna(0).sum()) > 0
     assert metadata["cost_usd"] == pytest.approx(table["cost_usd"].fillna(0).sum())
     assert metadata["http_calls"] == 9  # 6 images, 3 retries
-    metadata_rows = pd.read_parquet(metadata["run_metadata_images"])
+    metadata_rows = load_run_metadata(tmp_path / "storage", "images")
     assert list(metadata_rows["status"]).count("ok") == 4
+    # A hosted API's partition held no slot of the gpu pool while it waited on the network:
+    # its images were made by the op outside the pool.
+    steps = load_run_metadata(tmp_path / "storage", "steps")
+    assert list(steps["asset"]) == ["images"] and steps["model_loads"].sum() == 0
 
 
 def test_the_budget_cap_in_the_asset(
@@ -195,7 +206,6 @@ def test_the_budget_cap_in_the_asset(
     monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
     resources = make_resources(tmp_path, prompts_folder, fake_gemini, text_gemini)
     resources["gemini"] = GeminiResource(
-        api_key=dg.EnvVar("GEMINI_API_KEY"),
         base_url=fake_gemini.url,
         max_concurrent_requests=1,
         budget_usd=0.08,  # two images at the expected $0.039 each
@@ -204,13 +214,12 @@ def test_the_budget_cap_in_the_asset(
     with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
         _, result = materialize_gemini_partition(instance, resources)
         logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
-        table = result.output_for_node("images")
-        [materialization] = result.asset_materializations_for_node("images")
+        table, metadata = images_output(instance, result)
 
     assert result.success
     assert sorted(table["status"]) == ["ok", "ok"] + ["skipped_budget"] * 4
-    assert materialization.metadata["skipped_budget"].value == 4
-    assert materialization.metadata["budget_reached"].value is True
+    assert metadata["skipped_budget"] == 4
+    assert metadata["budget_reached"] is True
     assert any("Gemini budget of $0.08 reached" in message for message in logs)
     assert len(fake_gemini.requests) == 2
 
@@ -240,9 +249,8 @@ def test_the_api_key_appears_nowhere(
             texts.append(repr(instance.get_run_by_id(result.run_id)))
             for event in result.all_events:
                 texts.append(repr(event))
-        for node in ("images",):
-            for materialization in generated.asset_materializations_for_node(node):
-                texts += [repr(value) for value in materialization.metadata.values()]
+        for record in instance.fetch_materializations(dg.AssetKey("images"), limit=10).records:
+            texts += [repr(value) for value in record.asset_materialization.metadata.values()]
     texts += [record.getMessage() for record in caplog.records]
 
     # The key was really used (sent by the SDK, echoed back by the server) ...
@@ -276,9 +284,8 @@ def test_without_a_key_the_gemini_partition_fails_fast(
 ):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.setenv("IMAGEGEN_PROMPTS_DIR", str(prompts_folder))
-    monkeypatch.setenv("IMAGEGEN_STORAGE_DIR", str(tmp_path / "storage"))
+    monkeypatch.setenv("IMAGEGEN_STORAGE", str(tmp_path / "storage"))
     resources = default_resources()  # the real wiring: no key in the environment
-    assert resources["gemini"].api_key is None and resources["enhancer"].gemini_api_key is None
 
     with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
         instance.add_dynamic_partitions("prompt_sets", [PROMPT_SET])
@@ -306,11 +313,61 @@ def test_without_a_key_the_gemini_partition_fails_fast(
     assert not (tmp_path / "storage" / "images").exists()  # failed before any work
 
 
-def test_default_resources_pass_the_key_as_an_env_var(monkeypatch: pytest.MonkeyPatch):
+def test_default_resources_never_hold_the_key(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
 
     resources = default_resources()
 
-    for value in (resources["gemini"].api_key, resources["enhancer"].gemini_api_key):
-        assert isinstance(value, dg.EnvVar) and value.env_var_name == "GEMINI_API_KEY"
+    # Read from the environment when a step starts: a run config that sets another field of
+    # the resource cannot drop it, and no run record ever stores it.
+    assert resources["gemini"].api_key is None and resources["enhancer"].gemini_api_key is None
     assert FAKE_GEMINI_KEY not in repr(resources)
+
+
+def test_a_launchpad_run_config_with_one_field_keeps_the_model_and_the_key(
+    tmp_path: Path,
+    prompts_folder: Path,
+    fake_gemini: FakeGemini,
+    tiny_flux: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """What a user does in the launchpad: set one field of a resource. Dagster replaces the
+    resource's Python-set values with its class defaults when a run config configures it; the
+    project's resources hold none, so the model and the key still come from the environment."""
+    monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
+    monkeypatch.setenv("IMAGEGEN_FLUX_SCHNELL_MODEL", str(tiny_flux))
+    monkeypatch.setenv("IMAGEGEN_PROMPTS_DIR", str(prompts_folder))
+    monkeypatch.setenv("IMAGEGEN_STORAGE", str(tmp_path / "storage"))
+    from imagegen_pipeline.definitions import defs  # the project's real resources
+
+    run_config = {
+        "resources": {
+            "flux_schnell": {"config": {"width": 64, "height": 64, "batch_size": 2}},
+            "gemini": {"config": {"base_url": fake_gemini.url, "requests_per_minute": 6000}},
+        }
+    }
+    with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
+        instance.add_dynamic_partitions("prompt_sets", [PROMPT_SET])
+        prepared = defs.resolve_job_def("prepare_prompts").execute_in_process(
+            partition_key=PROMPT_SET, instance=instance
+        )
+        assert prepared.success
+        for backend in ("flux_schnell", "gemini"):
+            result = defs.resolve_job_def("generate_images").execute_in_process(
+                partition_key=dg.MultiPartitionKey({"prompt_set": PROMPT_SET, "backend": backend}),
+                asset_selection=[dg.AssetKey("images")],
+                run_config=run_config,
+                instance=instance,
+            )
+            assert result.success, backend
+        stored = [repr(r.dagster_run.run_config) for r in instance.get_run_records()]
+
+    made = load_run_metadata(tmp_path / "storage", "images")
+    assert set(made["status"]) == {"ok"}
+    assert set(made["backend"]) == {"flux_schnell", "gemini"}
+    flux = made[made.backend == "flux_schnell"]
+    # The environment's tiny model, at the run config's size, with the other fields' defaults.
+    assert set(flux["model_id"]) == {str(tiny_flux)} and set(flux["width"]) == {64}
+    assert set(flux["steps"]) == {4}
+    assert all(r.headers["x-goog-api-key"] == FAKE_GEMINI_KEY for r in fake_gemini.requests)
+    assert not [text for text in stored if FAKE_GEMINI_KEY in text]

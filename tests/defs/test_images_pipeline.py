@@ -13,9 +13,9 @@ from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableVideoDiffus
 from PIL import Image
 
 from imagegen_pipeline.definitions import defs
-from imagegen_pipeline.defs.resources import reconfigured
-from imagegen_pipeline.local_runner import materialize_prompt_set
+from imagegen_pipeline.local_runner import materialize_prompt_sets
 from imagegen_pipeline.run_metadata import load_run_metadata
+from tests.conftest import SECOND_CSV
 
 LOCAL = ["flux_schnell", "sdxl_turbo"]
 # example.csv in conftest: cat x2 (all backends), city x1 (all), owl x1 (flux only).
@@ -23,14 +23,18 @@ EXPECTED_IMAGES = {"flux_schnell": 4, "sdxl_turbo": 3}
 
 
 def storage_base(resources: dict) -> Path:
-    return Path(resources["storage"].base_dir)
+    return Path(resources["storage"].base)
+
+
+def run(prompt_sets, backends, instance, resources, **kwargs):
+    return materialize_prompt_sets(
+        defs, prompt_sets, backends, instance=instance, resources=resources, **kwargs
+    )
 
 
 def test_graph_makes_every_image_with_metadata(dagster_instance, make_resources):
     resources = make_resources()
-    results = materialize_prompt_set(
-        defs, "example", LOCAL, instance=dagster_instance, resources=resources
-    )
+    results = run(["example"], LOCAL, dagster_instance, resources)
     assert all(result.success for result in results)
     base = storage_base(resources)
 
@@ -55,6 +59,9 @@ def test_graph_makes_every_image_with_metadata(dagster_instance, make_resources)
     images_steps = steps[steps.asset == "images"]
     assert sorted(images_steps["generated"]) == [3, 4]
     assert (images_steps["model_loads"] == 1).all()
+    # The CLIP model of quality stays warm for video_quality, and across the backends' runs.
+    scoring = steps[steps.asset.isin(["quality", "video_quality"])]
+    assert scoring["model_loads"].sum() == 1 and scoring["model_cache_hits"].sum() == 3
 
     materialization = dagster_instance.get_latest_materialization_event(
         dg.AssetKey("images")
@@ -63,14 +70,54 @@ def test_graph_makes_every_image_with_metadata(dagster_instance, make_resources)
     assert metadata["rows"].value in EXPECTED_IMAGES.values()
     assert "data:image/jpeg;base64," in metadata["thumbnails"].value
     assert "| prompt_id" in metadata["preview"].value
-    assert Path(metadata["run_metadata_images"].value).exists()
+    assert metadata["model_loads"].value == 1
+    assert Path(metadata["images_dir"].value).is_dir()
+
+
+def test_many_prompt_sets_run_as_one_run_per_backend_with_one_load(
+    dagster_instance, make_resources, prompts_dir
+):
+    (prompts_dir / "second.csv").write_text(SECOND_CSV)
+    (prompts_dir / "third.csv").write_text(SECOND_CSV.replace("ramen", "noodles"))
+    resources = make_resources()
+    results = run(["example", "second", "third"], LOCAL, dagster_instance, resources)
+
+    assert all(result.success for result in results)
+    assert len(results) == 4  # prompts, one per backend, comparison
+    steps = load_run_metadata(storage_base(resources), "steps")
+    images_steps = steps[steps.asset == "images"]
+    assert len(images_steps) == 6  # a step row per partition, as if each ran alone
+    assert images_steps.groupby("backend")["model_loads"].sum().to_dict() == {
+        "flux_schnell": 1,
+        "sdxl_turbo": 1,
+    }
+    assert images_steps.groupby("backend")["run_id"].nunique().eq(1).all()
+    for prompt_set in ("example", "second", "third"):
+        event = dagster_instance.get_latest_materialization_event(dg.AssetKey("backend_comparison"))
+        assert event is not None
+        gallery = storage_base(resources) / "reports" / prompt_set / "gallery.html"
+        assert gallery.exists() and "sdxl_turbo" in gallery.read_text()
+    # Each partition's materialization carries its own counts.
+    records = dagster_instance.fetch_materializations(dg.AssetKey("images"), limit=10).records
+    rows = {r.partition_key: r.asset_materialization.metadata["rows"].value for r in records}
+    assert rows["flux_schnell|second"] == 2 and rows["flux_schnell|example"] == 4
+    checks = [
+        e
+        for result in results
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "every_image_generated"
+    ]
+    assert sorted(e.partition for e in checks) == sorted(
+        f"{b}|{s}" for b in LOCAL for s in ("example", "second", "third")
+    )
+    assert all(e.passed for e in checks)
 
 
 def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     dagster_instance, make_resources, monkeypatch
 ):
     resources = make_resources()
-    materialize_prompt_set(defs, "example", LOCAL, instance=dagster_instance, resources=resources)
+    run(["example"], LOCAL, dagster_instance, resources)
     base = storage_base(resources)
     before = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
 
@@ -82,9 +129,7 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
         monkeypatch.setattr(pipeline_class, "__call__", no_model_work)
     # Scores and clips are reused as well: CLIP is not even loaded.
     monkeypatch.setattr(open_clip, "create_model_and_transforms", no_model_work)
-    results = materialize_prompt_set(
-        defs, "example", LOCAL, instance=dagster_instance, resources=resources
-    )
+    results = run(["example"], LOCAL, dagster_instance, resources)
 
     assert all(result.success for result in results)
     after = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
@@ -95,7 +140,7 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     assert set(second_run["status"]) == {"skipped_existing"}
     steps = load_run_metadata(base, "steps")
     assert (steps[steps.run_id.isin([r.run_id for r in results])]["model_loads"] == 0).all()
-    quality = pd.read_parquet(base / "tables/quality/example/flux_schnell.parquet")
+    quality = pd.read_parquet(base / "tables/quality/flux_schnell/example.parquet")
     assert quality["scored"].all() and not quality["newly_scored"].any()
 
 
@@ -103,14 +148,10 @@ def test_changed_prompt_generates_only_the_changed_images(
     dagster_instance, make_resources, prompts_dir
 ):
     resources = make_resources()
-    materialize_prompt_set(
-        defs, "example", ["sdxl_turbo"], instance=dagster_instance, resources=resources
-    )
+    run(["example"], ["sdxl_turbo"], dagster_instance, resources)
     csv = prompts_dir / "example.csv"
     csv.write_text(csv.read_text().replace("neon city street", "quiet city street"))
-    results = materialize_prompt_set(
-        defs, "example", ["sdxl_turbo"], instance=dagster_instance, resources=resources
-    )
+    results = run(["example"], ["sdxl_turbo"], dagster_instance, resources)
     images = load_run_metadata(storage_base(resources), "images")
     latest = images[images.run_id == results[1].run_id]
     assert dict(latest.groupby("status").size()) == {"ok": 1, "skipped_existing": 2}
@@ -125,9 +166,7 @@ def test_rejected_rows_are_kept_counted_and_flagged(dagster_instance, make_resou
         "bad-seed,a dog,none,many\n"
     )
     resources = make_resources()
-    results = materialize_prompt_set(
-        defs, "mixed", ["sdxl_turbo"], instance=dagster_instance, resources=resources
-    )
+    results = run(["mixed"], ["sdxl_turbo"], dagster_instance, resources)
     assert all(result.success for result in results)
     rejected = pd.read_parquet(storage_base(resources) / "tables/rejected_prompts/mixed.parquet")
     assert sorted(zip(rejected["line"], rejected["field"], strict=True)) == [
@@ -140,38 +179,44 @@ def test_rejected_rows_are_kept_counted_and_flagged(dagster_instance, make_resou
     assert prompts_event.asset_materialization.metadata["rejected_rows"].value == 2
     check = results[0].get_asset_check_evaluations()[0]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.partition == "mixed"
 
 
 def test_a_file_without_valid_rows_fails_with_one_clear_message(
     dagster_instance, make_resources, prompts_dir
 ):
     (prompts_dir / "broken.csv").write_text("text\nhello\n")
-    results = materialize_prompt_set(
-        defs,
-        "broken",
-        ["sdxl_turbo"],
-        instance=dagster_instance,
-        resources=make_resources(),
-        raise_on_error=False,
+    results = run(
+        ["broken"], ["sdxl_turbo"], dagster_instance, make_resources(), raise_on_error=False
     )
     assert len(results) == 1 and not results[0].success
     failure = next(e for e in results[0].all_events if e.event_type_value == "STEP_FAILURE")
     assert "broken.csv: missing required column 'prompt'" in failure.step_failure_data.error.message
 
 
+def test_a_bad_file_among_many_fails_alone(dagster_instance, make_resources, prompts_dir):
+    (prompts_dir / "broken.csv").write_text("text\nhello\n")
+    resources = make_resources()
+    results = run(["example", "broken"], ["sdxl_turbo"], dagster_instance, resources)
+
+    assert all(result.success for result in results)
+    checks = {e.partition: e for e in results[0].get_asset_check_evaluations()}
+    assert checks["example"].passed
+    assert not checks["broken"].passed
+    assert checks["broken"].severity == dg.AssetCheckSeverity.ERROR
+    assert "missing required column 'prompt'" in checks["broken"].metadata["reasons"].value
+    images = load_run_metadata(storage_base(resources), "images")
+    assert set(images["prompt_set"]) == {"example"}
+
+
 @pytest.mark.parametrize("backend", LOCAL)
 def test_step_fails_only_when_nothing_succeeded(
     dagster_instance, make_resources, backend, tmp_path
 ):
-    broken = reconfigured(make_resources()[backend], model=str(tmp_path / "missing-model"))
-    results = materialize_prompt_set(
-        defs,
-        "example",
-        [backend],
-        instance=dagster_instance,
-        resources=make_resources(**{backend: broken}),
-        raise_on_error=False,
-    )
+    working = make_resources()[backend]
+    broken = type(working)(**{**working.model_dump(), "model": str(tmp_path / "missing-model")})
+    resources = make_resources(**{backend: broken})
+    results = run(["example"], [backend], dagster_instance, resources, raise_on_error=False)
     assert results[0].success and not results[1].success
     failure = next(e for e in results[1].all_events if e.event_type_value == "STEP_FAILURE")
     assert "missing-model" in failure.step_failure_data.error.message

@@ -11,7 +11,7 @@ def test_new_and_changed_files_become_partitions_and_runs(tmp_path, dagster_inst
     folder.mkdir()
     (folder / "cats.csv").write_text("prompt\na cat\n")
     (folder / "My Dogs.csv").write_text("prompt\na dog\n")
-    storage = StorageResource(prompts_dir=str(folder), base_dir=str(tmp_path / "storage"))
+    storage = StorageResource(prompts_dir=str(folder), base=str(tmp_path / "storage"))
 
     context = dg.build_sensor_context(instance=dagster_instance, resources={"storage": storage})
     result = prompt_files_sensor(context)

@@ -66,21 +66,21 @@ def test_the_new_assets_in_the_graph():
     graph = defs.resolve_asset_graph()
     parents = {
         name: {key.to_user_string() for key in graph.get(dg.AssetKey(name)).parent_keys}
-        for name in ("quality", "clips", "clip_quality", "backend_comparison")
+        for name in ("quality", "clips", "video_quality", "backend_comparison")
     }
     assert parents == {
         "quality": {"images", "enhanced_prompts"},
         "clips": {"quality"},
-        "clip_quality": {"clips"},
-        "backend_comparison": {"quality", "clip_quality"},
+        "video_quality": {"clips"},
+        "backend_comparison": {"quality", "video_quality"},
     }
-    for name in ("quality", "clips", "clip_quality"):
+    for name in ("quality", "clips", "video_quality"):
         assets_def = defs.resolve_assets_def(name)
         assert assets_def.op.pool == GPU_POOL
         assert assets_def.op.tags["dagster-celery/queue"] == "gpu"
     groups = {name: graph.get(dg.AssetKey(name)).group_name for name in parents}
     assert groups == {
-        "quality": "quality", "clips": "clips", "clip_quality": "quality",
+        "quality": "quality", "clips": "clips", "video_quality": "quality",
         "backend_comparison": "comparison",
     }  # fmt: skip
     checks = {key.name for key in graph.asset_check_keys if key.asset_key == dg.AssetKey("quality")}
@@ -88,9 +88,9 @@ def test_the_new_assets_in_the_graph():
         "no_blank_images", "clip_scores_mostly_above_threshold", "every_prompt_has_a_scored_image",
     }  # fmt: skip
     generate = defs.resolve_job_def("generate_images")
-    assert {"images", "quality", "clips", "clip_quality"} <= {
+    assert {"images", "quality", "clips", "video_quality"} <= {
         key.to_user_string() for key in generate.asset_layer.executable_asset_keys
     }
     assert defs.resolve_job_def("compare_backends") is not None
     resources = defs.get_repository_def().get_top_level_resources()
-    assert {"svd", "clip_scorer", "quality_thresholds"} <= set(resources)
+    assert {"svd", "clip_model", "quality_thresholds"} <= set(resources)

@@ -431,8 +431,9 @@ def test_acks_late_redelivers_the_task_to_the_restarted_worker(stack: CeleryStac
         redelivered_after_kill = time.monotonic() - killed_at
         assert orchestrator.finish() == DagsterRunStatus.SUCCESS, orchestrator.log()
         first, second = executing_times(stack.instance, run_id, "render")
-        # driven by the timeout: the second delivery came visibility_timeout after the first
-        assert second - first > VISIBILITY_TIMEOUT - 2
+        # driven by the timeout, not an immediate requeue: the second delivery came about
+        # visibility_timeout after the first (measured: 9-10.5 s for 10 s)
+        assert second - first > VISIBILITY_TIMEOUT / 2
         print(
             f"acks_late: render redelivered {redelivered_after_kill:.1f} s after the kill, "
             f"{second - first:.1f} s after its first start; run succeeded "

@@ -15,17 +15,17 @@ import pytest
 
 pytest.importorskip("dagster_k8s")
 
-from dagster._core.execution.api import create_execution_plan  # noqa: E402
-from dagster_k8s.container_context import K8sContainerContext  # noqa: E402
-from dagster_k8s.job import (  # noqa: E402
+from dagster._core.execution.api import create_execution_plan
+from dagster_k8s.container_context import K8sContainerContext
+from dagster_k8s.job import (
     DagsterK8sJobConfig,
     UserDefinedDagsterK8sConfig,
     construct_dagster_k8s_job,
     get_user_defined_k8s_config,
 )
-from kubernetes.client import ApiClient  # noqa: E402
+from kubernetes.client import ApiClient
 
-from imagegen_pipeline.defs.gpu import gpu_op_tags  # noqa: E402
+from imagegen_pipeline.defs.gpu import gpu_op_tags
 
 # What gpu_op_tags could add so GPU pods land on GPU nodes (see test_recommended_...): the
 # label NVIDIA's GPU feature discovery / GKE / EKS put on GPU nodes, and the taint GPU node
@@ -91,11 +91,19 @@ def test_gpu_tags_parse_with_dagster_k8s() -> None:
 
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_step_pod_container_asks_for_the_gpus(gpus: int) -> None:
-    manifest = _step_job_manifest(_step_tags(gpu_op_tags(gpus)))
+    tags = _step_tags(gpu_op_tags(gpus))
+    manifest = _step_job_manifest(tags)
     assert manifest["kind"] == "Job"
-    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    pod_spec = manifest["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
     assert container["image"] == "imagegen-pipeline:test"
     assert container["resources"]["limits"] == {"nvidia.com/gpu": str(gpus)}
+    # any placement the tags carry (tolerations, node selector) reaches the pod spec
+    placement = get_user_defined_k8s_config(tags).pod_spec_config
+    if "tolerations" in placement:
+        assert pod_spec["tolerations"] == placement["tolerations"]
+    if "node_selector" in placement:
+        assert pod_spec["nodeSelector"] == placement["node_selector"]
 
 
 def test_executor_wide_resources_deep_merge_with_the_gpu_limit() -> None:

@@ -11,16 +11,24 @@ import pytest
 import torch
 from PIL import Image
 
+from imagegen_pipeline.model_resolution import resolve_settings
+from imagegen_pipeline.model_settings import SvdSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.video.svd import (
-    SVD_XT,
-    SvdConfig,
-    SvdGenerator,
-    clip_seed,
-    conditioning_image,
-)
+from imagegen_pipeline.project_config import ProjectConfig
+from imagegen_pipeline.registry import SVD
+from imagegen_pipeline.torch_runtime import resolve_dtype
+from imagegen_pipeline.video.svd import SvdGenerator, conditioning_image
+from imagegen_pipeline.video.video_clip import video_clip_seed
 
+SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
 SMALL = {"width": 64, "height": 64, "num_frames": 3, "steps": 1, "max_guidance_scale": 1.0}
+CPU = ProjectConfig(device="cpu")
+
+
+def svd_settings(model: str | Path, **settings: Any) -> SvdSettings:
+    """Settings resolved as a step resolves them (None filled in), on the CPU."""
+    resolved, _ = resolve_settings(SVD, SvdSettings(model=str(model), **settings), CPU)
+    return resolved
 
 
 def noise_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:
@@ -58,8 +66,8 @@ def offloaded(pipeline: Any) -> bool:
 
 @pytest.fixture
 def make_generator(tiny_svd: Path) -> Callable[..., SvdGenerator]:
-    def make(**config: Any) -> SvdGenerator:
-        generator = SvdGenerator(SvdConfig(model=str(tiny_svd), **{**SMALL, **config}))
+    def make(**settings: Any) -> SvdGenerator:
+        generator = SvdGenerator(svd_settings(tiny_svd, **{**SMALL, **settings}))
         generator.load()
         return generator
 
@@ -67,23 +75,41 @@ def make_generator(tiny_svd: Path) -> Callable[..., SvdGenerator]:
 
 
 def test_defaults_match_the_model_card():
-    config = SvdConfig()
-    assert config.model == SVD_XT == "stabilityai/stable-video-diffusion-img2vid-xt"
-    assert (config.width, config.height, config.num_frames, config.steps, config.fps) == (
-        1024, 576, 25, 25, 7
+    assert SVD.default_model == SVD_XT
+    settings = svd_settings(SVD_XT)  # real weights: the model card's values fill every None
+    assert (settings.width, settings.height, settings.num_frames, settings.steps) == (
+        1024, 576, 25, 25
     )  # fmt: skip
-    assert (config.motion_bucket_id, config.noise_aug_strength, config.decode_chunk_size) == (
-        127, 0.02, 8
-    )  # fmt: skip
-    assert SvdGenerator.preferred_dtype is torch.float16 and SvdGenerator.variant == "fp16"
-    # float32 on the CPU, fp16 only where it is fast.
-    assert SvdGenerator(SvdConfig(device="cpu"))._dtype is torch.float32
+    assert (settings.fps, settings.motion_bucket_id, settings.noise_aug_strength) == (7, 127, 0.02)
+    assert (settings.decode_chunk_size, settings.min_guidance_scale) == (8, 1.0)
+    assert settings.max_guidance_scale == 3.0
+    assert SvdGenerator.variant == "fp16"
+    # fp16 only where it is fast; float32 on the CPU.
+    cuda = torch.device("cuda")
+    assert resolve_dtype("auto", SvdGenerator.preferred_dtype, cuda) is torch.float16
+    assert SvdGenerator(settings)._dtype is torch.float32
 
 
-@pytest.mark.parametrize("bad", [{"width": 100}, {"height": 56}, {"num_frames": 0}])
-def test_invalid_settings_are_refused(bad):
+def test_a_tiny_build_gets_small_fast_defaults(tiny_svd):
+    settings = svd_settings(tiny_svd)
+    assert (settings.width, settings.height) == (64, 64)
+    assert settings.num_frames < 25 and settings.steps < 25
+    assert settings.device == "cpu"
+    # A value set explicitly is kept.
+    assert svd_settings(tiny_svd, num_frames=3).num_frames == 3
+
+
+@pytest.mark.parametrize(
+    "bad", [{"width": 100}, {"height": 56}, {"width": 56}, {"num_frames": 0}, {"steps": 0}]
+)
+def test_invalid_settings_are_refused(bad, tiny_svd):
     with pytest.raises(ValueError):
-        SvdConfig(**bad)
+        SvdGenerator(svd_settings(tiny_svd, **{**SMALL, **bad}))
+
+
+def test_unresolved_settings_are_refused():
+    with pytest.raises(ValueError):
+        SvdGenerator(SvdSettings(model=SVD_XT, device="cpu"))
 
 
 def test_conditioning_image_is_scaled_to_cover_and_centre_cropped():
@@ -124,8 +150,8 @@ def test_the_seed_alone_decides_the_clip(make_generator):
         for a, b in zip(first.frames, again.frames, strict=True)
     )
     assert not np.array_equal(np.asarray(first.frames[1]), np.asarray(other.frames[1]))
-    assert clip_seed("abc") == clip_seed("abc") != clip_seed("abd")
-    assert 0 <= clip_seed("abc") < 2**31
+    assert video_clip_seed("abc") == video_clip_seed("abc") != video_clip_seed("abd")
+    assert 0 <= video_clip_seed("abc") < 2**31
 
 
 def test_out_of_memory_walks_down_the_ladder(make_generator):
@@ -191,6 +217,6 @@ def test_other_errors_fail_the_clip_without_the_ladder(make_generator):
 
 def test_missing_weights_name_the_repo_and_the_fix(tmp_path):
     with pytest.raises(ModelWeightsMissingError, match="imagegen models pull " + SVD_XT):
-        SvdGenerator(SvdConfig()).load()
+        SvdGenerator(svd_settings(SVD_XT)).load()
     with pytest.raises(ModelWeightsMissingError, match="nowhere"):
-        SvdGenerator(SvdConfig(model=str(tmp_path / "nowhere"))).load()
+        SvdGenerator(svd_settings(tmp_path / "nowhere", **SMALL)).load()

@@ -12,7 +12,12 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.steps import model_use, worker_name, write_step_record
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.records import StepRecord, VideoClipRecord, utc_now
+from imagegen_pipeline.records import (
+    VIDEO_CLIP_STATUSES,
+    StepRecord,
+    VideoClipRecord,
+    utc_now,
+)
 from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.video.video_step import (
     VideoStepContext,
@@ -96,7 +101,7 @@ def clips(
                 context.add_asset_metadata(
                     {
                         "rows": len(table),
-                        **counts,
+                        **{status: counts.get(status, 0) for status in VIDEO_CLIP_STATUSES},
                         "model_id": record.model_id,
                         "device": record.device,
                         "worker": record.worker,

@@ -28,7 +28,13 @@ from imagegen_pipeline.images_step import (
     run_images_step,
 )
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.records import EXISTING_STATUSES, ImageRecord, StepRecord, utc_now
+from imagegen_pipeline.records import (
+    EXISTING_STATUSES,
+    IMAGE_STATUSES,
+    ImageRecord,
+    StepRecord,
+    utc_now,
+)
 from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
@@ -110,7 +116,7 @@ def make_images(
                     table,
                     {
                         "rows": len(table),
-                        **counts,
+                        **{status: counts.get(status, 0) for status in IMAGE_STATUSES},
                         **{k: v for k, v in summary.metadata.items() if v is not None},
                         "model_id": settings.model_id,
                         "device": backend.device,

@@ -14,6 +14,7 @@ from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.enhancement import enhance_prompts
 from imagegen_pipeline.prompt_csv import (
     REJECTED_COLUMNS,
+    VALID_COLUMNS,
     PromptFileError,
     prompt_set_name,
     read_prompt_csv,
@@ -60,7 +61,7 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
             message = f"No CSV file for prompt set {prompt_set!r} in {folder}/"
             context.log.error(message)
             unusable.append(message)
-            valid[prompt_set], rejected[prompt_set] = pd.DataFrame(), _file_problem(folder, message)
+            valid[prompt_set], rejected[prompt_set] = _no_rows(), _file_problem(folder, message)
             continue
         try:
             table = read_prompt_csv(path)
@@ -68,7 +69,7 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
             context.log.error(str(error))
             unusable.append(str(error))
             problems = pd.concat([error.rejected, _file_problem(path, str(error))])
-            valid[prompt_set], rejected[prompt_set] = pd.DataFrame(), problems
+            valid[prompt_set], rejected[prompt_set] = _no_rows(), problems
             continue
         for problem in table.rejected.to_dict("records"):
             where = f"{problem['file']}, line {problem['line']}, {problem['field']}"
@@ -90,6 +91,11 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
         raise dg.Failure(description="\n".join(unusable))
     yield dg.Output(valid, "prompts")
     yield dg.Output(rejected, "rejected_prompts")
+
+
+def _no_rows() -> pd.DataFrame:
+    """The valid rows of a file that could not be used: none, with the usual columns."""
+    return pd.DataFrame(columns=list(VALID_COLUMNS))
 
 
 def _file_problem(file: Path, reason: str) -> pd.DataFrame:
@@ -145,7 +151,7 @@ def enhanced_prompts(
     tables = {}
     for prompt_set, valid in prompts.items():
         prompt_enhancer = enhancer.create_enhancer(prompt_set, storage.storage())
-        table = enhance_prompts(valid, prompt_enhancer) if len(valid) else pd.DataFrame()
+        table = enhance_prompts(valid, prompt_enhancer)
         fallbacks = int((table["fallback_reason"] != "").sum()) if len(table) else 0
         if fallbacks:
             context.log.warning(f"{prompt_set}: {fallbacks} prompt(s) fell back to the template.")

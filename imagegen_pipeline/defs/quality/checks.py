@@ -57,7 +57,9 @@ def clip_scores_mostly_above_threshold(
             "low_score_images": len(low),
             "min_clip_score": quality_thresholds.min_clip_score,
             "max_low_score_share": quality_thresholds.max_low_score_share,
-            "lowest": markdown_table(low.sort_values("clip_score"), LIST_COLUMNS),
+            "lowest": markdown_table(
+                low.sort_values("clip_score") if len(low) else low, LIST_COLUMNS
+            ),
         },
     )
 

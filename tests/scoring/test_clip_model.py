@@ -1,4 +1,4 @@
-"""The open_clip scorer on the tiny random-weight CLIP: formulas, batching, loading, errors."""
+"""The open_clip model on the tiny random-weight CLIP: formulas, batching, loading, errors."""
 
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from imagegen_pipeline.model_resolution import resolve_settings
+from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.scoring.clip_scorer import (
+from imagegen_pipeline.project_config import ProjectConfig
+from imagegen_pipeline.registry import CLIP_MODEL
+from imagegen_pipeline.scoring.clip_model import (
     ASPECT_COLUMNS,
     ASPECTS,
-    ClipScorer,
-    ClipScorerConfig,
+    ClipModel,
     token_count,
 )
 
 PROMPTS = ["a cat", "a red dog in the city", "blue sky", "a portrait of a woman", "green light"]
+VIT_L_14 = "ViT-L-14"  # the real model's open_clip name (CLIPScore and the LAION head use it)
 
 
 def noise_images(count: int, side: int = 96) -> list[Image.Image]:
@@ -34,11 +38,15 @@ def noise_images(count: int, side: int = 96) -> list[Image.Image]:
     ]
 
 
+def tiny_settings(tiny_open_clip: Path, **settings) -> ClipModelSettings:
+    return ClipModelSettings(model=f"local-dir:{tiny_open_clip}", device="cpu", **settings)
+
+
 @pytest.fixture
-def scorer(tiny_open_clip: Path) -> ClipScorer:
-    scorer = ClipScorer(ClipScorerConfig(model=f"local-dir:{tiny_open_clip}", batch_size=5))
-    scorer.load()
-    return scorer
+def clip_model(tiny_open_clip: Path) -> ClipModel:
+    model = ClipModel(tiny_settings(tiny_open_clip, batch_size=5))
+    model.load()
+    return model
 
 
 @pytest.fixture
@@ -48,10 +56,10 @@ def reference(tiny_open_clip: Path):
     return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{tiny_open_clip}")
 
 
-def test_clip_score_is_100_cos_clamped_at_zero(scorer, reference):
+def test_clip_score_is_100_cos_clamped_at_zero(clip_model, reference):
     model, preprocess, tokenizer = reference
     images = noise_images(5)
-    rows = scorer.score_images(images, PROMPTS)
+    rows = clip_model.score_images(images, PROMPTS)
     with torch.no_grad():
         image_features = F.normalize(
             model.encode_image(torch.stack([preprocess(i) for i in images])), dim=-1
@@ -65,10 +73,10 @@ def test_clip_score_is_100_cos_clamped_at_zero(scorer, reference):
     assert all(0 <= s <= 100 for s in scores)
 
 
-def test_aesthetic_scores_are_softmax_over_positive_and_negative(scorer, reference):
+def test_aesthetic_scores_are_softmax_over_positive_and_negative(clip_model, reference):
     model, preprocess, tokenizer = reference
     image = noise_images(1)[0]
-    (row,) = scorer.score_images([image], ["a cat"])
+    (row,) = clip_model.score_images([image], ["a cat"])
     with torch.no_grad():
         features = F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)[0]
 
@@ -86,12 +94,12 @@ def test_aesthetic_scores_are_softmax_over_positive_and_negative(scorer, referen
     assert row["laion_aesthetic"] is None  # no head configured
 
 
-def test_an_images_scores_do_not_depend_on_its_batch(scorer):
+def test_an_images_scores_do_not_depend_on_its_batch(clip_model):
     images = noise_images(5)
     enhanced = [p + ", highly detailed" for p in PROMPTS]
-    batched = scorer.score_images(images, PROMPTS, enhanced)
+    batched = clip_model.score_images(images, PROMPTS, enhanced)
     for index in range(5):
-        (alone,) = scorer.score_images([images[index]], [PROMPTS[index]], [enhanced[index]])
+        (alone,) = clip_model.score_images([images[index]], [PROMPTS[index]], [enhanced[index]])
         for column, value in alone.items():
             if isinstance(value, float):
                 assert value == pytest.approx(batched[index][column], abs=1e-4), column
@@ -99,15 +107,15 @@ def test_an_images_scores_do_not_depend_on_its_batch(scorer):
                 assert value == batched[index][column], column
 
 
-def test_truncation_uses_the_tokenizers_real_count(scorer):
+def test_truncation_uses_the_tokenizers_real_count(clip_model):
     short = "a cat on a mat"
     long = ", ".join(["a very detailed photo of a cat"] * 12)
-    (row,) = scorer.score_images(noise_images(1), [short], [long])
-    assert row["clip_tokens"] == len(scorer.tokenizer.encode(short)) + 2 == 7
+    (row,) = clip_model.score_images(noise_images(1), [short], [long])
+    assert row["clip_tokens"] == len(clip_model.tokenizer.encode(short)) + 2 == 7
     assert row["clip_truncated"] is False
-    assert row["clip_tokens_enhanced"] == token_count(scorer.tokenizer, long) > 77
+    assert row["clip_tokens_enhanced"] == token_count(clip_model.tokenizer, long) > 77
     assert row["clip_truncated_enhanced"] is True
-    (missing,) = scorer.score_images(noise_images(1), [short], [None])
+    (missing,) = clip_model.score_images(noise_images(1), [short], [None])
     assert missing["clip_score_enhanced"] is None
 
 
@@ -121,33 +129,30 @@ def test_laion_head_is_a_linear_layer_on_normalised_embeddings(tiny_open_clip, t
     with torch.no_grad():
         expected = head(F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)).item()
     for name in ("head.pth", "head.safetensors"):
-        config = ClipScorerConfig(
-            model=f"local-dir:{tiny_open_clip}", aesthetic_head=str(tmp_path / name)
-        )
-        (row,) = ClipScorer(config).score_images([image], ["a cat"])
+        settings = tiny_settings(tiny_open_clip, aesthetic_head=str(tmp_path / name))
+        (row,) = ClipModel(settings).score_images([image], ["a cat"])
         assert row["laion_aesthetic"] == pytest.approx(expected, abs=1e-5)
 
     torch.save(torch.nn.Linear(768, 1).state_dict(), tmp_path / "wrong.pth")
-    wrong = ClipScorerConfig(
-        model=f"local-dir:{tiny_open_clip}", aesthetic_head=str(tmp_path / "wrong.pth")
-    )
+    wrong = tiny_settings(tiny_open_clip, aesthetic_head=str(tmp_path / "wrong.pth"))
     with pytest.raises(ValueError, match=r"Linear\(32, 1\)"):
-        ClipScorer(wrong).load()
+        ClipModel(wrong).load()
 
 
-def test_a_model_name_with_a_local_checkpoint_file(tiny_open_clip, tmp_path, scorer):
+def test_a_model_name_with_a_local_checkpoint_file(tiny_open_clip, tmp_path, clip_model):
     config = json.loads((tiny_open_clip / "open_clip_config.json").read_text())
     (tmp_path / "tiny-test-clip.json").write_text(json.dumps(config["model_cfg"]))
     open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
-    by_name = ClipScorer(
-        ClipScorerConfig(
+    by_name = ClipModel(
+        ClipModelSettings(
             model="tiny-test-clip",
             pretrained=None,
             checkpoint=str(tiny_open_clip / "open_clip_model.safetensors"),
+            device="cpu",
         )
     )
     images = noise_images(2)
-    expected = scorer.score_images(images, PROMPTS[:2])
+    expected = clip_model.score_images(images, PROMPTS[:2])
     actual = by_name.score_images(images, PROMPTS[:2])
     assert [r["clip_score"] for r in actual] == pytest.approx(
         [r["clip_score"] for r in expected], abs=1e-5
@@ -155,14 +160,30 @@ def test_a_model_name_with_a_local_checkpoint_file(tiny_open_clip, tmp_path, sco
     assert by_name.model_label == "tiny-test-clip"
 
 
-def test_clip_scores_compare_frames_to_the_source_and_to_each_other(scorer):
+def test_model_labels_name_what_scored(tiny_open_clip):
+    assert ClipModel(ClipModelSettings(model=VIT_L_14)).model_label == "ViT-L-14/openai"
+    folder = f"local-dir:{tiny_open_clip}"
+    assert ClipModel(tiny_settings(tiny_open_clip)).model_label == folder
+    # A model resolved for this machine records the id it stands for, not where it was built.
+    assert ClipModel(tiny_settings(tiny_open_clip), model_id="tiny/x").model_label == "tiny/x"
+    # resolve_settings gives a tiny folder the prefix open_clip needs to load it.
+    resolved, model = resolve_settings(
+        CLIP_MODEL, ClipModelSettings(model=str(tiny_open_clip)), ProjectConfig(device="cpu")
+    )
+    assert resolved.model == folder and model is not None and model.is_tiny
+    assert resolved.device == "cpu"
+
+
+def test_video_clip_scores_compare_frames_to_the_source_and_to_each_other(clip_model):
     source, other = noise_images(2)
-    still = scorer.score_clip(source, [source, source, source])
+    still = clip_model.score_video_clip(source, [source, source, source])
     assert still["source_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert still["temporal_consistency"] == pytest.approx(1.0, abs=1e-5)
-    jumpy = scorer.score_clip(source, [source, other, source])
+    jumpy = clip_model.score_video_clip(source, [source, other, source])
     assert jumpy["temporal_consistency_min"] < still["temporal_consistency_min"]
     assert jumpy["source_similarity_min"] < 1.0 and jumpy["scored_frames"] == 3
+    with pytest.raises(ValueError, match="without frames"):
+        clip_model.score_video_clip(source, [])
 
 
 def test_missing_weights_name_what_to_pull(monkeypatch, tmp_path):
@@ -171,17 +192,20 @@ def test_missing_weights_name_what_to_pull(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip either
     with pytest.raises(ModelWeightsMissingError) as error:
-        ClipScorer(ClipScorerConfig()).load()
+        ClipModel(ClipModelSettings(model=VIT_L_14, device="cpu")).load()
     message = str(error.value)
-    assert "'ViT-L-14/openai'" in message and "imagegen models pull open_clip" in message
+    assert "'ViT-L-14/openai'" in message and "imagegen models pull clip_model" in message
     with pytest.raises(ModelWeightsMissingError, match="nowhere"):
-        ClipScorer(ClipScorerConfig(model=f"local-dir:{tmp_path / 'nowhere'}")).load()
+        ClipModel(ClipModelSettings(model=f"local-dir:{tmp_path / 'nowhere'}")).load()
     with pytest.raises(ModelWeightsMissingError, match=r"missing\.pt"):
-        ClipScorer(ClipScorerConfig(checkpoint=str(tmp_path / "missing.pt"))).load()
+        settings = ClipModelSettings(model=VIT_L_14, checkpoint=str(tmp_path / "missing.pt"))
+        ClipModel(settings).load()
 
 
 def test_unknown_models_and_tags_are_refused():
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        ClipScorer(ClipScorerConfig(model="ViT-Z-99")).load()
+        ClipModel(ClipModelSettings(model="ViT-Z-99", device="cpu")).load()
     with pytest.raises(ValueError, match="unknown pretrained tag"):
-        ClipScorer(ClipScorerConfig(pretrained="not-a-tag")).load()
+        ClipModel(ClipModelSettings(model=VIT_L_14, pretrained="not-a-tag", device="cpu")).load()
+    with pytest.raises(ValueError, match="batch_size"):
+        ClipModel(ClipModelSettings(model=VIT_L_14, batch_size=0))
