@@ -65,8 +65,13 @@ def run_step(count: int, model: Path, workdir: Path) -> dict:
     (workdir / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(workdir / "home")) as instance:
         instance.add_dynamic_partitions("prompt_sets", ["bench"])
-        dg.materialize(assets, selection=dg.AssetSelection.groups("prompts"),
-                       partition_key="bench", instance=instance, resources=resources)  # fmt: skip
+        dg.materialize(
+            assets,
+            selection=dg.AssetSelection.groups("prompts"),
+            partition_key="bench",
+            instance=instance,
+            resources=resources,
+        )
         started = time.perf_counter()
         result = dg.materialize(
             assets,
@@ -110,9 +115,14 @@ def run_bare(count: int, model: Path, workdir: Path) -> dict:
         generators = [torch.Generator("cpu").manual_seed(derive_seed(pid, 0)) for pid, _ in batch]
         with torch.inference_mode():
             images = pipe(
-                prompt=[text for _, text in batch], generator=generators, num_inference_steps=4,
-                guidance_scale=0.0, width=SIDE, height=SIDE, max_sequence_length=256,
-            ).images  # fmt: skip
+                prompt=[text for _, text in batch],
+                generator=generators,
+                num_inference_steps=4,
+                guidance_scale=0.0,
+                width=SIDE,
+                height=SIDE,
+                max_sequence_length=256,
+            ).images
         for (pid, _), image in zip(batch, images, strict=True):
             image.save(out / f"{pid}.png")
     return {"seconds": time.perf_counter() - started, "model_loads": 1, "images": count}
@@ -132,8 +142,11 @@ def measure(mode: str, count: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     output = subprocess.run(
         [sys.executable, __file__, "--worker", mode, "--counts", str(count)],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

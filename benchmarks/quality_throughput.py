@@ -46,11 +46,14 @@ def make_images(folder: Path, count: int, side: int) -> pd.DataFrame:
         prompt_id = f"p{index % len(PROMPTS)}"
         rows.append(
             {
-                "image_id": f"id{index}", "prompt_id": prompt_id, "image_index": index,
+                "image_id": f"id{index}",
+                "prompt_id": prompt_id,
+                "image_index": index,
                 "prompt": PROMPTS[index % len(PROMPTS)] + ", highly detailed",
-                "status": "ok", "path": str(path),
+                "status": "ok",
+                "path": str(path),
             }
-        )  # fmt: skip
+        )
     return pd.DataFrame(rows)
 
 
@@ -139,23 +142,38 @@ def main() -> None:
         print("  target: quality step time vs bare <= 1.10")
 
         config = SvdConfig(
-            model=svd_model, width=64, height=64, num_frames=4, steps=2, decode_chunk_size=4,
+            model=svd_model,
+            width=64,
+            height=64,
+            num_frames=4,
+            steps=2,
+            decode_chunk_size=4,
             device=args.device,
-        )  # fmt: skip
+        )
         generator = SvdGenerator(config)
         sources = table.head(args.clips).assign(sha256=None)
         planned = plan_clips(sources, generator, folder / "clips")
         generator.load()
         warm = plan_clips(table.tail(1).assign(sha256=None), generator, folder / "warm")
         run_clips_step(
-            generator, warm, clips_dir=folder / "warm", prompt_set="bench", backend="x",
-            run_id="warm", log=lambda m: None,
-        )  # fmt: skip
+            generator,
+            warm,
+            clips_dir=folder / "warm",
+            prompt_set="bench",
+            backend="x",
+            run_id="warm",
+            log=lambda m: None,
+        )
         started = time.perf_counter()
         outcome = run_clips_step(
-            generator, planned, clips_dir=folder / "clips", prompt_set="bench", backend="x",
-            run_id="bench", log=lambda m: None,
-        )  # fmt: skip
+            generator,
+            planned,
+            clips_dir=folder / "clips",
+            prompt_set="bench",
+            backend="x",
+            run_id="bench",
+            log=lambda m: None,
+        )
         seconds = time.perf_counter() - started
         made = outcome.counts["ok"]
         print(

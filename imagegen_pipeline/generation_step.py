@@ -129,8 +129,11 @@ def run_generation_step(
             for item, result in generate(todo):
                 writer.submit(lambda i, r: (key(i), write(i, r)), item, result)
         finally:
-            writer.close()
-            metadata.flush()
+            # Whatever stopped the step, the rows of everything already written are kept.
+            try:
+                writer.close()
+            finally:
+                metadata.flush()
         progress.finish()
     metadata.flush()
     records = [by_key[key(item)] for item in planned]

@@ -315,18 +315,25 @@ def start_redis(tmp_dir: str | os.PathLike[str]) -> RunningService:
             process = subprocess.Popen(
                 [
                     binary,
-                    "--bind", LOCALHOST,
-                    "--port", str(port),
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--daemonize", "no",
-                    "--logfile", str(log_path),
-                    "--dir", str(workdir),
+                    "--bind",
+                    LOCALHOST,
+                    "--port",
+                    str(port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--logfile",
+                    str(log_path),
+                    "--dir",
+                    str(workdir),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             cleanup.callback(_terminate, process)
             _wait_until(
                 lambda: _redis_pings(port),
@@ -453,9 +460,16 @@ def start_postgres(tmp_dir: str | os.PathLike[str]) -> RunningService:
                     )
 
             run_as_user(
-                str(bindir / "initdb"), "-D", str(data), "-U", POSTGRES_USER,
-                "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync",
-            )  # fmt: skip
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                POSTGRES_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            )
             with (data / "postgresql.conf").open("a") as conf:
                 conf.write(
                     "\n# imagegen tests\n"
@@ -470,9 +484,17 @@ def start_postgres(tmp_dir: str | os.PathLike[str]) -> RunningService:
                 if (data / "postmaster.pid").exists():
                     try:
                         run_as_user(
-                            str(bindir / "pg_ctl"), "-D", str(data), "stop", "-m", "fast",
-                            "-w", "-t", "30", timeout=60,
-                        )  # fmt: skip
+                            str(bindir / "pg_ctl"),
+                            "-D",
+                            str(data),
+                            "stop",
+                            "-m",
+                            "fast",
+                            "-w",
+                            "-t",
+                            "30",
+                            timeout=60,
+                        )
                     except (ServiceStartError, subprocess.TimeoutExpired):
                         _kill_postmaster(data)
                 with contextlib.suppress(OSError):
@@ -480,16 +502,32 @@ def start_postgres(tmp_dir: str | os.PathLike[str]) -> RunningService:
 
             cleanup.callback(stop_server)
             run_as_user(
-                str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log_path), "-w", "-t", "60",
-                "start", timeout=90,
-            )  # fmt: skip
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(log_path),
+                "-w",
+                "-t",
+                "60",
+                "start",
+                timeout=90,
+            )
             create = subprocess.run(
-                [str(bindir / "createdb"), "-h", LOCALHOST, "-p", str(port), "-U", POSTGRES_USER,
-                 POSTGRES_DB],
+                [
+                    str(bindir / "createdb"),
+                    "-h",
+                    LOCALHOST,
+                    "-p",
+                    str(port),
+                    "-U",
+                    POSTGRES_USER,
+                    POSTGRES_DB,
+                ],
                 capture_output=True,
                 timeout=60,
                 check=False,
-            )  # fmt: skip
+            )
             if create.returncode != 0:
                 raise ServiceStartError(
                     f"postgresql: createdb failed: {create.stderr.decode(errors='replace')}"
@@ -678,18 +716,24 @@ def start_celery_worker(
     )
     queue_args = [arg for queue in queues for arg in ("-q", queue)]
     command = [
-        executable, "worker", "start",
-        "-A", "dagster_celery.app",
-        "-y", str(config_path),
-        "-n", name,
-        "-l", loglevel,
+        executable,
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(config_path),
+        "-n",
+        name,
+        "-l",
+        loglevel,
         *queue_args,
         "--",  # the rest goes to `celery worker`
         f"--concurrency={concurrency}",
         "--pool=prefork",
         "--without-gossip",
         "--without-mingle",
-    ]  # fmt: skip
+    ]
 
     # the log is appended to (a restarted worker of the same name keeps one log): look for the
     # ready line only in what this start writes

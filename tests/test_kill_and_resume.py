@@ -1,4 +1,5 @@
-"""A run killed mid-step (SIGKILL, a real subprocess) re-runs to completion, nothing corrupt."""
+"""A run killed mid-step (SIGKILL, a real subprocess) re-runs to completion, nothing corrupt,
+and every image made before the kill keeps exactly one generation row."""
 
 from __future__ import annotations
 
@@ -12,44 +13,52 @@ from pathlib import Path
 
 from PIL import Image
 
-from imagegen_pipeline.atomic_files import TEMP_SUFFIX
 from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.storage import TEMP_SUFFIX
 
 PROMPTS = 4
 IMAGES_PER_PROMPT = 4
 
 
-def demo_command(csv_path: Path) -> list[str]:
+def demo_command(prompts: Path) -> list[str]:
     return [
-        sys.executable, "-m", "imagegen_pipeline.cli", "demo",
-        "--prompts", str(csv_path), "--backends", "flux_schnell",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "imagegen_pipeline.cli",
+        "demo",
+        "--prompts",
+        str(prompts),
+        "--backends",
+        "flux_schnell",
+    ]
 
 
-def test_killed_run_resumes_without_corrupt_or_duplicate_outputs(tmp_path, tiny_flux, tiny_sdxl):
-    csv_path = tmp_path / "prompts" / "killme.csv"
-    csv_path.parent.mkdir()
+def test_killed_run_resumes_without_corrupt_or_duplicate_outputs(tmp_path, tiny_model_variables):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
     rows = [
         f"p{i},a lighthouse number {i} in a storm,cinematic,{IMAGES_PER_PROMPT}"
         for i in range(PROMPTS)
     ]
-    csv_path.write_text("prompt_id,prompt,style,num_images\n" + "\n".join(rows) + "\n")
+    (prompts / "killme.csv").write_text("prompt_id,prompt,style,num_images\n" + "\n".join(rows))
     storage = tmp_path / "storage"
     env = {
         **os.environ,
+        **tiny_model_variables,
         "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "IMAGEGEN_STORAGE_DIR": str(storage),
-        "IMAGEGEN_FLUX_SCHNELL_MODEL": str(tiny_flux),
-        "IMAGEGEN_SDXL_TURBO_MODEL": str(tiny_sdxl),
+        "IMAGEGEN_STORAGE": str(storage),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",  # tiny models gain nothing from threads; spinning ones stall
     }
     flux_dir = storage / "images" / "killme" / "flux_schnell"
 
     process = subprocess.Popen(
-        demo_command(csv_path), env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        demo_command(prompts),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and len(list(flux_dir.rglob("*.png"))) < 3:
@@ -62,7 +71,7 @@ def test_killed_run_resumes_without_corrupt_or_duplicate_outputs(tmp_path, tiny_
     assert 3 <= written_before_kill < PROMPTS * IMAGES_PER_PROMPT, "killed mid-step"
 
     rerun = subprocess.run(
-        demo_command(csv_path), env=env, capture_output=True, text=True, timeout=600
+        demo_command(prompts), env=env, capture_output=True, text=True, timeout=600
     )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     # The killed run held the single gpu pool slot; the re-run must free it, not wait forever.
@@ -78,9 +87,12 @@ def test_killed_run_resumes_without_corrupt_or_duplicate_outputs(tmp_path, tiny_
             image.verify()  # raises on a truncated or corrupt file
     assert not [p for p in flux_dir.rglob(f"*{TEMP_SUFFIX}")]
 
+    # Every image on disk has exactly one generation row, with the seconds and seed of the run
+    # that made it, whether its row was flushed before the kill or rebuilt from the PNG.
     images = load_run_metadata(storage, "images")
-    flux = images[images.backend == "flux_schnell"]
-    last_run = flux[flux.run_id == flux.sort_values("finished_at").run_id.iloc[-1]]
-    statuses = Counter(last_run["status"])
-    assert statuses["skipped_existing"] >= written_before_kill
-    assert statuses["ok"] + statuses["skipped_existing"] == PROMPTS * IMAGES_PER_PROMPT
+    made = images[(images.backend == "flux_schnell") & (images.status == "ok")]
+    assert Counter(made["path"]) == Counter(str(png) for png in pngs)
+    assert made["seconds"].gt(0).all() and made["seed"].notna().all()
+    assert made["started_at"].notna().all()
+    rerun_ids = set(images.loc[images.status == "skipped_existing", "run_id"])
+    assert len(made[~made.run_id.isin(rerun_ids)]) >= written_before_kill

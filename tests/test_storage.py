@@ -218,7 +218,11 @@ def test_object_store_round_trip(memory_store: Storage) -> None:
     store.write_bytes(store.path("set", "gemini", "b.png"), b"B")
     store.write_file(store.path("clips", "c.mp4"), lambda local: local.write_bytes(b"C"))
 
-    assert set(store.list_files(store.base)) == {"set/flux/a.png", "set/gemini/b.png", "clips/c.mp4"}
+    assert set(store.list_files(store.base)) == {
+        "set/flux/a.png",
+        "set/gemini/b.png",
+        "clips/c.mp4",
+    }
     assert set(store.list_files(store.path("set", "flux"))) == {"a.png"}
     assert store.list_files(store.path("absent")) == {}
     assert store.read_bytes(store.path("set", "flux", "a.png")) == b"A"

@@ -59,6 +59,7 @@ class DiffusersTextToImage(ImageBackend):
         self._dtype = resolve_dtype(settings.dtype, self.preferred_dtype, self._device)
         self.memory_plan: MemoryPlan | None = None
         self.batch_size = settings.batch_size or 1
+        self.offload = "none" if settings.offload == "auto" else settings.offload
 
     @property
     def settings(self) -> GenerationSettings:
@@ -151,7 +152,7 @@ class DiffusersTextToImage(ImageBackend):
         plan = self.memory_plan
         return RunSummary(
             metadata={
-                "offload": plan.offload if plan else self.config.offload,
+                "offload": self.offload,
                 "batch_size": self.batch_size,
                 "memory_plan": plan.reason if plan else "offload and batch size set by hand",
             }

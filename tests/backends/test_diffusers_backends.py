@@ -169,8 +169,11 @@ def test_a_failing_prompt_fails_alone(make_backend):
     results = {r.request.prompt_id: r for r in backend.generate(requests(4))}
 
     assert {k: r.status for k, r in results.items()} == {
-        "p0": "ok", "p1": "ok", "p2": "failed", "p3": "ok"
-    }  # fmt: skip
+        "p0": "ok",
+        "p1": "ok",
+        "p2": "failed",
+        "p3": "ok",
+    }
     assert results["p2"].error == "ValueError: cannot draw owls"
     assert results["p2"].image is None
 
@@ -298,13 +301,18 @@ def enhanced_prompts() -> pd.DataFrame:
     table = pd.DataFrame(
         [
             {
-                "prompt_id": prompt_id, "enhanced_prompt": prompt, "negative_prompt": "",
-                "seed": seed, "width": None, "height": None, "num_images": count,
+                "prompt_id": prompt_id,
+                "enhanced_prompt": prompt,
+                "negative_prompt": "",
+                "seed": seed,
+                "width": None,
+                "height": None,
+                "num_images": count,
                 "backends": backends,
             }
             for prompt_id, prompt, seed, count, backends in rows
         ]
-    )  # fmt: skip
+    )
     for column in ("seed", "width", "height"):
         table[column] = table[column].astype("Int64")
     return table
@@ -314,8 +322,14 @@ def test_writer_threads_do_not_change_what_is_written(tiny_flux, tmp_path):
     backend = make_flux(tiny_flux, batch_size=2)
     planned = plan_images(enhanced_prompts(), backend)
     assert [(p.request.prompt_id, p.request.image_index) for p in planned] == [
-        ("cat", 0), ("cat", 1), ("cat", 2), ("city", 0), ("city", 1), ("owl", 0), ("owl", 1)
-    ]  # fmt: skip
+        ("cat", 0),
+        ("cat", 1),
+        ("cat", 2),
+        ("city", 0),
+        ("city", 1),
+        ("owl", 0),
+        ("owl", 1),
+    ]
     assert [p.request.seed for p in planned[:3]] == [11, 12, 13]
 
     runs = {}
@@ -348,8 +362,10 @@ def test_writer_threads_do_not_change_what_is_written(tiny_flux, tmp_path):
             parameters, generation = read_png_record(png)
             # Every file describes its own image: a writer never mixes two items up.
             assert (parameters["image_id"], parameters["prompt_id"], parameters["seed"]) == (
-                item.image_id, item.request.prompt_id, item.request.seed
-            )  # fmt: skip
+                item.image_id,
+                item.request.prompt_id,
+                item.request.seed,
+            )
             assert generation["run_id"] == record.run_id
             with Image.open(io.BytesIO(png)) as image:
                 files.append((np.asarray(image.convert("RGB")), parameters))

@@ -80,13 +80,17 @@ def test_the_new_assets_in_the_graph():
         assert assets_def.op.tags["dagster-celery/queue"] == "gpu"
     groups = {name: graph.get(dg.AssetKey(name)).group_name for name in parents}
     assert groups == {
-        "quality": "quality", "clips": "clips", "video_quality": "quality",
+        "quality": "quality",
+        "clips": "clips",
+        "video_quality": "quality",
         "backend_comparison": "comparison",
-    }  # fmt: skip
+    }
     checks = {key.name for key in graph.asset_check_keys if key.asset_key == dg.AssetKey("quality")}
     assert checks == {
-        "no_blank_images", "clip_scores_mostly_above_threshold", "every_prompt_has_a_scored_image",
-    }  # fmt: skip
+        "no_blank_images",
+        "clip_scores_mostly_above_threshold",
+        "every_prompt_has_a_scored_image",
+    }
     generate = defs.resolve_job_def("generate_images")
     assert {"images", "quality", "clips", "video_quality"} <= {
         key.to_user_string() for key in generate.asset_layer.executable_asset_keys

@@ -4,8 +4,8 @@ import pandas as pd
 
 from imagegen_pipeline.enhancement import TemplateEnhancer, enhance_prompts
 from imagegen_pipeline.enhancement.base import rate_prompt
-from imagegen_pipeline.text_encoders import count_clip_tokens
 from imagegen_pipeline.enhancement.template import STYLE_PHRASES
+from imagegen_pipeline.text_encoders import count_clip_tokens
 
 
 def test_style_phrases_and_negatives_follow_the_style():

@@ -88,9 +88,13 @@ def test_aesthetic_scores_are_softmax_over_positive_and_negative(clip_model, ref
             margin = features @ side(positives) - features @ side(negatives)
             assert row[column] == pytest.approx(float(torch.sigmoid(100 * margin)), abs=1e-4)
     assert set(ASPECT_COLUMNS) == {
-        "aesthetic", "aesthetic_composition", "aesthetic_lighting", "aesthetic_colours",
-        "aesthetic_sharpness", "aesthetic_style",
-    }  # fmt: skip
+        "aesthetic",
+        "aesthetic_composition",
+        "aesthetic_lighting",
+        "aesthetic_colours",
+        "aesthetic_sharpness",
+        "aesthetic_style",
+    }
     assert row["laion_aesthetic"] is None  # no head configured
 
 

@@ -46,11 +46,15 @@ def image_table(folder: Path, count: int) -> pd.DataFrame:
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
         rows.append(
             {
-                "image_id": f"id{index}", "prompt_id": f"p{index % 2}", "image_index": index,
-                "prompt": f"enhanced prompt {index}", "status": "ok", "path": str(path),
+                "image_id": f"id{index}",
+                "prompt_id": f"p{index % 2}",
+                "image_index": index,
+                "prompt": f"enhanced prompt {index}",
+                "status": "ok",
+                "path": str(path),
                 "sha256": f"sha{index}",
             }
-        )  # fmt: skip
+        )
     return pd.DataFrame(rows)
 
 

@@ -78,8 +78,11 @@ def test_defaults_match_the_model_card():
     assert SVD.default_model == SVD_XT
     settings = svd_settings(SVD_XT)  # real weights: the model card's values fill every None
     assert (settings.width, settings.height, settings.num_frames, settings.steps) == (
-        1024, 576, 25, 25
-    )  # fmt: skip
+        1024,
+        576,
+        25,
+        25,
+    )
     assert (settings.fps, settings.motion_bucket_id, settings.noise_aug_strength) == (7, 127, 0.02)
     assert (settings.decode_chunk_size, settings.min_guidance_scale) == (8, 1.0)
     assert settings.max_guidance_scale == 3.0
@@ -132,8 +135,11 @@ def test_one_call_per_clip_with_the_configured_settings(make_generator):
     assert len(result.frames) == 3 and result.frames[0].size == (64, 64)
     (call,) = spy.calls
     assert {k: call[k] for k in ("width", "height", "num_frames", "num_inference_steps")} == {
-        "width": 64, "height": 64, "num_frames": 3, "num_inference_steps": 1
-    }  # fmt: skip
+        "width": 64,
+        "height": 64,
+        "num_frames": 3,
+        "num_inference_steps": 1,
+    }
     assert (call["fps"], call["motion_bucket_id"], call["noise_aug_strength"]) == (9, 60, 0.1)
     assert call["image"].size == (64, 64)  # resized before the pipeline
     assert call["generator"].device.type == "cpu"

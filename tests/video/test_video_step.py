@@ -93,11 +93,14 @@ def sources(tmp_path: Path) -> pd.DataFrame:
         Image.fromarray(pixels).save(path)
         rows.append(
             {
-                "prompt_id": prompt_id, "image_index": 0, "image_id": f"id-{prompt_id}",
-                "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "prompt_id": prompt_id,
+                "image_index": 0,
+                "image_id": f"id-{prompt_id}",
+                "path": str(path),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                 "status": "ok",
             }
-        )  # fmt: skip
+        )
     return pd.DataFrame(rows)
 
 
