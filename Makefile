@@ -1,8 +1,10 @@
 # The two commands of the README, each creating the virtual environment when it is missing.
 PYTHON ?= python3
+PORT ?= 3000
 VENV := .venv
 BIN := $(VENV)/bin
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export IMAGEGEN_CONFIG ?= $(CURDIR)/imagegen.toml
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test ui lint
@@ -13,8 +15,10 @@ demo: $(VENV)/.installed  ## run the whole graph on prompts/example.csv
 test: $(VENV)/.installed  ## run the test suite
 	$(BIN)/pytest -q
 
-ui: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI on this project
-	$(BIN)/dagster dev
+# dagster dev runs from DAGSTER_HOME, where the project's dagster.yaml was copied, so that it
+# does not warn about the (unused) copy in the project folder.
+ui: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI (and daemon) on PORT
+	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -p $(PORT)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

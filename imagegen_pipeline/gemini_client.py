@@ -12,8 +12,10 @@ message, a log line) before that text is kept.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from google import genai
+from google.genai import errors as genai_errors
 from google.genai import types
 
 API_VERSION = "v1beta"  # the version Google documents image generation and system prompts under
@@ -88,3 +90,45 @@ CONNECT_ERRORS = _installed(
     "httpx.ConnectTimeout",
     "aiohttp.ClientConnectorError",
 )
+
+
+# What an error answer says, for the backend and the enhancer alike.
+
+
+def error_details(exc: genai_errors.APIError) -> list[dict[str, Any]]:
+    """The ``google.rpc`` detail messages of an API error (RetryInfo, QuotaFailure, ...)."""
+    body = exc.details
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        details = error.get("details") if isinstance(error, dict) else None
+        if isinstance(details, list):
+            return [detail for detail in details if isinstance(detail, dict)]
+    return []
+
+
+def detail_type(detail: dict[str, Any]) -> str:
+    """The message type of a detail: "type.googleapis.com/google.rpc.RetryInfo" ->
+    "google.rpc.RetryInfo"."""
+    return str(detail.get("@type", "")).rpartition("/")[2]
+
+
+def daily_quota_ids(details: list[dict[str, Any]]) -> list[str]:
+    """The per-day quotas a QuotaFailure says were exceeded (empty for per-minute ones)."""
+    quota_ids = []
+    for detail in details:
+        if detail_type(detail) != "google.rpc.QuotaFailure":
+            continue
+        for violation in detail.get("violations") or []:
+            quota = f"{violation.get('quotaId', '')} {violation.get('quotaMetric', '')}"
+            if "perday" in quota.lower().replace("_", "").replace("-", ""):
+                quota_ids.append(violation.get("quotaId") or quota.strip())
+    return quota_ids
+
+
+def error_reasons(details: list[dict[str, Any]]) -> set[str]:
+    """The reasons of the ErrorInfo details, e.g. {"API_KEY_INVALID"} for a bad key."""
+    return {
+        str(detail.get("reason"))
+        for detail in details
+        if detail_type(detail) == "google.rpc.ErrorInfo" and detail.get("reason")
+    }

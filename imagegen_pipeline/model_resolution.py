@@ -10,7 +10,6 @@ tiny stand-ins, so a CPU-only machine finishes in seconds whichever entry point 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from imagegen_pipeline.model_weights import is_cached
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import ModelSpec
 from imagegen_pipeline.tiny_models import build_tiny_model, is_tiny_model
-
-logger = logging.getLogger(__name__)
 
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
 
@@ -85,8 +82,6 @@ def resolve_settings(
     if spec.is_local:  # a hosted model (Gemini) is named, not loaded
         resolved = resolve_model(spec, values["model"], project)
         values["model"] = resolved.model
-        if resolved.notice:
-            logger.warning(resolved.notice)
     if values.get("device") == "auto":
         values["device"] = project.device
     defaults = spec.tiny_defaults if resolved and resolved.is_tiny else spec.defaults

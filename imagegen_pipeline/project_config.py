@@ -4,7 +4,9 @@ Every entry point (``make demo``, ``make ui`` / ``dagster dev``, the daemon's se
 schedule, backfills, the CLI and celery workers) reads the same file, so they resolve the same
 models, device and folders. A value in the environment wins over the file; the file wins over
 the defaults below. The file is ``$IMAGEGEN_CONFIG`` if set, else ``imagegen.toml`` in the
-working directory (the project folder for all of the above).
+working directory (the project folder for all of the above). Relative folders in the file (and
+the default ones) are relative to the file's folder, so every process finds the same folders
+whatever its working directory; relative folders in the environment, to the working directory.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from imagegen_pipeline.registry import BACKEND_NAMES, MODELS
 
 CONFIG_ENV_VAR = "IMAGEGEN_CONFIG"
 CONFIG_FILE = "imagegen.toml"
+FOLDER_SETTINGS = ("prompts_dir", "storage", "models_dir")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ def load_project_config() -> ProjectConfig:
                 f"{path}: unknown setting(s) {', '.join(unknown)}; known: {sorted(known)}"
             )
         values.update(document)
+        for name in FOLDER_SETTINGS:
+            value = values.get(name, getattr(ProjectConfig, name))
+            if value and "://" not in value and not Path(value).expanduser().is_absolute():
+                values[name] = str(path.parent.resolve() / value)
     for variable, (name, parse) in ENVIRONMENT.items():
         if os.getenv(variable):
             values[name] = parse(os.environ[variable])

@@ -117,7 +117,8 @@ def make_resources(
 
     Keyword arguments replace whole resources, e.g. ``make_resources(flux_schnell=...)``.
     """
-    from imagegen_pipeline.defs.resources import default_resources, settings_resource
+    from imagegen_pipeline.defs.model_resources import settings_resource
+    from imagegen_pipeline.defs.resources import default_resources
     from imagegen_pipeline.defs.storage import (
         StepOutputIOManager,
         StorageResource,

@@ -9,7 +9,8 @@ import dagster as dg
 import pydantic
 import pytest
 
-from imagegen_pipeline.defs.resources import default_resources, settings_of, settings_resource
+from imagegen_pipeline.defs.model_resources import settings_of, settings_resource
+from imagegen_pipeline.defs.resources import default_resources
 from imagegen_pipeline.model_settings import (
     FluxSchnellSettings,
     GeminiSettings,

@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from imagegen_pipeline.defs.resources import settings_of
+from imagegen_pipeline.defs.model_resources import settings_of
 from imagegen_pipeline.model_cache import WARM_MODELS
 from imagegen_pipeline.model_resolution import WarmModel, warm_model
 from imagegen_pipeline.model_weights import ModelWeightsMissingError

@@ -9,28 +9,11 @@ values with the class defaults when a run config sets any field of it, so values
 be silently dropped by a launchpad edit; class defaults cannot be.
 """
 
-from functools import cache
-
-import dagster as dg
-from pydantic import BaseModel
-
+from imagegen_pipeline.defs.model_resources import settings_resource
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
 from imagegen_pipeline.defs.quality.resources import QualityThresholds
 from imagegen_pipeline.defs.storage import StepOutputIOManager, StorageResource, TableIOManager
 from imagegen_pipeline.registry import MODELS
-
-
-@cache
-def settings_resource(settings: type[BaseModel]) -> type[dg.ConfigurableResource]:
-    """The Dagster resource whose fields are exactly the fields of ``settings``."""
-    name = settings.__name__.removesuffix("Settings") + "Resource"
-    namespace = {"__doc__": settings.__doc__, "__module__": __name__}
-    return type(name, (dg.ConfigurableResource, settings), namespace)
-
-
-def settings_of(resource: dg.ConfigurableResource, settings: type[BaseModel]) -> BaseModel:
-    """The plain settings object a model resource holds (what model code is given)."""
-    return settings(**{name: getattr(resource, name) for name in settings.model_fields})
 
 
 def default_resources() -> dict[str, object]:

@@ -43,13 +43,15 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from upath import UPath
 
-from imagegen_pipeline.backends.gemini.errors import daily_quota_ids, error_details, error_reasons
 from imagegen_pipeline.enhancement.base import Enhancement
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
 from imagegen_pipeline.gemini_client import (
     CONNECT_ERRORS,
     RETRYABLE_STATUS_CODES,
     SDK_RETRIED_ERRORS,
+    daily_quota_ids,
+    error_details,
+    error_reasons,
     make_gemini_client,
     redact,
 )

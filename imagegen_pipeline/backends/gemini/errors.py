@@ -20,7 +20,14 @@ from typing import Any
 
 from google.genai import errors as genai_errors
 
-from imagegen_pipeline.gemini_client import RETRYABLE_STATUS_CODES, TRANSPORT_ERRORS, redact
+from imagegen_pipeline.gemini_client import (
+    RETRYABLE_STATUS_CODES,
+    TRANSPORT_ERRORS,
+    daily_quota_ids,
+    detail_type,
+    error_details,
+    redact,
+)
 from imagegen_pipeline.model_settings import GeminiSettings
 
 MISSING_KEY_MESSAGE = (
@@ -54,44 +61,6 @@ def clip(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def error_details(exc: genai_errors.APIError) -> list[dict[str, Any]]:
-    """The ``google.rpc`` detail messages of an API error (RetryInfo, QuotaFailure, ...)."""
-    body = exc.details
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        details = error.get("details") if isinstance(error, dict) else None
-        if isinstance(details, list):
-            return [detail for detail in details if isinstance(detail, dict)]
-    return []
-
-
-def _detail_type(detail: dict[str, Any]) -> str:
-    # "type.googleapis.com/google.rpc.RetryInfo" -> "google.rpc.RetryInfo"
-    return str(detail.get("@type", "")).rpartition("/")[2]
-
-
-def daily_quota_ids(details: list[dict[str, Any]]) -> list[str]:
-    """The per-day quotas a QuotaFailure says were exceeded (empty for per-minute ones)."""
-    quota_ids = []
-    for detail in details:
-        if _detail_type(detail) != "google.rpc.QuotaFailure":
-            continue
-        for violation in detail.get("violations") or []:
-            quota = f"{violation.get('quotaId', '')} {violation.get('quotaMetric', '')}"
-            if "perday" in quota.lower().replace("_", "").replace("-", ""):
-                quota_ids.append(violation.get("quotaId") or quota.strip())
-    return quota_ids
-
-
-def error_reasons(details: list[dict[str, Any]]) -> set[str]:
-    """The reasons of the ErrorInfo details, e.g. {"API_KEY_INVALID"} for a bad key."""
-    return {
-        str(detail.get("reason"))
-        for detail in details
-        if _detail_type(detail) == "google.rpc.ErrorInfo" and detail.get("reason")
-    }
-
-
 def _parse_duration(value: Any) -> float | None:
     """Seconds of a google.protobuf.Duration as JSON ("1.5s") or as {"seconds", "nanos"}."""
     try:
@@ -122,7 +91,7 @@ def _parse_retry_after(value: str | None) -> float | None:
 def retry_delay(exc: genai_errors.APIError, details: list[dict[str, Any]]) -> float | None:
     """The seconds the server asked to wait: RetryInfo in the body, else Retry-After."""
     for detail in details:
-        if _detail_type(detail) == "google.rpc.RetryInfo":
+        if detail_type(detail) == "google.rpc.RetryInfo":
             delay = _parse_duration(detail.get("retryDelay"))
             if delay is not None:
                 return delay

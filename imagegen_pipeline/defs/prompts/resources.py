@@ -1,6 +1,7 @@
 """How prompts are enhanced, per prompt set."""
 
 import os
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -29,12 +30,24 @@ class PromptEnhancerResource(dg.ConfigurableResource):
     gemini_base_url: str | None = None  # another endpoint (a proxy, a test server)
     ollama_base_url: str = DEFAULT_OLLAMA_BASE_URL  # where `ollama serve` listens
     ollama_model: str = DEFAULT_OLLAMA_MODEL  # a model pulled into Ollama (`ollama pull ...`)
-    timeout_seconds: float = 60.0  # one LLM call; a timed-out prompt falls back to the template
+    timeout_seconds: float = 60.0  # one LLM call; a timed-out call is retried like a 429
+    max_attempts: int = 5  # calls per prompt on 408/429/5xx and timeouts, then the template
+    initial_backoff_seconds: float = 1.0  # the wait before the first retry (doubling, jittered)
+    max_backoff_seconds: float = 60.0  # ceiling of that wait
     cache_dir: str | None = None  # cached LLM answers; None: <storage>/cache/enhancements
 
     def method_for(self, prompt_set: str) -> str:
         """The enhancement method configured for ``prompt_set``."""
         return self.method_by_prompt_set.get(prompt_set, self.default_method)
+
+    def _calls(self, cache: EnhancementCache) -> dict[str, Any]:
+        return {
+            "cache": cache,
+            "timeout_seconds": self.timeout_seconds,
+            "max_attempts": self.max_attempts,
+            "initial_backoff_seconds": self.initial_backoff_seconds,
+            "max_backoff_seconds": self.max_backoff_seconds,
+        }
 
     def create_enhancer(self, prompt_set: str, storage: Storage) -> PromptEnhancer:
         """The enhancer for ``prompt_set``; LLM answers are cached under the storage."""
@@ -50,14 +63,10 @@ class PromptEnhancerResource(dg.ConfigurableResource):
                 model=self.gemini_text_model,
                 api_key=self.gemini_api_key or os.getenv("GEMINI_API_KEY", ""),
                 base_url=self.gemini_base_url,
-                cache=cache,
-                timeout_seconds=self.timeout_seconds,
+                **self._calls(cache),
             )
         if method == "ollama":
             return OllamaEnhancer(
-                model=self.ollama_model,
-                base_url=self.ollama_base_url,
-                cache=cache,
-                timeout_seconds=self.timeout_seconds,
+                model=self.ollama_model, base_url=self.ollama_base_url, **self._calls(cache)
             )
         raise ValueError(f"unknown enhancement method {method!r} for prompt set {prompt_set!r}")

@@ -1,0 +1,93 @@
+"""The sensor that follows enhanced prompts, and the bulk schedule, as Dagster evaluates them."""
+
+import dagster as dg
+
+from imagegen_pipeline.definitions import defs
+from imagegen_pipeline.defs.images.sensors import (
+    bulk_generation_schedule,
+    generate_after_prompts_sensor,
+)
+from imagegen_pipeline.local_runner import materialize_prompt_sets
+from tests.conftest import SECOND_CSV
+
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def spans(requests: list[dg.RunRequest]) -> list[str]:
+    return sorted(
+        r.partition_key or f"{r.tags[RANGE_START]}..{r.tags[RANGE_END]}" for r in requests
+    )
+
+
+def prepare(instance, resources, prompt_sets):
+    assets = [*defs.assets, *(defs.asset_checks or [])]
+    instance.add_dynamic_partitions("prompt_sets", prompt_sets)
+    for prompt_set in prompt_sets:
+        dg.materialize(
+            assets,
+            selection=dg.AssetSelection.groups("prompts"),
+            partition_key=prompt_set,
+            instance=instance,
+            resources=resources,
+        )
+
+
+def test_every_set_enhanced_since_the_cursor_is_generated_in_one_run_per_backend(
+    dagster_instance, make_resources, prompts_dir, monkeypatch
+):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    (prompts_dir / "second.csv").write_text(SECOND_CSV)
+    (prompts_dir / "third.csv").write_text(SECOND_CSV.replace("ramen", "noodles"))
+    resources = make_resources()
+    prepare(dagster_instance, resources, ["example"])
+    first = generate_after_prompts_sensor(dg.build_sensor_context(instance=dagster_instance))
+    assert spans(first.run_requests) == ["flux_schnell|example", "sdxl_turbo|example"]
+
+    # Two sets land before the next tick: both are requested, together, once per backend.
+    prepare(dagster_instance, resources, ["second", "third"])
+    context = dg.build_sensor_context(instance=dagster_instance, cursor=first.cursor)
+    second = generate_after_prompts_sensor(context)
+    assert spans(second.run_requests) == [
+        "flux_schnell|second..flux_schnell|third",
+        "sdxl_turbo|second..sdxl_turbo|third",
+    ]
+    # Nothing new since: nothing requested.
+    context = dg.build_sensor_context(instance=dagster_instance, cursor=second.cursor)
+    assert generate_after_prompts_sensor(context).run_requests == []
+
+
+def test_the_bulk_schedule_asks_for_missing_and_failed_sets_once_per_backend(
+    dagster_instance, make_resources, prompts_dir, monkeypatch
+):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    for name in ("b", "c", "d"):
+        (prompts_dir / f"{name}.csv").write_text(SECOND_CSV.replace("ramen", name))
+    resources = make_resources()
+    # "example" and "c" are complete for both backends; b and d only prepared.
+    materialize_prompt_sets(
+        defs,
+        ["example"],
+        ["flux_schnell", "sdxl_turbo"],
+        instance=dagster_instance,
+        resources=resources,
+    )
+    prepare(dagster_instance, resources, ["b", "c", "d"])
+    materialize_prompt_sets(
+        defs, ["c"], ["flux_schnell", "sdxl_turbo"], instance=dagster_instance, resources=resources
+    )
+
+    context = dg.build_schedule_context(instance=dagster_instance)
+    requests = bulk_generation_schedule(context)
+    # One run per backend spanning b..d: c, in between, is already done and costs a listing.
+    assert spans(requests) == ["flux_schnell|b..flux_schnell|d", "sdxl_turbo|b..sdxl_turbo|d"]
+    assert all(r.job_name in (None, "generate_images") for r in requests)
+
+    materialize_prompt_sets(
+        defs,
+        ["b", "d"],
+        ["flux_schnell", "sdxl_turbo"],
+        instance=dagster_instance,
+        resources=resources,
+    )
+    done = bulk_generation_schedule(dg.build_schedule_context(instance=dagster_instance))
+    assert isinstance(done, dg.SkipReason)
