@@ -826,3 +826,139 @@ def celery_workers_by_step(instance: Any, run_id: str) -> dict[str, list[str]]:
         if worker is not None and event.step_key is not None:
             by_step.setdefault(event.step_key, []).append(str(worker.value))
     return by_step
+
+
+def postgres_env(postgres: RunningService) -> dict[str, str]:
+    """The DAGSTER_PG_* variables deploy/celery/dagster.yaml reads its connection from."""
+    params = postgres.params
+    return {
+        "DAGSTER_PG_HOST": str(params["host"]),
+        "DAGSTER_PG_PORT": str(params["port"]),
+        "DAGSTER_PG_USER": str(params["user"]),
+        "DAGSTER_PG_PASSWORD": str(params["password"]),
+        "DAGSTER_PG_DB": str(params["db"]),
+    }
+
+
+# --- Runs of a Definitions' jobs, orchestrated in a subprocess ------------------------------
+#
+# ``execute_job`` orchestrates a run in the calling process: with the celery executor that
+# process submits the tasks and waits for them. Running it in a subprocess lets a test bound it
+# (timeout), interrupt it (SIGTERM: the executor revokes its tasks and the run fails) and read
+# the environment the Definitions pick their executor from.
+
+RUN_JOBS = "from tests.services import run_jobs_main; run_jobs_main()"
+
+
+def run_jobs_main(argv: list[str] | None = None) -> None:
+    """Execute runs of jobs of a Definitions object, one after another, in this process.
+
+    ``--module M [--attribute defs] --runs JSON`` where JSON is a list of
+    ``{"job": name, "tags": {...}, "run_config": {...}, "asset_selection": ["a/b", ...],
+    "from_failure": parent_run_id}`` (all but "job" optional). The instance is $DAGSTER_HOME's.
+    Prints one JSON line per run (``index``, ``run_id``, ``success``, ``seconds``); exits 1 when
+    a run failed. SIGTERM becomes an interrupt, as in Dagster's own CLI.
+    """
+    import argparse
+    import json
+
+    import dagster as dg
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._utils.interrupts import setup_interrupt_handlers
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--module", required=True)
+    parser.add_argument("--attribute", default="defs")
+    parser.add_argument("--runs", required=True)
+    args = parser.parse_args(argv)
+    setup_interrupt_handlers()
+    repository = ReconstructableRepository.for_module(
+        args.module, args.attribute, working_directory=os.getcwd()
+    )
+    all_succeeded = True
+    with dg.DagsterInstance.get() as instance:
+        for index, spec in enumerate(json.loads(args.runs)):
+            options = None
+            if spec.get("from_failure"):
+                options = dg.ReexecutionOptions.from_failure(spec["from_failure"], instance)
+            selection = [
+                dg.AssetKey.from_user_string(key) for key in spec.get("asset_selection", [])
+            ]
+            started = time.perf_counter()
+            result = dg.execute_job(
+                repository.get_reconstructable_job(spec["job"]),
+                instance=instance,
+                run_config=spec.get("run_config") or None,
+                tags=spec.get("tags") or {},
+                reexecution_options=options,
+                asset_selection=selection or None,
+            )
+            seconds = time.perf_counter() - started
+            all_succeeded &= result.success
+            line = {"index": index, "run_id": result.run_id, "success": result.success}
+            print(json.dumps({**line, "seconds": round(seconds, 3)}), flush=True)
+    sys.exit(0 if all_succeeded else 1)
+
+
+class JobRuns:
+    """A subprocess executing runs (:func:`run_jobs_main`); its output goes to ``log_path``."""
+
+    def __init__(
+        self,
+        runs: list[Mapping[str, Any]],
+        *,
+        module: str,
+        env: Mapping[str, str],
+        cwd: str | os.PathLike[str],
+        log_path: str | os.PathLike[str],
+    ) -> None:
+        import json
+
+        self.log_path = Path(log_path)
+        command = [sys.executable, "-c", RUN_JOBS, "--module", module, "--runs", json.dumps(runs)]
+        paths = [str(cwd), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env={**env, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def results(self) -> list[dict[str, Any]]:
+        """The runs finished so far: ``{"index", "run_id", "success", "seconds"}`` each."""
+        import json
+
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith('{"index"'):
+                found.append(json.loads(line))
+        return found
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        """Wait for the process to end (killing it after ``timeout`` s and raising)."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TimeoutError(
+                f"runs did not finish in {timeout:.0f} s:\n{self.log_tail()}"
+            ) from None
+        return self.results()
+
+    def interrupt(self) -> None:
+        """SIGTERM: the executor revokes its tasks and the run ends as failed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the process group (nothing is left running)."""
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]

@@ -6,10 +6,12 @@ run that loads each model once, and the asset code handles every partition key o
 """
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dagster as dg
+import pandas as pd
 
+from imagegen_pipeline.enhancement import ENHANCED_COLUMNS
 from imagegen_pipeline.registry import BACKEND_NAMES
 
 # One key per CSV file in the prompts folder, added by the prompt-files sensor and the demo.
@@ -32,6 +34,24 @@ with warnings.catch_warnings():
     from_prompt_set = dg.MultiToSingleDimensionPartitionMapping(
         partition_dimension_name="prompt_set"
     )
+
+
+# What a per-backend asset reads of its prompt set. A set whose CSV could not be used has no
+# enhanced prompts: it is allowed to be missing, so that a single run over every set (a
+# backfill of "all partitions") still makes the others; the missing set plans nothing.
+PROMPT_SET_INPUT = dg.AssetIn(
+    partition_mapping=from_prompt_set, metadata={"allow_missing_partitions": True}
+)
+
+
+def prompts_of(
+    enhanced_prompts: dict[str, pd.DataFrame], prompt_set: str, log: Callable[[str], None]
+) -> pd.DataFrame:
+    """The enhanced prompts of ``prompt_set``, or none (with a warning) when it has none."""
+    if prompt_set in enhanced_prompts:
+        return enhanced_prompts[prompt_set]
+    log(f"Prompt set {prompt_set!r} has no enhanced prompts (its CSV could not be used): skipped.")
+    return pd.DataFrame(columns=list(ENHANCED_COLUMNS))
 
 
 def partition_key(prompt_set: str, backend: str) -> dg.MultiPartitionKey:

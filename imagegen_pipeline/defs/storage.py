@@ -76,7 +76,9 @@ class ParquetTables(StoredFiles):
     def load_partitions(self, context: dg.InputContext) -> dict[str, pd.DataFrame]:
         loaded = super().load_partitions(context)
         if len(context.asset_partition_keys) == 1 and not isinstance(loaded, dict):
-            return {context.asset_partition_keys[0]: loaded}
+            # A partition allowed to be missing loads as None: leave it out, like Dagster does
+            # when several partitions are loaded.
+            return {} if loaded is None else {context.asset_partition_keys[0]: loaded}
         return loaded
 
 

@@ -15,9 +15,10 @@ import pandas as pd
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
-    from_prompt_set,
+    PROMPT_SET_INPUT,
     keys_by_backend,
     prompt_set_x_backend_partitions,
+    prompts_of,
     single_run,
 )
 from imagegen_pipeline.defs.steps import model_use, worker_name, write_step_record
@@ -64,7 +65,8 @@ def make_images(
             backend = warm.model
             for key, prompt_set in entries:
                 started_at = utc_now()
-                planned = plan_images(enhanced_prompts[prompt_set], backend)
+                prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
+                planned = plan_images(prompts, backend)
                 step = ImagesStepContext(
                     storage=storage,
                     prompt_set=prompt_set,
@@ -193,7 +195,7 @@ def generate_on_gpu(
 
 @dg.graph_asset(
     partitions_def=prompt_set_x_backend_partitions,
-    ins={"enhanced_prompts": dg.AssetIn(partition_mapping=from_prompt_set)},
+    ins={"enhanced_prompts": PROMPT_SET_INPUT},
     backfill_policy=single_run,
     group_name="images",
     kinds={"pytorch", "huggingface", "parquet"},

@@ -9,9 +9,10 @@ import pandas as pd
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
-    from_prompt_set,
+    PROMPT_SET_INPUT,
     keys_by_backend,
     prompt_set_x_backend_partitions,
+    prompts_of,
     single_run,
 )
 from imagegen_pipeline.defs.steps import worker_name, write_step_record
@@ -114,7 +115,7 @@ def score_partitions(
 
 @dg.asset(
     partitions_def=prompt_set_x_backend_partitions,
-    ins={"enhanced_prompts": dg.AssetIn(partition_mapping=from_prompt_set)},
+    ins={"enhanced_prompts": PROMPT_SET_INPUT},
     backfill_policy=single_run,
     group_name="quality",
     kinds={"pytorch", "parquet"},
@@ -141,7 +142,7 @@ def quality(
     workers = getattr(context.resources, CLIP_MODEL.name).workers
 
     def score(model: Any, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
-        prompts = enhanced_prompts[prompt_set]
+        prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         originals = dict(zip(prompts["prompt_id"], prompts["original_prompt"], strict=True))
         table = score_image_table(
             model,

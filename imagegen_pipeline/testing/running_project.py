@@ -1,0 +1,227 @@
+"""The project started the way a user starts it (`make ui`: webserver, daemon, code server), on
+temporary folders, with ways to drive it (drop CSVs, GraphQL backfills, the CLIs) and to look at
+it (runs, backfills, step metadata). The user-flow tests and ``benchmarks/backfill.py`` use it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BUSY = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
+DONE_BACKFILL = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
+PER_BACKEND_ASSETS = ("images", "quality", "clips", "video_quality")
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+LAUNCH_BACKFILL = """
+mutation LaunchBackfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+LAUNCH_RUN = """
+mutation LaunchRun($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+class ProjectTimeout(AssertionError):
+    """Something the project should have done did not happen in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def partitions_of(run: dg.DagsterRun) -> str:
+    """A run's partition key, or "start..end" for a run over a range."""
+    if RANGE_START in run.tags:
+        return f"{run.tags[RANGE_START]}..{run.tags[RANGE_END]}"
+    return run.tags.get("dagster/partition", "")
+
+
+@dataclass
+class RunningProject:
+    """`make ui` on temporary folders, and ways to drive and look at it."""
+
+    port: int
+    home: Path
+    prompts: Path
+    storage: Path
+    log: Path
+    env: dict[str, str]
+
+    def instance(self) -> dg.DagsterInstance:
+        """The project's Dagster instance (the same SQLite files the daemon writes)."""
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def runs(self) -> list[dg.DagsterRun]:
+        """Every run so far, newest first."""
+        with self.instance() as instance:
+            return [record.dagster_run for record in instance.get_run_records()]
+
+    def idle(self) -> bool:
+        """No run queued or in progress."""
+        return not [run for run in self.runs() if run.status in BUSY]
+
+    def wait_for(self, what: str, done: Callable[[], bool], timeout: float = 420) -> float:
+        """Wait until ``done()``; returns the seconds it took, raises ProjectTimeout."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if done():
+                return time.monotonic() - started
+            time.sleep(1)
+        tail = self.log.read_text(errors="replace")[-6000:]
+        summary = [(r.job_name, r.status.value, partitions_of(r)) for r in self.runs()]
+        raise ProjectTimeout(f"timed out waiting for {what}; runs: {summary}\n--- log ---\n{tail}")
+
+    def graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        """One GraphQL call through the dagster-graphql client."""
+        from dagster_graphql import DagsterGraphQLClient
+
+        client = DagsterGraphQLClient("127.0.0.1", port_number=self.port)
+        return client._execute(query, variables)  # the client has no backfill method
+
+    def launch_backfill(
+        self, partition_keys: Sequence[str], assets: Sequence[str] = PER_BACKEND_ASSETS
+    ) -> str:
+        """A backfill of ``assets`` over ``partition_keys``, as the UI submits it."""
+        answer = self.graphql(
+            LAUNCH_BACKFILL,
+            {
+                "params": {
+                    "assetSelection": [{"path": [name]} for name in assets],
+                    "partitionNames": list(partition_keys),
+                }
+            },
+        )["launchPartitionBackfill"]
+        if answer["__typename"] != "LaunchBackfillSuccess":
+            raise AssertionError(f"backfill refused: {answer}")
+        return answer["backfillId"]
+
+    def launch_run(self, job: str, partition_key: str) -> str:
+        """One run of ``job`` for one partition, as the UI's launchpad submits it."""
+        selector = {
+            "repositoryLocationName": "imagegen_pipeline",
+            "repositoryName": "__repository__",
+            "jobName": job,
+        }
+        tags = [{"key": "dagster/partition", "value": partition_key}]
+        if "|" in partition_key:
+            backend, prompt_set = partition_key.split("|")
+            tags += [
+                {"key": "dagster/partition/backend", "value": backend},
+                {"key": "dagster/partition/prompt_set", "value": prompt_set},
+            ]
+        answer = self.graphql(
+            LAUNCH_RUN,
+            {"params": {"selector": selector, "executionMetadata": {"tags": tags}}},
+        )["launchRun"]
+        if answer["__typename"] != "LaunchRunSuccess":
+            raise AssertionError(f"run refused: {answer}")
+        return answer["run"]["runId"]
+
+    def backfill_runs(self, backfill_id: str) -> list[dg.DagsterRun]:
+        """The runs a backfill created."""
+        with self.instance() as instance:
+            records = instance.get_run_records(
+                dg.RunsFilter(tags={"dagster/backfill": backfill_id})
+            )
+        return [record.dagster_run for record in records]
+
+    def backfill_status(self, backfill_id: str) -> str:
+        """The backfill's status name (REQUESTED, COMPLETED_SUCCESS, ...)."""
+        with self.instance() as instance:
+            return instance.get_backfill(backfill_id).status.value
+
+    def wait_for_backfill(self, backfill_id: str, timeout: float = 600) -> float:
+        """Wait until the daemon marks the backfill done; returns the seconds it took."""
+        return self.wait_for(
+            f"backfill {backfill_id}",
+            lambda: self.backfill_status(backfill_id) in DONE_BACKFILL,
+            timeout,
+        )
+
+    def cli(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """A command of the project's virtual environment, from the project folder."""
+        return subprocess.run(
+            [str(PROJECT_ROOT / ".venv" / "bin" / program), *args],
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+
+@contextmanager
+def running_project(root: Path, **variables: str) -> Iterator[RunningProject]:
+    """`make ui` on folders under ``root`` (prompts, storage, Dagster home), models on "auto",
+    plus ``variables`` (e.g. IMAGEGEN_SENSOR_INTERVAL_SECONDS); stopped on exit."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "IMAGEGEN_PROMPTS_DIR": str(root / "prompts"),
+        "IMAGEGEN_STORAGE": str(root / "storage"),
+        "HF_HUB_OFFLINE": "1",
+        **variables,
+    }
+    for variable in [v for v in env if v.startswith("IMAGEGEN_") and v.endswith("_MODEL")]:
+        if variable not in variables:
+            del env[variable]  # "auto": the choice `make demo` makes
+    (root / "prompts").mkdir(parents=True, exist_ok=True)
+    log = root / "make-ui.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            ["make", "-C", str(PROJECT_ROOT), "ui", f"PORT={port}"],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    project = RunningProject(
+        port, Path(env["DAGSTER_HOME"]), root / "prompts", root / "storage", log, env
+    )
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"make ui ended: {log.read_text()[-4000:]}")
+        try:
+            project.graphql("{ version }", {})
+        except Exception:  # not listening yet
+            return False
+        return True
+
+    try:
+        project.wait_for("the webserver", answering, timeout=240)
+        yield project
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
