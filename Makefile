@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test ui lint
 
-demo: $(VENV)/.installed  ## run the whole graph on prompts/example.csv
+demo: $(VENV)/.installed  ## run the whole graph on every CSV in prompts/
 	$(BIN)/imagegen demo
 
 test: $(VENV)/.installed  ## run the test suite

@@ -28,7 +28,7 @@ from imagegen_pipeline.generation_step import (
 )
 from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
 from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
-from imagegen_pipeline.run_metadata import RunMetadataWriter, finished_outputs
+from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
 from imagegen_pipeline.storage import Storage
 
 ADDRESS_CHARS = 16  # 64 bits of the sha256 in file names: collisions need ~4 billion images
@@ -140,7 +140,7 @@ def run_images_step(
             storage, "images", "image_id", prompt_set=step.prompt_set, backend=settings.backend
         )
         if on_disk
-        else {}
+        else FinishedOutputs({})
     )
     metadata = RunMetadataWriter(
         storage, "images", run_id=step.run_id, prompt_set=step.prompt_set, backend=settings.backend
@@ -174,7 +174,6 @@ def run_images_step(
     def describe_existing(item: PlannedImage) -> Iterator[ImageRecord]:
         path = folder / item.relative_path
         size = on_disk[item.relative_path]
-        sha256, recorded_size = made_before.get(item.image_id, (None, None))
         if item.image_id not in made_before:
             # Made by a run killed before its row was flushed: the PNG carries that row.
             png = storage.read_bytes(path)
@@ -192,10 +191,8 @@ def run_images_step(
                 bytes=len(png),
                 recovered=True,
             )
-        elif recorded_size is not None and recorded_size != size:
-            # Replaced under its name since it was made: describe what is there now.
-            log(f"{path} changed since it was made ({recorded_size} -> {size} bytes).")
-            sha256 = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+        else:
+            sha256 = made_before.sha256_now(storage, path, item.image_id, size, log)
         yield record(
             item,
             "skipped_existing",

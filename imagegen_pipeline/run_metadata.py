@@ -9,11 +9,13 @@ hours loses at most its last part; two steps writing at the same moment never co
 
 from __future__ import annotations
 
+import hashlib
 import io
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -148,13 +150,36 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+@dataclass
+class FinishedOutputs:
+    """The outputs of a partition that have a generation row (status ok): id -> (sha256, size)."""
+
+    made: dict[str, tuple[str | None, int | None]]
+
+    def __contains__(self, output_id: str) -> bool:
+        return output_id in self.made
+
+    def sha256_now(
+        self, storage: Storage, path: UPath, output_id: str, size: int, log: Callable[[str], None]
+    ) -> str | None:
+        """The recorded sha256 of a file found by a listing, or, when its size says it was
+        replaced under its name since it was made, the sha256 of what is there now."""
+        sha256, recorded_size = self.made.get(output_id, (None, None))
+        if recorded_size is not None and recorded_size != size:
+            log(f"{path} changed since it was made ({recorded_size} -> {size} bytes).")
+            return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+        return sha256
+
+
 def finished_outputs(
     storage: Storage, table: str, id_column: str, *, prompt_set: str, backend: str
-) -> dict[str, tuple[str | None, int | None]]:
-    """Outputs of a partition that have a generation row (status ok): id -> (sha256, bytes)."""
+) -> FinishedOutputs:
+    """What the run metadata of a partition says was made, by output id."""
     rows = load_run_metadata(storage, table, prompt_set=prompt_set, backend=backend)
     made = rows[rows["status"] == "ok"].drop_duplicates(id_column, keep="last")
-    return {
-        row[id_column]: (row["sha256"], None if pd.isna(row["bytes"]) else int(row["bytes"]))
-        for row in made.to_dict("records")
-    }
+    return FinishedOutputs(
+        {
+            row[id_column]: (row["sha256"], None if pd.isna(row["bytes"]) else int(row["bytes"]))
+            for row in made.to_dict("records")
+        }
+    )

@@ -48,6 +48,10 @@ class Storage:
     """Reads, atomic writes and listings under one base path (a folder or an fsspec URL)."""
 
     def __init__(self, base: str | os.PathLike[str], **storage_options: object) -> None:
+        if not is_local(UPath(base)):
+            # Other processes (celery workers, runs) write to the same store: a listing cached
+            # by this process's fsspec instance would hide their objects from info/exists/open.
+            storage_options.setdefault("use_listings_cache", False)
         self.base = UPath(base, **storage_options)
 
     def __repr__(self) -> str:

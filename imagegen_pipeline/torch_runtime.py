@@ -135,6 +135,49 @@ def place_pipeline(pipeline: Any, offload: str, device: torch.device) -> None:
         pipeline.to(device)
 
 
+class DiffusersModel:
+    """A diffusers pipeline held by a model object: loaded once, placed, freed on demand.
+
+    Image backends and the video generator share this; they add what they call it with.
+    """
+
+    pipeline: Any = None
+    model_loads = 0  # how many times this object loaded its weights
+
+    def load_pipeline(
+        self,
+        pipeline_class: type,
+        settings: Any,
+        *,
+        dtype: torch.dtype,
+        variant: str | None,
+        offload: str,
+        device: torch.device,
+    ) -> Any:
+        """Load ``settings.model`` (revision, allow_download) and place it on ``device``."""
+        pipeline = load_diffusers_pipeline(
+            pipeline_class,
+            settings.model,
+            revision=settings.revision,
+            dtype=dtype,
+            variant=variant,
+            allow_download=settings.allow_download,
+        )
+        place_pipeline(pipeline, offload, device)
+        pipeline.set_progress_bar_config(disable=True)
+        self.model_loads += 1
+        return pipeline
+
+    def unload(self) -> None:
+        """Free the pipeline and the accelerator memory it holds."""
+        self.pipeline = None
+        free_accelerator_memory()
+
+    def weight_bytes(self) -> int:
+        """Memory the loaded pipeline holds (what the warm-model cache budgets)."""
+        return pipeline_bytes(self.pipeline) if self.pipeline is not None else 0
+
+
 class PeakMemory:
     """Peak CUDA memory of a block of work, in MiB (None off CUDA)."""
 

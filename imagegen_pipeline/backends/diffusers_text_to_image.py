@@ -26,14 +26,12 @@ from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_mem
 from imagegen_pipeline.model_settings import DiffusersImageSettings
 from imagegen_pipeline.records import utc_now
 from imagegen_pipeline.torch_runtime import (
+    DiffusersModel,
     PeakMemory,
     dtype_name,
     free_accelerator_memory,
     is_out_of_memory,
-    load_diffusers_pipeline,
     local_model_folder,
-    pipeline_bytes,
-    place_pipeline,
     resolve_device,
     resolve_dtype,
 )
@@ -41,7 +39,7 @@ from imagegen_pipeline.torch_runtime import (
 logger = logging.getLogger(__name__)
 
 
-class DiffusersTextToImage(ImageBackend):
+class DiffusersTextToImage(DiffusersModel, ImageBackend):
     """A text-to-image diffusers pipeline, loaded once and called once per batch."""
 
     pipeline_class_name: ClassVar[str]  # a diffusers pipeline class, imported at load time
@@ -53,8 +51,6 @@ class DiffusersTextToImage(ImageBackend):
             raise ValueError("resolve the settings first: width and height must be set")
         self.config = settings
         self.model_id = model_id or settings.model  # what content addresses record
-        self.pipeline: Any = None
-        self.model_loads = 0
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.dtype, self.preferred_dtype, self._device)
         self.memory_plan: MemoryPlan | None = None
@@ -121,32 +117,22 @@ class DiffusersTextToImage(ImageBackend):
         self.batch_size = self.memory_plan.batch_size if self.memory_plan else self.batch_size
         if self.memory_plan:
             logger.info("%s memory plan: %s", self.name, self.memory_plan.reason)
-        pipeline = load_diffusers_pipeline(
+        pipeline = self.load_pipeline(
             getattr(diffusers, self.pipeline_class_name),
-            self.config.model,
-            revision=self.config.revision,
+            self.config,
             dtype=self._dtype,
             variant=self.variant,
-            allow_download=self.config.allow_download,
+            offload=offload,
+            device=self._device,
         )
-        place_pipeline(pipeline, offload, self._device)
         # Decode a batch one image at a time / in tiles: less peak memory at a small cost.
         if self.config.vae_slicing:
             pipeline.vae.enable_slicing()
         if self.config.vae_tiling:
             pipeline.vae.enable_tiling()
-        pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.offload = offload
-        self.model_loads += 1
         return time.perf_counter() - started
-
-    def unload(self) -> None:
-        self.pipeline = None
-        free_accelerator_memory()
-
-    def weight_bytes(self) -> int:
-        return pipeline_bytes(self.pipeline) if self.pipeline is not None else 0
 
     def run_summary(self) -> RunSummary:
         plan = self.memory_plan

@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import datetime
 from typing import Any
 
 from imagegen_pipeline.generation_step import StepOutcome
@@ -32,6 +33,43 @@ def model_use(outcome: StepOutcome[Any], is_local: bool) -> dict[str, Any]:
         "model_cache_hits": int(is_local and outcome.generated > 0 and not loaded),
         "model_load_seconds": outcome.load_seconds,
     }
+
+
+def generation_step_record(
+    context: Any,
+    asset: str,
+    prompt_set: str,
+    backend: str,
+    model: Any,
+    outcome: StepOutcome[Any],
+    *,
+    is_local: bool,
+    started_at: datetime,
+    **extra: Any,
+) -> StepRecord:
+    """The step row of one partition of a generating step (images, clips) from its outcome:
+    counts by status, time, the model it used, loads and warm-cache hits."""
+    counts, settings = outcome.counts, model.settings
+    return StepRecord(
+        run_id=context.run.run_id,
+        asset=asset,
+        prompt_set=prompt_set,
+        backend=backend,
+        model_id=settings.model_id,
+        revision=settings.revision,
+        device=model.device,
+        worker=worker_name(),
+        requested=len(outcome.records),
+        generated=counts.get("ok", 0),
+        skipped_existing=counts.get("skipped_existing", 0),
+        failed=counts.get("failed", 0),
+        blocked=counts.get("blocked", 0),
+        skipped_budget=counts.get("skipped_budget", 0),
+        seconds=outcome.seconds,
+        started_at=started_at,
+        **model_use(outcome, is_local),
+        **extra,
+    )
 
 
 def write_step_record(storage: Storage, record: StepRecord) -> str | None:

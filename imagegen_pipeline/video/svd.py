@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 from diffusers import StableVideoDiffusionPipeline
@@ -18,12 +17,10 @@ from PIL import Image, ImageOps
 
 from imagegen_pipeline.model_settings import SvdSettings
 from imagegen_pipeline.torch_runtime import (
+    DiffusersModel,
     PeakMemory,
     free_accelerator_memory,
     is_out_of_memory,
-    load_diffusers_pipeline,
-    pipeline_bytes,
-    place_pipeline,
     resolve_device,
     resolve_dtype,
 )
@@ -51,7 +48,7 @@ def conditioning_image(image: Image.Image, width: int, height: int) -> Image.Ima
     return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
 
 
-class SvdGenerator:
+class SvdGenerator(DiffusersModel):
     """StableVideoDiffusionPipeline, loaded once, called once per clip."""
 
     preferred_dtype = "float16"  # a torch_runtime.DTYPES name, as resolve_dtype expects
@@ -61,8 +58,6 @@ class SvdGenerator:
         check_settings(config)
         self.config = config
         self.model_id = model_id or config.model
-        self.pipeline: Any = None
-        self.model_loads = 0
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self.preferred_dtype, self._device)
         # The out-of-memory ladder lowers these; they stay lowered for the rest of the step,
@@ -99,30 +94,18 @@ class SvdGenerator:
         if self.pipeline is not None:
             return 0.0
         started = time.perf_counter()
-        pipeline = load_diffusers_pipeline(
+        pipeline = self.load_pipeline(
             StableVideoDiffusionPipeline,
-            self.config.model,
-            revision=self.config.revision,
+            self.config,
             dtype=self._dtype,
             variant=self.variant,
-            allow_download=self.config.allow_download,
+            offload=self.offload,
+            device=self._device,
         )
-        place_pipeline(pipeline, self.offload, self._device)
         if self.forward_chunking:
             pipeline.unet.enable_forward_chunking()
-        pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
-        self.model_loads += 1
         return time.perf_counter() - started
-
-    def unload(self) -> None:
-        """Free the pipeline and the accelerator memory it holds."""
-        self.pipeline = None
-        free_accelerator_memory()
-
-    def weight_bytes(self) -> int:
-        """Memory the loaded pipeline holds (for the warm-model cache)."""
-        return pipeline_bytes(self.pipeline) if self.pipeline is not None else 0
 
     def generate(self, image: Image.Image, seed: int) -> VideoClipResult:
         """One clip of ``image``; out of memory walks down the ladder, then fails this clip."""

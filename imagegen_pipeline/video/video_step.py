@@ -30,7 +30,7 @@ from imagegen_pipeline.records import (
     facts_from_json,
     utc_now,
 )
-from imagegen_pipeline.run_metadata import RunMetadataWriter, finished_outputs
+from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.video.video_clip import (
     VideoClipResult,
@@ -158,7 +158,7 @@ def run_video_step(
             storage, "clips", "clip_id", prompt_set=step.prompt_set, backend=step.backend
         )
         if on_disk
-        else {}
+        else FinishedOutputs({})
     )
     metadata = RunMetadataWriter(
         storage, "clips", run_id=step.run_id, prompt_set=step.prompt_set, backend=step.backend
@@ -196,7 +196,6 @@ def run_video_step(
     def describe_existing(item: PlannedVideoClip) -> Iterator[VideoClipRecord]:
         path, preview = files(item)
         size = on_disk[f"{item.stem}.mp4"]
-        sha256, recorded_size = made_before.get(item.clip_id, (None, None))
         if item.clip_id not in made_before:
             # Made by a run killed before its row was flushed: the preview carries that row.
             facts = facts_from_json(read_preview_facts(storage.read_bytes(preview)))
@@ -214,10 +213,8 @@ def run_video_step(
                 bytes=len(video),
                 recovered=True,
             )
-        elif recorded_size is not None and recorded_size != size:
-            # Replaced under its name since it was made: describe what is there now.
-            log(f"{path} changed since it was made ({recorded_size} -> {size} bytes).")
-            sha256 = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+        else:
+            sha256 = made_before.sha256_now(storage, path, item.clip_id, size, log)
         yield record(
             item,
             "skipped_existing",

@@ -10,11 +10,10 @@ from imagegen_pipeline.defs.partitions import (
     prompt_set_x_backend_partitions,
     single_run,
 )
-from imagegen_pipeline.defs.steps import model_use, worker_name, write_step_record
+from imagegen_pipeline.defs.steps import generation_step_record, write_step_record
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import (
     VIDEO_CLIP_STATUSES,
-    StepRecord,
     VideoClipRecord,
     utc_now,
 )
@@ -72,21 +71,14 @@ def clips(
                 )
                 outcome = run_video_step(generator, planned, step, log=context.log.info)
                 counts = outcome.counts
-                record = StepRecord(
-                    run_id=context.run.run_id,
-                    asset="clips",
-                    prompt_set=prompt_set,
-                    backend=backend,
-                    model_id=generator.settings.model_id,
-                    revision=generator.settings.revision,
-                    device=generator.device,
-                    worker=worker_name(),
-                    requested=len(planned),
-                    generated=counts.get("ok", 0),
-                    skipped_existing=counts.get("skipped_existing", 0),
-                    failed=counts.get("failed", 0),
-                    seconds=outcome.seconds,
-                    **model_use(outcome, SVD.is_local),
+                record = generation_step_record(
+                    context,
+                    "clips",
+                    prompt_set,
+                    backend,
+                    generator,
+                    outcome,
+                    is_local=SVD.is_local,
                     started_at=started_at,
                 )
                 write_step_record(storage, record)

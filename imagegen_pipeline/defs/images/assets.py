@@ -21,7 +21,7 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
-from imagegen_pipeline.defs.steps import model_use, worker_name, write_step_record
+from imagegen_pipeline.defs.steps import generation_step_record, write_step_record
 from imagegen_pipeline.images_step import (
     ImagesStepContext,
     images_folder,
@@ -33,7 +33,6 @@ from imagegen_pipeline.records import (
     EXISTING_STATUSES,
     IMAGE_STATUSES,
     ImageRecord,
-    StepRecord,
     utc_now,
 )
 from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
@@ -80,30 +79,21 @@ def make_images(
                     context.log.warning(warning)
                 counts = outcome.counts
                 settings = backend.settings
-                record = StepRecord(
-                    run_id=context.run.run_id,
-                    asset="images",
-                    prompt_set=prompt_set,
-                    backend=backend_name,
-                    model_id=settings.model_id,
-                    revision=settings.revision,
-                    device=backend.device,
-                    worker=worker_name(),
-                    requested=len(planned),
-                    generated=counts.get("ok", 0),
-                    skipped_existing=counts.get("skipped_existing", 0),
-                    failed=counts.get("failed", 0),
-                    blocked=counts.get("blocked", 0),
-                    skipped_budget=counts.get("skipped_budget", 0),
-                    seconds=outcome.seconds,
+                record = generation_step_record(
+                    context,
+                    "images",
+                    prompt_set,
+                    backend_name,
+                    backend,
+                    outcome,
+                    is_local=spec.is_local,
+                    started_at=started_at,
                     items_per_second=_rate(counts.get("ok", 0), outcome.records),
-                    **model_use(outcome, spec.is_local),
                     offload=summary.metadata.get("offload"),
                     batch_size=summary.metadata.get("batch_size"),
                     memory_plan=summary.metadata.get("memory_plan"),
                     peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
                     cost_usd=_sum(r.cost_usd for r in outcome.records),
-                    started_at=started_at,
                 )
                 write_step_record(storage, record)
                 table = pd.DataFrame([r.__dict__ for r in outcome.records], columns=IMAGE_COLUMNS)
