@@ -135,3 +135,30 @@ class ClipModelSettings(ModelSettings):
     batch_size: int = Field(32, description="images per forward pass; scores do not depend on it")
     workers: int = Field(4, description="threads decoding and measuring images ahead of the model")
     aesthetic_head: str | None = Field(None, description="LAION linear head weights file")
+
+
+class EnhancerSettings(BaseModel):
+    """How prompts are enhanced, per prompt set: "template" (offline), "gemini" or "ollama"."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default_method: Literal["template", "gemini", "ollama"] = Field(
+        "template", description="for prompt sets not named in method_by_prompt_set"
+    )
+    method_by_prompt_set: dict[str, str] = Field(
+        default_factory=dict, description='e.g. {"product_shots": "gemini"}'
+    )
+    gemini_api_key: str | None = Field(
+        None, repr=False, description="None: GEMINI_API_KEY, read when the step starts"
+    )
+    gemini_text_model: str = Field("gemini-2.5-flash", description="the model rewriting prompts")
+    gemini_base_url: str | None = Field(None, description="another endpoint (a proxy, a test)")
+    ollama_base_url: str = Field("http://127.0.0.1:11434", description="where ollama serve listens")
+    ollama_model: str = Field("llama3.2", description="a model pulled into Ollama")
+    timeout_seconds: float = Field(60.0, description="one call; a timed-out call is retried")
+    max_attempts: int = Field(5, description="calls per prompt on 408/429/5xx, then the template")
+    initial_backoff_seconds: float = Field(1.0, description="wait before the first retry")
+    max_backoff_seconds: float = Field(60.0, description="ceiling of the doubling wait")
+    cache_dir: str | None = Field(
+        None, description="LLM answers; None: <storage>/cache/enhancements"
+    )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 
 from imagegen_pipeline.enhancement.base import Enhancement, PromptEnhancer, rate_prompt
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
+from imagegen_pipeline.model_settings import EnhancerSettings
+from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.text_encoders import (
     CLIP_TOKEN_LIMIT,
     T5_TOKEN_LIMIT,
@@ -17,6 +21,7 @@ __all__ = [
     "Enhancement",
     "PromptEnhancer",
     "TemplateEnhancer",
+    "create_enhancer",
     "enhance_prompts",
 ]
 
@@ -37,6 +42,46 @@ ENHANCED_COLUMNS = (
     "t5_truncated",
     *PASSTHROUGH_COLUMNS,
 )
+
+
+def create_enhancer(
+    settings: EnhancerSettings, prompt_set: str, storage: Storage
+) -> PromptEnhancer:
+    """The enhancer ``settings`` choose for ``prompt_set``; LLM answers cached under storage."""
+    method = settings.method_by_prompt_set.get(prompt_set, settings.default_method)
+    if method == "template":
+        return TemplateEnhancer()
+    # Only now: the SDK clients take a second to import, and most sets use the template.
+    from imagegen_pipeline.enhancement.llm import (
+        EnhancementCache,
+        GeminiTextEnhancer,
+        OllamaEnhancer,
+    )
+
+    cache_folder = (
+        Storage(settings.cache_dir).base
+        if settings.cache_dir
+        else storage.path("cache", "enhancements")
+    )
+    calls = {
+        "cache": EnhancementCache(cache_folder),
+        "timeout_seconds": settings.timeout_seconds,
+        "max_attempts": settings.max_attempts,
+        "initial_backoff_seconds": settings.initial_backoff_seconds,
+        "max_backoff_seconds": settings.max_backoff_seconds,
+    }
+    if method == "gemini":
+        return GeminiTextEnhancer(
+            model=settings.gemini_text_model,
+            api_key=settings.gemini_api_key or os.getenv("GEMINI_API_KEY", ""),
+            base_url=settings.gemini_base_url,
+            **calls,
+        )
+    if method == "ollama":
+        return OllamaEnhancer(
+            model=settings.ollama_model, base_url=settings.ollama_base_url, **calls
+        )
+    raise ValueError(f"unknown enhancement method {method!r} for prompt set {prompt_set!r}")
 
 
 def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataFrame:

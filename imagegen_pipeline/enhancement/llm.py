@@ -55,11 +55,14 @@ from imagegen_pipeline.gemini_client import (
     make_gemini_client,
     redact,
 )
+from imagegen_pipeline.model_settings import EnhancerSettings
 from imagegen_pipeline.storage import Storage
 
-DEFAULT_GEMINI_TEXT_MODEL = "gemini-2.5-flash"
-DEFAULT_OLLAMA_BASE_URL = "http://127.0.0.1:11434"
-DEFAULT_OLLAMA_MODEL = "llama3.2"
+# The defaults are declared once, in EnhancerSettings (model_settings.py).
+_DEFAULTS = EnhancerSettings.model_fields
+DEFAULT_GEMINI_TEXT_MODEL: str = _DEFAULTS["gemini_text_model"].default
+DEFAULT_OLLAMA_BASE_URL: str = _DEFAULTS["ollama_base_url"].default
+DEFAULT_OLLAMA_MODEL: str = _DEFAULTS["ollama_model"].default
 # Bump when the instruction changes, so cached answers written under the old one are not reused.
 INSTRUCTION_VERSION = 1
 MAX_ANSWER_CHARS = 1500

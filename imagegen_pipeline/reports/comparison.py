@@ -19,8 +19,6 @@ from typing import Any
 
 import jinja2
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from imagegen_pipeline.records import EXISTING_STATUSES
@@ -101,6 +99,10 @@ def backend_summary(
 
 def bar_chart_png(summary: pd.DataFrame, title: str) -> bytes:
     """A 2x2 bar chart of CLIP score, aesthetic, seconds and cost per image, by backend."""
+    # Imported here: matplotlib costs half a second, which every Dagster process would pay.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     # A bare Figure with the Agg canvas: no pyplot global state, safe in any thread or process.
     figure = Figure(figsize=(9, 6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

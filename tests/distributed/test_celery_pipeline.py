@@ -64,7 +64,7 @@ s3fs = pytest.importorskip("s3fs")
 
 from dagster import DagsterEventType, DagsterRunStatus  # noqa: E402
 
-from imagegen_pipeline.defs.gpu import GPU_CELERY_QUEUE  # noqa: E402
+from imagegen_pipeline.defs.gpu import GPU_CELERY_QUEUE, GPU_POOL  # noqa: E402
 from imagegen_pipeline.local_runner import range_tags  # noqa: E402
 from imagegen_pipeline.run_metadata import load_run_metadata  # noqa: E402
 from imagegen_pipeline.storage import Storage  # noqa: E402
@@ -346,8 +346,8 @@ def assert_no_stray_objects(keys: list[str]) -> None:
     assert not stray, stray
 
 
-def assert_pngs_complete(pipe: Pipeline, keys: list[str]) -> None:
-    """Each PNG decodes whole, is SIDE px, and is the file its generation row describes."""
+def assert_pngs_complete(pipe: Pipeline, keys: list[str], side: int = SIDE) -> None:
+    """Each PNG decodes whole, is ``side`` px, and is the file its generation row describes."""
     from PIL import Image
 
     rows = load_run_metadata(pipe.storage(), "images")
@@ -360,7 +360,7 @@ def assert_pngs_complete(pipe: Pipeline, keys: list[str]) -> None:
         data = pipe.read(key)
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # a truncated file fails here
-            assert image.size == (SIDE, SIDE), key
+            assert image.size == (side, side), key
         assert by_path.get(key) == hashlib.sha256(data).hexdigest(), key
 
 
@@ -485,3 +485,160 @@ def test_two_prompt_sets_both_backends_on_celery_with_outputs_on_s3(pipeline: Pi
         f"\ntwo prompt sets x two backends on celery: first materialization {first_seconds:.1f} s,"
         f" second (nothing to do) {second_seconds:.1f} s"
     )
+
+
+KILL_PROMPTS, KILL_IMAGES = 6, 4
+KILL_SIDE = 128  # bigger images, one per pipeline call: the images step lasts long enough
+
+
+@pytest.mark.timeout(600)
+def test_gpu_worker_killed_mid_step_then_reexecution_leaves_no_corrupt_or_duplicate_object(
+    pipeline: Pipeline,
+) -> None:
+    pipe = pipeline
+    rows = [
+        f"k{i},a paper boat number {i} on a pond,none,{KILL_IMAGES}" for i in range(KILL_PROMPTS)
+    ]
+    sets = pipe.add_prompt_sets({"killme": "prompt_id,prompt,style,num_images\n" + "\n".join(rows)})
+    planned = KILL_PROMPTS * KILL_IMAGES
+    pipe.run([prepare(sets)], label="kill-prepare")
+    spec = generate(sets, "flux_schnell", batch_size=1, width=KILL_SIDE, height=KILL_SIDE)
+    spec["tags"] = {**spec["tags"], "test/label": f"kill-{uuid.uuid4().hex[:6]}"}
+    folder = "images/killme/flux_schnell/"
+    killed_gpu = pipe.gpu_worker
+    orchestrator = pipe.start_runs([spec], "kill")
+    try:
+        runs: list[Any] = []
+
+        def created() -> bool:
+            runs[:] = pipe.instance.get_runs(filters=dg.RunsFilter(tags=spec["tags"]))
+            return bool(runs)
+
+        wait_for(created, RUN_TIMEOUT, "the run to be created", orchestrator.log_tail())
+        run_id = runs[0].run_id
+
+        def pngs() -> list[str]:
+            return sorted(k for k in pipe.objects(folder) if k.endswith(".png"))
+
+        # the gpu worker is inside images.generate_on_gpu once its first PNG is in the bucket
+        wait_for(lambda: len(pngs()) >= 1, RUN_TIMEOUT, "the first PNG", orchestrator.log_tail())
+        killed_gpu.kill()
+        made_before_kill = pngs()
+        assert 1 <= len(made_before_kill) < planned, "the kill must land mid-step"
+        assert "images.generate_on_gpu" in executed_steps(pipe.instance, run_id)
+        succeeded = [
+            e.step_key for e in events(pipe.instance, run_id, DagsterEventType.STEP_SUCCESS)
+        ]
+        assert "images.generate_on_gpu" not in succeeded
+
+        # early ack: the task died with the worker and nothing will finish the run
+        time.sleep(3)
+        assert pipe.status(run_id) == DagsterRunStatus.STARTED
+        assert orchestrator.process.poll() is None
+        # SIGTERM to the orchestrator: the executor revokes its tasks, the run fails at once
+        orchestrator.interrupt()
+        took = wait_for(
+            lambda: pipe.status(run_id) == DagsterRunStatus.FAILURE,
+            60,
+            "the run to fail",
+            orchestrator.log_tail(),
+        )
+        orchestrator.wait(60)
+        # The lost step still holds its gpu pool slot (deploy/celery/dagster.yaml: 1): a
+        # re-execution would wait for it forever. The daemon's run monitoring frees it
+        # free_slots_after_run_end_seconds (30) after the run ended; do that here.
+        held = pipe.instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots
+        assert [(s.run_id, s.step_key) for s in held] == [(run_id, "images.generate_on_gpu")]
+        pipe.instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    finally:
+        orchestrator.kill()
+
+    restarted = pipe.restart_gpu_worker("gpu-restarted")
+    retry_spec = {**spec, "from_failure": run_id}
+    ((retry,),) = pipe.run([retry_spec], label="kill-retry")
+    assert pipe.instance.get_run_by_id(retry).parent_run_id == run_id
+    placed = assert_placement(pipe, retry)
+    # only what had not finished ran again, on the restarted worker
+    assert placed["images.generate_on_gpu"] == [restarted.hostname]
+    assert "images.generate_with_apis" not in placed
+    assert set(placed) >= GPU_STEPS
+
+    # exactly one complete object per image slot, each the file of its one generation row
+    objects = pipe.objects()
+    keys = sorted(objects)
+    assert_no_stray_objects(keys)
+    png_slots = slots(keys, PNG_NAME)
+    kill_slots = {slot: n for slot, n in png_slots.items() if slot[0] == "killme"}
+    assert len(kill_slots) == planned and set(kill_slots.values()) == {1}
+    kill_pngs = [k for k in keys if k.startswith(folder) and k.endswith(".png")]
+    assert set(made_before_kill) <= set(kill_pngs)
+    assert_pngs_complete(pipe, kill_pngs, side=KILL_SIDE)
+    made = load_run_metadata(pipe.storage(), "images", prompt_set="killme", backend="flux_schnell")
+    ok = made[made["status"] == "ok"]
+    assert ok["image_id"].is_unique and len(ok) == planned
+    step = pipe.step_rows([retry])
+    images_row = step[step["asset"] == "images"].iloc[0]
+    assert images_row["skipped_existing"] == len(made_before_kill)
+    assert images_row["generated"] == planned - len(made_before_kill)
+    assert (
+        len([k for k in keys if k.startswith("clips/killme/") and k.endswith(".mp4")])
+        == KILL_PROMPTS
+    )
+    print(
+        f"\nkill: {len(made_before_kill)} of {planned} PNGs were in the bucket at the SIGKILL; "
+        f"the run failed {took:.1f} s after SIGTERM to its orchestrator; the re-execution made "
+        f"the other {images_row['generated']} in {images_row['seconds']:.1f} s"
+    )
+
+
+def images_only(prompt_set: str, **flux: Any) -> dict[str, Any]:
+    """A run of the images asset alone for one prompt set x FLUX partition."""
+    key = f"flux_schnell|{prompt_set}"
+    return {
+        "job": "generate_images",
+        "tags": range_tags(key, key),
+        "asset_selection": ["images"],
+        "run_config": model_config(**flux),
+    }
+
+
+@pytest.mark.timeout(600)
+def test_warm_cache_loads_once_per_backend_on_one_worker_and_again_after_a_config_change(
+    pipeline: Pipeline,
+) -> None:
+    pipe = pipeline
+    gpu = pipe.restart_gpu_worker("gpu-warm")  # a new process: nothing loaded yet
+    sets = pipe.add_prompt_sets({f"warm_{c}": f"prompt\na warm {c} teapot\n" for c in "abc"})
+    pipe.run([prepare(sets)], label="warm-prepare")
+    runs = [images_only(s, steps=4) for s in sets] + [images_only(sets[0], steps=3)]
+    (run_ids,) = pipe.run(runs, label="warm")
+
+    for run_id in run_ids:
+        assert celery_workers_by_step(pipe.instance, run_id)["images.generate_on_gpu"] == [
+            gpu.hostname
+        ]
+    rows = pipe.step_rows(run_ids)
+    assert list(rows["asset"]) == ["images"] * 4
+    assert list(rows["run_id"]) == run_ids
+    assert list(rows["worker"]) == [gpu.hostname] * 4
+    assert (rows["generated"] == 1).all()
+    # one load for the three runs of one configuration; a changed setting loads again
+    assert list(rows["model_loads"]) == [1, 0, 0, 1]
+    assert list(rows["model_cache_hits"]) == [0, 1, 1, 0]
+
+
+def test_storage_sees_objects_other_processes_wrote(s3_service: S3Service) -> None:
+    """A long-lived process (a warm worker) that listed a folder still reads what another
+    process wrote there afterwards: no answer comes from a stale fsspec listing cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_service.env.items():
+            patch.setenv(key, value)
+        storage = Storage(f"s3://{s3_service.bucket}/cache-{uuid.uuid4().hex[:6]}")
+        folder = storage.path("images", "set", "flux_schnell")
+        storage.write_bytes(folder / "a.png", b"a")
+        assert storage.list_files(folder) == {"a.png": 1}
+        other = s3fs.S3FileSystem(**s3_service.storage_options, skip_instance_cache=True)
+        other.pipe_file(f"{folder.path}/b.png", b"bb")
+        assert storage.list_files(folder) == {"a.png": 1, "b.png": 2}
+        assert storage.exists(folder / "b.png")
+        assert storage.read_bytes(folder / "b.png") == b"bb"

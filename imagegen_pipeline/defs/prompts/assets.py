@@ -8,10 +8,12 @@ import pandas as pd
 
 from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
 from imagegen_pipeline.defs.metadata import markdown_table
+from imagegen_pipeline.defs.model_resources import settings_of
 from imagegen_pipeline.defs.partitions import prompt_set_partitions, single_run
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
 from imagegen_pipeline.defs.storage import StorageResource
-from imagegen_pipeline.enhancement import enhance_prompts
+from imagegen_pipeline.enhancement import create_enhancer, enhance_prompts
+from imagegen_pipeline.model_settings import EnhancerSettings
 from imagegen_pipeline.prompt_csv import (
     REJECTED_COLUMNS,
     VALID_COLUMNS,
@@ -150,7 +152,8 @@ def enhanced_prompts(
     """Each prompt made detailed for image models, with a rating and token counts."""
     tables = {}
     for prompt_set, valid in prompts.items():
-        prompt_enhancer = enhancer.create_enhancer(prompt_set, storage.storage())
+        settings = settings_of(enhancer, EnhancerSettings)
+        prompt_enhancer = create_enhancer(settings, prompt_set, storage.storage())
         table = enhance_prompts(valid, prompt_enhancer)
         fallbacks = int((table["fallback_reason"] != "").sum()) if len(table) else 0
         if fallbacks:
