@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,11 @@ os.environ.pop("GEMINI_API_KEY", None)
 torch.set_num_threads(1)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # screenshots kept for a person to look at
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)"
+)
 TEST_IMAGE_SIDE = 64  # tiny models draw noise; small images keep the suite fast
 
 EXAMPLE_CSV = """prompt_id,prompt,style,seed,num_images,backends
@@ -173,3 +180,37 @@ def fake_ollama() -> Iterator[FakeOllama]:
     """A local Ollama API on 127.0.0.1 serving the model "llama3.2"."""
     with FakeOllama(hang_seconds=5.0) as server:
         yield server
+
+
+# --- headless Chromium ----------------------------------------------------------------------
+
+
+def chromium_screenshot(
+    url: str, name: str, profile: Path, size: tuple[int, int] = (1280, 900), wait_ms: int = 0
+) -> Path:
+    """A screenshot of ``url`` in headless Chromium, kept as test-artifacts/<name>.
+
+    The flags are the ones this machine's closed network needs: no background connections, no
+    QUIC, no component updates (each would be refused, slowly)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / name
+    screenshot.unlink(missing_ok=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--screenshot={screenshot}",
+        f"--window-size={size[0]},{size[1]}",
+    ]
+    if wait_ms:  # let a page's scripts fetch and draw before the picture is taken
+        flags.append(f"--virtual-time-budget={wait_ms}")
+    subprocess.run(
+        [CHROMIUM, *flags, url], check=True, capture_output=True, timeout=120 + wait_ms // 1000
+    )
+    return screenshot

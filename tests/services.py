@@ -679,6 +679,7 @@ def start_celery_worker(
     loglevel: str = "INFO",
     ready_timeout: float = 90,
     config_path: str | os.PathLike[str] | None = None,
+    includes: Iterable[str] = (),
 ) -> CeleryWorker:
     """``dagster-celery worker start`` for ``queues`` (default: dagster-celery's ``dagster``
     queue), node name ``name@HOSTNAME``, prefork pool of ``concurrency`` processes.
@@ -688,7 +689,8 @@ def start_celery_worker(
     environment and ``pythonpath`` (plus ``cwd``) prepended to ``PYTHONPATH`` so it can import
     the job's module. ``config_path`` uses an existing ``-y`` file (e.g. deploy/celery/
     worker.yaml) instead of writing one from broker_url/backend_url/config_source. Returns once
-    the worker logs that it is ready.
+    the worker logs that it is ready. ``includes`` are modules the worker imports before it
+    forks its pool (``-i``): the pool processes start with them loaded.
     """
     executable = _venv_executable("dagster-celery")
     if executable is None:
@@ -715,6 +717,7 @@ def start_celery_worker(
         PATH=os.pathsep.join([str(Path(executable).parent), worker_env.get("PATH", "")]),
     )
     queue_args = [arg for queue in queues for arg in ("-q", queue)]
+    include_args = [arg for module in includes for arg in ("-i", module)]
     command = [
         executable,
         "worker",
@@ -728,6 +731,7 @@ def start_celery_worker(
         "-l",
         loglevel,
         *queue_args,
+        *include_args,
         "--",  # the rest goes to `celery worker`
         f"--concurrency={concurrency}",
         "--pool=prefork",

@@ -9,7 +9,6 @@ the step metadata in Parquet, the galleries, the UI.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +21,16 @@ from imagegen_pipeline.testing.running_project import (
     partitions_of,
     running_project,
 )
-from tests.conftest import EXAMPLE_CSV, PROJECT_ROOT, SECOND_CSV
+from tests.conftest import (
+    EXAMPLE_CSV,
+    SECOND_CSV,
+    chromium_screenshot,
+    needs_chromium,
+)
 
 pytestmark = pytest.mark.slow
 
 LOCAL = ("flux_schnell", "sdxl_turbo")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -197,31 +200,13 @@ def test_the_bulk_schedule_generates_what_is_missing(project: RunningProject):
     )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@needs_chromium
 def test_the_images_partitions_page_renders(project: RunningProject, tmp_path: Path):
-    artifacts = PROJECT_ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    screenshot = artifacts / "images-partitions.png"
-    screenshot.unlink(missing_ok=True)
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=20000",  # let the UI's scripts fetch and draw the partitions
-            f"--screenshot={screenshot}",
-            "--window-size=1400,1000",
-            f"http://127.0.0.1:{project.port}/assets/images?view=partitions",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=180,
+    screenshot = chromium_screenshot(
+        f"http://127.0.0.1:{project.port}/assets/images?view=partitions",
+        "images-partitions.png",
+        tmp_path / "chromium",
+        size=(1400, 1000),
+        wait_ms=20000,
     )
     assert screenshot.stat().st_size > 20_000

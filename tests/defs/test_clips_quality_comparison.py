@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import dagster as dg
@@ -19,7 +18,7 @@ from imagegen_pipeline.local_runner import materialize_prompt_sets
 from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.video.video_files import read_mp4_frames
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import ARTIFACTS, chromium_screenshot, needs_chromium
 
 # The tiny SVD's settings come from the registry, wherever the tiny models are used.
 TINY_SVD = SVD.tiny_defaults
@@ -27,7 +26,6 @@ TINY_SVD = SVD.tiny_defaults
 pytestmark = pytest.mark.slow
 
 BACKENDS = ["flux_schnell", "sdxl_turbo"]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def check_results(results: list[dg.ExecuteInProcessResult]) -> dict[str, bool]:
@@ -146,35 +144,14 @@ def test_checks_fail_on_a_blank_image_and_a_high_threshold(first_run, dagster_in
     assert clips.loc[clips["prompt_id"] == "cat", "image_index"].tolist() == [1]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@needs_chromium
 def test_the_gallery_renders_in_headless_chromium(first_run, tmp_path):
     _, _, storage = first_run
     gallery = storage / "reports" / "example" / "gallery.html"
-    artifacts = PROJECT_ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    screenshot = artifacts / "gallery.png"
-    screenshot.unlink(missing_ok=True)
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1280,900",
-            gallery.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
+    screenshot = chromium_screenshot(
+        gallery.resolve().as_uri(), "gallery.png", tmp_path / "chromium"
     )
-    shutil.copyfile(gallery, artifacts / "gallery.html")
+    shutil.copyfile(gallery, ARTIFACTS / "gallery.html")
     with Image.open(screenshot) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[:2] == (900, 1280)

@@ -140,6 +140,7 @@ class Pipeline:
             env=self.env,
             cwd=PROJECT_ROOT,
             config_path=DEPLOY / "worker.yaml",
+            includes=[DEFINITIONS],  # as deploy/celery/worker.yaml recommends
         )
         self.workers.append(worker)
         return worker
@@ -501,12 +502,11 @@ def test_gpu_worker_killed_mid_step_then_reexecution_leaves_no_corrupt_or_duplic
     ]
     sets = pipe.add_prompt_sets({"killme": "prompt_id,prompt,style,num_images\n" + "\n".join(rows)})
     planned = KILL_PROMPTS * KILL_IMAGES
-    pipe.run([prepare(sets)], label="kill-prepare")
     spec = generate(sets, "flux_schnell", batch_size=1, width=KILL_SIDE, height=KILL_SIDE)
     spec["tags"] = {**spec["tags"], "test/label": f"kill-{uuid.uuid4().hex[:6]}"}
     folder = "images/killme/flux_schnell/"
     killed_gpu = pipe.gpu_worker
-    orchestrator = pipe.start_runs([spec], "kill")
+    orchestrator = pipe.start_runs([prepare(sets), spec], "kill")
     try:
         runs: list[Any] = []
 
@@ -609,9 +609,8 @@ def test_warm_cache_loads_once_per_backend_on_one_worker_and_again_after_a_confi
     pipe = pipeline
     gpu = pipe.restart_gpu_worker("gpu-warm")  # a new process: nothing loaded yet
     sets = pipe.add_prompt_sets({f"warm_{c}": f"prompt\na warm {c} teapot\n" for c in "abc"})
-    pipe.run([prepare(sets)], label="warm-prepare")
     runs = [images_only(s, steps=4) for s in sets] + [images_only(sets[0], steps=3)]
-    (run_ids,) = pipe.run(runs, label="warm")
+    ((_, *run_ids),) = pipe.run([prepare(sets), *runs], label="warm")
 
     for run_id in run_ids:
         assert celery_workers_by_step(pipe.instance, run_id)["images.generate_on_gpu"] == [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,8 @@ from PIL import Image
 
 from imagegen_pipeline.reports.comparison import backend_summary, bar_chart_png, gallery_html
 from imagegen_pipeline.video.video_files import webp_preview_bytes
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import ARTIFACTS, chromium_screenshot, needs_chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOSTILE = '<script>alert(1)</script> "quoted"'
 
 
@@ -221,7 +219,7 @@ def test_the_template_renders_without_any_quality_rows():
     assert "0 prompts · 0 backends" in empty
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@needs_chromium
 def test_the_gallery_renders_in_headless_chromium(tables, tmp_path):
     quality, video_quality = tables
     summary = backend_summary(quality, video_quality)
@@ -236,32 +234,11 @@ def test_the_gallery_renders_in_headless_chromium(tables, tmp_path):
             read_bytes=read_bytes,
         )
     )
-    artifacts = PROJECT_ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
     # Not gallery.png: the end-to-end test's screenshot of a real run has that name.
-    screenshot = artifacts / "comparison-gallery.png"
-    screenshot.unlink(missing_ok=True)
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1280,900",
-            gallery.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
+    screenshot = chromium_screenshot(
+        gallery.resolve().as_uri(), "comparison-gallery.png", tmp_path / "chromium"
     )
-    shutil.copyfile(gallery, artifacts / "comparison-gallery.html")
+    shutil.copyfile(gallery, ARTIFACTS / "comparison-gallery.html")
     with Image.open(screenshot) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[:2] == (900, 1280)
