@@ -28,7 +28,8 @@ from tests.conftest import (
     needs_chromium,
 )
 
-pytestmark = pytest.mark.slow
+# A stage waits for the real daemon, whose runs share two cores: more than the default 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 LOCAL = ("flux_schnell", "sdxl_turbo")
 
@@ -82,12 +83,13 @@ def test_csvs_dropped_one_after_another_go_through_the_daemon(project: RunningPr
         in failure.dagster_event.step_failure_data.error.message
     )
 
-    # Every set was generated once per backend, none lost to another landing in the same tick;
-    # sets enhanced within one tick share a run (one per backend) — how many did depends on timing.
+    # Beta and gamma, dropped together, were generated together: one run (one model load) per
+    # backend, spanning both; none was lost to the other landing in the same tick.
     generate = [run for run in runs if run.job_name == "generate_images"]
-    assert len(generate) <= 3 * len(LOCAL)
+    spans = sorted(partitions_of(run) for run in generate)
+    assert spans == sorted([f"{b}|alpha" for b in LOCAL] + [f"{b}|beta..{b}|gamma" for b in LOCAL])
     steps = load_run_metadata(project.storage, "steps")
-    images = steps[steps.asset == "images"]
+    images = steps[(steps.asset == "images") & (steps.requested > 0)]  # broken plans nothing
     made = sorted(images["prompt_set"] + "|" + images["backend"])
     assert made == sorted(f"{s}|{b}" for s in ("alpha", "beta", "gamma") for b in LOCAL)
     assert set(images["run_id"]) == {run.run_id for run in generate}

@@ -24,6 +24,7 @@ from imagegen_pipeline.progress import Progress
 from imagegen_pipeline.records import EXISTING_STATUSES
 from imagegen_pipeline.scoring.perceptual import (
     DEFAULT_BLANK_THRESHOLDS,
+    METRICS_VERSION,
     BlankThresholds,
     perceptual_metrics,
 )
@@ -75,9 +76,12 @@ _NOT_SCORES = frozenset(
 
 
 def score_key(row: Mapping[str, Any], scorer_label: str, thresholds: BlankThresholds) -> str:
-    """What an item's scores depend on: its bytes, both prompts, the scorer, the thresholds."""
+    """What an item's scores depend on: its bytes, both prompts, the scorer, the thresholds
+    and the definition of the pixel statistics."""
     parts = [row.get("sha256"), row.get("original_prompt"), row.get("prompt"), scorer_label]
-    return hashlib.sha256(json.dumps([*parts, repr(thresholds)]).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([*parts, repr(thresholds), METRICS_VERSION]).encode()
+    ).hexdigest()
 
 
 def reusable_scores(previous: pd.DataFrame | None, table: pd.DataFrame) -> dict[str, dict]:

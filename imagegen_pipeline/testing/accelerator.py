@@ -43,14 +43,14 @@ from imagegen_pipeline.records import utc_now
 from imagegen_pipeline.registry import MODELS
 from imagegen_pipeline.scoring.clip_model import ASPECTS, ClipModel
 
-# Published per-image device times: (side in px, seconds per image) on one H100.
-# SDXL-Turbo makes a 512 px image in one step in about 28 ms (35 images/s). FLUX.1-schnell takes
-# about 0.5 s per 1024 px image in 4 steps when optimised (compiled, bf16).
+# Published per-image device times on one H100, as (side in px, seconds per image): SDXL-Turbo
+# makes a 512 px image in about 28 ms (35 images/s); FLUX.1-schnell a 1024 px image in about
+# 0.5 s when optimised.
 DEVICE_SECONDS_PER_IMAGE: dict[str, tuple[int, float]] = {
     "sdxl_turbo": (512, 0.028),
     "flux_schnell": (1024, 0.5),
 }
-# The ViT-L-14 image tower scores about 312 images/s (224 px, fp16) on the same GPU.
+# The published rate of the ViT-L-14 image tower on the same GPU.
 VIT_L_14_IMAGES_PER_SECOND = 312.0
 
 GRAIN_SIGMA = 2.0  # grey levels of sensor-like noise: real outputs are not smooth upscales

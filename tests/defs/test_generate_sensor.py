@@ -56,6 +56,26 @@ def test_every_set_enhanced_since_the_cursor_is_generated_in_one_run_per_backend
     assert generate_after_prompts_sensor(context).run_requests == []
 
 
+def test_generation_waits_while_prompt_sets_are_being_prepared(
+    dagster_instance, make_resources, monkeypatch
+):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    prepare(dagster_instance, make_resources(), ["example"])
+    # Another CSV dropped at the same time is still being prepared.
+    dagster_instance.add_run(
+        dg.DagsterRun(
+            job_name="prepare_prompts", run_id="f" * 36, status=dg.DagsterRunStatus.STARTED
+        )
+    )
+    waiting = generate_after_prompts_sensor(dg.build_sensor_context(instance=dagster_instance))
+    assert not waiting.run_requests and "being prepared" in str(waiting.skip_reason)
+    assert waiting.cursor is None  # nothing consumed: the next tick sees "example" again
+
+    dagster_instance.report_run_failed(dagster_instance.get_run_by_id("f" * 36))
+    ready = generate_after_prompts_sensor(dg.build_sensor_context(instance=dagster_instance))
+    assert spans(ready.run_requests) == ["flux_schnell|example", "sdxl_turbo|example"]
+
+
 def test_the_bulk_schedule_asks_for_missing_and_failed_sets_once_per_backend(
     dagster_instance, make_resources, prompts_dir, monkeypatch
 ):

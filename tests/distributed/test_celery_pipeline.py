@@ -35,6 +35,8 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -65,6 +67,7 @@ s3fs = pytest.importorskip("s3fs")
 from dagster import DagsterEventType, DagsterRunStatus  # noqa: E402
 
 from imagegen_pipeline.defs.gpu import GPU_CELERY_QUEUE, GPU_POOL  # noqa: E402
+from imagegen_pipeline.defs.partitions import partition_key  # noqa: E402
 from imagegen_pipeline.local_runner import range_tags  # noqa: E402
 from imagegen_pipeline.run_metadata import load_run_metadata  # noqa: E402
 from imagegen_pipeline.storage import Storage  # noqa: E402
@@ -97,10 +100,10 @@ def model_config(**flux: Any) -> dict[str, Any]:
 
 def generate(prompt_sets: list[str], backend: str, **flux: Any) -> dict[str, Any]:
     """A generate_images run over ``prompt_sets`` (one range, one run) for ``backend``."""
-    first, last = (f"{backend}|{prompt_sets[0]}", f"{backend}|{prompt_sets[-1]}")
+    first, last = partition_key(prompt_sets[0], backend), partition_key(prompt_sets[-1], backend)
     return {
         "job": "generate_images",
-        "tags": range_tags(first, last),
+        "tags": range_tags(str(first), str(last)),
         "run_config": model_config(**flux),
     }
 
@@ -268,6 +271,19 @@ def pipeline(
         instance = dg.DagsterInstance.from_config(str(home))
         workers: list[CeleryWorker] = []
         try:
+            # The install step of deploy/celery/dagster.yaml: the gpu pool's limit is set
+            # before the first run. Left to the default, two runs claiming it first at the same
+            # moment race to create its row and one fails (dagster-io/dagster#33552).
+            dagster_cli = str(Path(sys.executable).parent / "dagster")
+            subprocess.run(
+                [dagster_cli, "instance", "concurrency", "set", GPU_POOL, "1"],
+                env=env,
+                cwd=tmp_dir,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 1
             pipe = Pipeline(
                 tmp_dir, s3_service, storage_url, prompts_dir, env, instance, broker_url, workers
             )
@@ -285,12 +301,17 @@ def pipeline(
             instance.dispose()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, context: str = "") -> float:
-    """Poll until ``predicate()``; the seconds it took; fail the test on timeout."""
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    context: Callable[[], str] = lambda: "",
+) -> float:
+    """Poll until ``predicate()``; the seconds it took; on timeout fail with ``context()``."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{context}")
+            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{context()}")
         time.sleep(0.1)
     return time.monotonic() - start
 
@@ -514,14 +535,14 @@ def test_gpu_worker_killed_mid_step_then_reexecution_leaves_no_corrupt_or_duplic
             runs[:] = pipe.instance.get_runs(filters=dg.RunsFilter(tags=spec["tags"]))
             return bool(runs)
 
-        wait_for(created, RUN_TIMEOUT, "the run to be created", orchestrator.log_tail())
+        wait_for(created, RUN_TIMEOUT, "the run to be created", orchestrator.log_tail)
         run_id = runs[0].run_id
 
         def pngs() -> list[str]:
             return sorted(k for k in pipe.objects(folder) if k.endswith(".png"))
 
         # the gpu worker is inside images.generate_on_gpu once its first PNG is in the bucket
-        wait_for(lambda: len(pngs()) >= 1, RUN_TIMEOUT, "the first PNG", orchestrator.log_tail())
+        wait_for(lambda: len(pngs()) >= 1, RUN_TIMEOUT, "the first PNG", orchestrator.log_tail)
         killed_gpu.kill()
         made_before_kill = pngs()
         assert 1 <= len(made_before_kill) < planned, "the kill must land mid-step"
@@ -541,7 +562,7 @@ def test_gpu_worker_killed_mid_step_then_reexecution_leaves_no_corrupt_or_duplic
             lambda: pipe.status(run_id) == DagsterRunStatus.FAILURE,
             60,
             "the run to fail",
-            orchestrator.log_tail(),
+            orchestrator.log_tail,
         )
         orchestrator.wait(60)
         # The lost step still holds its gpu pool slot (deploy/celery/dagster.yaml: 1): a
@@ -593,7 +614,7 @@ def test_gpu_worker_killed_mid_step_then_reexecution_leaves_no_corrupt_or_duplic
 
 def images_only(prompt_set: str, **flux: Any) -> dict[str, Any]:
     """A run of the images asset alone for one prompt set x FLUX partition."""
-    key = f"flux_schnell|{prompt_set}"
+    key = str(partition_key(prompt_set, "flux_schnell"))
     return {
         "job": "generate_images",
         "tags": range_tags(key, key),

@@ -99,3 +99,51 @@ def test_helpers_on_arrays():
     halves = np.zeros((4, 4, 3), dtype=np.uint8)
     halves[:, :2] = 255
     assert dominant_colour_share(halves) == 0.5
+
+
+def photo_like(side: int, seed: int = 0) -> Image.Image:
+    """Smooth structure plus faint grain, like a picture rather than noise."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32)
+    grain = rng.normal(0, 2, smooth.shape)
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+
+
+def test_sharpness_is_measured_on_block_averages_from_1024_px():
+    for side, factor in [(128, 1), (1023, 1), (1024, 2), (1536, 3)]:
+        image = photo_like(side)
+        grey = image.convert("L")
+        expected = grey.reduce(factor) if factor > 1 else grey
+        assert perceptual_metrics(image)["sharpness"] == pytest.approx(
+            laplacian_variance(np.asarray(expected, dtype=np.float32))
+        )
+    # So a 2x upscale of a 512 px image measures exactly as the image itself.
+    small = photo_like(512)
+    upscaled = small.resize((1024, 1024), Image.Resampling.NEAREST)
+    assert perceptual_metrics(upscaled)["sharpness"] == perceptual_metrics(small)["sharpness"]
+
+
+def test_blank_detection_at_1024_px_is_unchanged_by_the_block_averages():
+    big = 1024
+    rng = np.random.default_rng(1)
+    stars = np.zeros((big, big, 3), dtype=np.uint8)
+    stars[rng.random((big, big)) < 0.01] = 255  # 1 % of the pixels, at random
+    faint = np.clip(100 + rng.integers(-2, 3, (big, big, 3)), 0, 255).astype(np.uint8)
+    for pixels in (stars, faint):
+        metrics = perceptual_metrics(Image.fromarray(pixels))
+        luminance = np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.float64)
+        assert metrics["contrast"] == pytest.approx(luminance.std() / 255)  # full resolution
+        assert metrics["is_blank"] is True
+    assert perceptual_metrics(photo_like(big))["is_blank"] is False
+
+
+def test_a_new_metrics_version_invalidates_earlier_scores(monkeypatch):
+    from imagegen_pipeline.scoring import scoring_step
+    from imagegen_pipeline.scoring.perceptual import DEFAULT_BLANK_THRESHOLDS
+
+    row = {"sha256": "abc", "original_prompt": "a cat", "prompt": "a cat, detailed"}
+    now = scoring_step.score_key(row, "ViT-L-14/openai", DEFAULT_BLANK_THRESHOLDS)
+    monkeypatch.setattr(scoring_step, "METRICS_VERSION", 1)
+    before = scoring_step.score_key(row, "ViT-L-14/openai", DEFAULT_BLANK_THRESHOLDS)
+    assert now != before

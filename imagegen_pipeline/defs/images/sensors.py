@@ -14,7 +14,7 @@ from dagster._core.storage.tags import (  # the tags Dagster itself uses for par
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from imagegen_pipeline.defs.jobs import generate_images_job
+from imagegen_pipeline.defs.jobs import generate_images_job, prepare_prompts_job
 from imagegen_pipeline.defs.partitions import (
     partition_key,
     prompt_set_partitions,
@@ -24,6 +24,12 @@ from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.registry import enabled_backends
 
 ENHANCED_PROMPTS = dg.AssetKey("enhanced_prompts")
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 FINAL_ASSET = dg.AssetKey("video_quality")  # a prompt set x backend is done when this is
 
 
@@ -66,7 +72,17 @@ def generate_after_prompts_sensor(context: dg.SensorEvaluationContext) -> dg.Sen
     """When prompt sets are enhanced, generate their images with every enabled backend.
 
     The cursor is the storage id of the last ``enhanced_prompts`` materialization handled, so
-    every set enhanced since the last tick is seen, however many landed in one tick."""
+    every set enhanced since the last tick is seen, however many landed in one tick. While
+    prompt sets are still being prepared it waits, so that sets dropped together are generated
+    together: one run, and one model load, per backend."""
+    preparing = context.instance.get_run_records(
+        dg.RunsFilter(job_name=prepare_prompts_job.name, statuses=IN_FLIGHT), limit=1
+    )
+    if preparing:
+        return dg.SensorResult(
+            skip_reason="Waiting for the prompt sets being prepared, to generate them together.",
+            cursor=context.cursor,
+        )
     result = context.instance.fetch_materializations(
         ENHANCED_PROMPTS, limit=1000, cursor=context.cursor, ascending=True
     )
