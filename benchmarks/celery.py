@@ -22,7 +22,10 @@ runs (first start to last end, from the instance), model loads of the image back
 image-model loads = gpu workers x backends, and celery with 1 worker no slower than the
 multiprocess executor.
 
-    python benchmarks/celery.py [--prompts 3] [--images 2] [--side 64]
+    python benchmarks/celery.py [--prompts 3] [--images 2] [--side 64] [--wait-quiet 600]
+
+On a shared machine, ``--wait-quiet`` waits for an idle machine before each configuration, and
+the "other CPU s" column says how much CPU other people's processes took meanwhile.
 
 Ends with ``RESULT loads_1w=... loads_2w=... celery1_vs_multiprocess=...`` (wall-time ratio).
 """
@@ -96,6 +99,58 @@ def run_config(side: int) -> dict[str, Any]:
     }
 
 
+class ForeignCpu:
+    """CPU seconds other people's processes used while a configuration ran (a shared machine
+    makes wall times noisy): every process that is not this benchmark's (its descendants, and
+    the PostgreSQL server, which runs as ``postgres``), sampled every 2 s."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._seen: dict[int, tuple[float, float]] = {}  # pid -> (cpu at first sight, last)
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        mine = {me.pid, *(child.pid for child in me.children(recursive=True))}
+        for process in psutil.process_iter(["pid", "username", "cpu_times", "create_time"]):
+            info = process.info
+            if info["pid"] in mine or info["username"] == "postgres" or not info["cpu_times"]:
+                continue
+            cpu = info["cpu_times"].user + info["cpu_times"].system
+            first = self._seen.get(info["pid"], (None, 0.0))[0]
+            if first is None:  # new: all of its CPU if it started during the measurement
+                first = 0.0 if (info["create_time"] or 0) > self._started else cpu
+            self._seen[info["pid"]] = (first, cpu)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self._sample()
+            self._stop.wait(2)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self._sample()
+        return sum(last - first for first, last in self._seen.values())
+
+
+def wait_quiet(seconds: float, threshold: float = 0.5) -> float:
+    """Wait (at most ``seconds``) for the 1-minute load average to fall below ``threshold``;
+    returns the load average then."""
+    deadline = time.monotonic() + seconds
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def measure(
     label: str,
     executor: str,
@@ -162,6 +217,7 @@ def measure(
             ]
             for backend in BACKENDS
         ]
+        foreign = ForeignCpu()
         started = time.perf_counter()
         orchestrators = [
             JobRuns(
@@ -179,6 +235,7 @@ def measure(
             for o in orchestrators:
                 o.kill()
         wall = time.perf_counter() - started
+        foreign_cpu = foreign.stop()
         for o, outcome in zip(orchestrators, outcomes, strict=True):
             assert len(outcome) == len(PROMPT_SETS) and all(r["success"] for r in outcome), (
                 o.log_tail()
@@ -225,6 +282,7 @@ def measure(
         "hits": int(steps["model_cache_hits"].sum()),
         "image_hits": int(images["model_cache_hits"].sum()),
         "gpu_step_mean": sum(gpu_step_seconds) / len(gpu_step_seconds),
+        "foreign_cpu": foreign_cpu,
         "gpu_steps": dict(placement),
         "gpu_processes": len(placement),
         "off_queue": off_queue,
@@ -236,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=3, help="prompts per prompt set")
     parser.add_argument("--images", type=int, default=2, help="images per prompt")
     parser.add_argument("--side", type=int, default=64, help="image side in pixels")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        help="before each configuration, wait up to this many seconds for a load average < 0.5",
+    )
     args = parser.parse_args(argv)
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -297,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         host, port = redis.params["host"], redis.params["port"]
         for db, (executor, gpu_workers) in enumerate(CONFIGS, start=1):
             label = executor if executor != "celery" else f"celery {gpu_workers}w"
+            load = wait_quiet(args.wait_quiet) if args.wait_quiet else os.getloadavg()[0]
             row = measure(
                 label,
                 executor,
@@ -308,13 +373,18 @@ def main(argv: list[str] | None = None) -> None:
                 redis_url=f"redis://{host}:{port}/{db}",
                 side=args.side,
             )
-            rows.append(row)
-            print(f"  {label}: {row['wall']:.1f} s", flush=True)
+            rows.append({**row, "load": load})
+            print(
+                f"  {label}: {row['wall']:.1f} s (load average before: {load:.2f}; other "
+                f"processes used {row['foreign_cpu']:.0f} CPU s meanwhile)",
+                flush=True,
+            )
 
         print()
         header = (
             f"{'configuration':<14}{'wall s':>8}{'runs s':>8}{'images':>8}{'img loads':>11}"
-            f"{'all loads':>11}{'hits':>6}{'img hits':>10}{'GPU step s':>12}  GPU steps per process"
+            f"{'all loads':>11}{'hits':>6}{'img hits':>10}{'GPU step s':>12}{'other CPU s':>13}"
+            "  GPU steps per process"
         )
         print(header)
         for row in rows:
@@ -326,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{row['label']:<14}{row['wall']:>8.1f}{row['span']:>8.1f}{row['images']:>8}"
                 f"{row['image_loads']:>11}{row['all_loads']:>11}{row['hits']:>6}"
-                f"{row['image_hits']:>10}{row['gpu_step_mean']:>12.1f}  {placed}"
+                f"{row['image_hits']:>10}{row['gpu_step_mean']:>12.1f}{row['foreign_cpu']:>13.0f}"
+                f"  {placed}"
             )
         by_label = {row["label"]: row for row in rows}
         mp, one, two = by_label["multiprocess"], by_label["celery 1w"], by_label["celery 2w"]
@@ -334,7 +405,9 @@ def main(argv: list[str] | None = None) -> None:
             "\nimg loads: loads of the image backends (images steps); all loads: every model "
             "(+ CLIP in quality/video_quality, SVD in clips); hits: steps that found their model "
             "warm; GPU step s: mean duration of a GPU step (images, quality, clips, "
-            "video_quality); runs s: first run start to last run end."
+            "video_quality); runs s: first run start to last run end; other CPU s: CPU "
+            "seconds of processes that are not this benchmark's, during the configuration "
+            "(on a shared machine: how much the figures are disturbed)."
         )
         print(
             f"steps on the wrong queue: celery 1w {one['off_queue']}, celery 2w {two['off_queue']}"

@@ -13,7 +13,7 @@ from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableVideoDiffus
 from PIL import Image
 
 from imagegen_pipeline.definitions import defs
-from imagegen_pipeline.local_runner import materialize_prompt_sets
+from imagegen_pipeline.local_runner import materialize_prompt_sets, range_tags
 from imagegen_pipeline.run_metadata import load_run_metadata
 from tests.conftest import SECOND_CSV
 
@@ -220,3 +220,30 @@ def test_step_fails_only_when_nothing_succeeded(
     assert results[0].success and not results[1].success
     failure = next(e for e in results[1].all_events if e.event_type_value == "STEP_FAILURE")
     assert "missing-model" in failure.step_failure_data.error.message
+
+
+def test_a_run_spanning_a_set_without_prompts_makes_the_others(
+    dagster_instance, make_resources, prompts_dir
+):
+    # As in the daemon: the bad file was prepared alone and failed, so it has no prompts; a
+    # single run over every set (a backfill of "all partitions") still makes the others.
+    (prompts_dir / "broken.csv").write_text("text\nhello\n")
+    (prompts_dir / "zeta.csv").write_text("prompt\na red fox in the snow\n")
+    resources = make_resources()
+    dagster_instance.add_dynamic_partitions("prompt_sets", ["example", "broken", "zeta"])
+    for prompt_set in ("example", "broken", "zeta"):
+        run([prompt_set], [], dagster_instance, resources, raise_on_error=False)
+    assert not dagster_instance.get_latest_materialization_event(
+        dg.AssetKey("enhanced_prompts")
+    ).dagster_event.partition == "broken"
+
+    tags = range_tags("sdxl_turbo|example", "sdxl_turbo|zeta")
+    result = defs.resolve_job_def("generate_images").execute_in_process(
+        instance=dagster_instance, resources=resources, tags=tags
+    )
+
+    assert result.success
+    images = load_run_metadata(storage_base(resources), "images")
+    assert sorted(images["prompt_set"].unique()) == ["example", "zeta"]
+    logs = [e.user_message for e in dagster_instance.all_logs(result.run_id)]
+    assert any("'broken' has no enhanced prompts" in message for message in logs)

@@ -5,10 +5,12 @@ broker and result backend), PostgreSQL (the Dagster instance, deploy/celery/dags
 connection from DAGSTER_PG_*), a moto S3 server (every output: IMAGEGEN_STORAGE=s3://bucket/
 prefix, reached through s3fs / universal-pathlib by the AWS_* variables), and two real
 ``dagster-celery worker start`` processes with deploy/celery/worker.yaml: one on the ``gpu``
-queue, one on the default ``dagster`` queue, each with its own log. Every run is orchestrated by
-``execute_job`` in a subprocess (tests/services.py ``JobRuns``) with IMAGEGEN_EXECUTOR=celery,
-so it can be bounded and interrupted; the workers get the same environment. Models are the tiny
-random-weight builds, images 64 px.
+queue, one on the default ``dagster`` queue, each with its own log and the project imported
+before the pool forks (``-i``). Every run is orchestrated by ``execute_job`` in a subprocess
+(tests/services.py ``JobRuns``), so it can be bounded and interrupted. All processes read one
+imagegen.toml (IMAGEGEN_CONFIG: ``executor = "celery"``, the s3:// storage, the prompts folder)
+and get the same environment. Models are the tiny random-weight builds, images 64 px (128 in
+the kill test). The gpu pool is set to 1 slot before the first run, as at an install.
 
 What is asserted:
 

@@ -143,7 +143,13 @@ def _sum(values: Any) -> float | None:
     return sum(present) if present else None
 
 
+# The ops of a graph-backed asset load their inputs with their own definitions: a prompt set
+# without enhanced prompts is allowed to be missing here too (see PROMPT_SET_INPUT).
+ENHANCED_PROMPTS_IN = dg.In(metadata=PROMPT_SET_INPUT.metadata)
+
+
 @dg.op(
+    ins={"enhanced_prompts": ENHANCED_PROMPTS_IN},
     required_resource_keys={"storage", *API_BACKENDS},
     out=dg.Out(io_manager_key="step_io_manager"),
 )
@@ -155,6 +161,7 @@ def generate_with_apis(
 
 
 @dg.op(
+    ins={"enhanced_prompts": ENHANCED_PROMPTS_IN, "api_images": dg.In()},
     required_resource_keys={"storage", *LOCAL_BACKENDS},
     pool=GPU_POOL,
     tags=gpu_op_tags(),
