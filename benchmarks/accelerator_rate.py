@@ -23,9 +23,10 @@ whether this machine's CPU work keeps up with the accelerator's rate.
    CPU ceiling. Target: step rate / bare rate >= 0.90.
 
 Other people's processes share this machine. Each figure is measured ``--repeats`` times, and
-each run waits for the machine to go quiet first. A run during which other processes used more
-than ``--max-others`` cores is printed, marked disturbed and run again, up to ``--attempts``
-times; the last attempt is kept. The load average and how busy both cores were (everyone's
+each run first waits (up to ``--wait-quiet`` seconds) for the machine to go quiet. A run is
+disturbed when other processes used more than ``--max-others`` cores and left less than half a
+core idle. Such a run is printed, marked disturbed and run again, up to ``--attempts`` times;
+the last attempt is kept. The load average and how busy both cores were (everyone's
 work, and ours alone) are printed with every attempt. The RESULT line holds the mean of the
 kept runs.
 
@@ -145,18 +146,24 @@ class Patience:
     """How hard to try for a run that other processes did not disturb."""
 
     wait_quiet: float  # seconds to wait for quiet before each attempt
-    max_others: float  # cores other processes may use during a kept run
+    max_others: float  # cores other processes may always use during a kept run
     attempts: int  # attempts per figure; the last one is kept whatever happened
+    headroom: float = 0.5  # beyond max_others, they may use what leaves this many cores idle
+
+    def disturbed(self, usage: Usage) -> bool:
+        """True when other processes took CPU the run may have needed."""
+        idle = (os.cpu_count() or 1) - usage.machine_busy_cores
+        return usage.others_cores > self.max_others and idle < self.headroom
 
 
 def until_undisturbed(measure: Callable[[], dict[str, Any]], patience: Patience) -> list[dict]:
-    """Every attempt at ``measure()`` (the kept one last): attempts stop at the first one
-    during which other processes used at most ``patience.max_others`` cores."""
+    """Every attempt at ``measure()`` (the kept one last): attempts stop at the first one that
+    other processes did not disturb (``Patience.disturbed``)."""
     attempts: list[dict[str, Any]] = []
     for _ in range(max(1, patience.attempts)):
         quiet = wait_for_quiet(patience.wait_quiet)
         figures = measure()
-        disturbed = Usage(**figures["usage"]).others_cores > patience.max_others
+        disturbed = patience.disturbed(Usage(**figures["usage"]))
         attempts.append({**figures, "quiet": quiet, "disturbed": disturbed})
         if not disturbed:
             break
@@ -570,7 +577,8 @@ def main() -> int:
         "--max-others",
         type=float,
         default=0.25,
-        help="a run during which other processes used more cores than this is run again",
+        help="a run during which other processes used more cores than this (and left less than "
+        "half a core idle) is run again",
     )
     parser.add_argument("--attempts", type=int, default=4, help="attempts per run at most")
     parser.add_argument("--skip", nargs="*", default=[], choices=["photos", "images", "quality"])
