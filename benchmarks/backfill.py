@@ -105,6 +105,9 @@ def per_partition(project: RunningProject, sets: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, nargs="+", default=[8, 32])
+    parser.add_argument(
+        "--per-partition-sets", type=int, nargs="*", help="sets measured per partition too"
+    )
     parser.add_argument("--noop-sets", type=int, default=25, help="x 2 backends = partitions")
     args = parser.parse_args()
     figures: dict[str, float] = {}
@@ -112,23 +115,25 @@ def main() -> None:
     print(f"project under {root}; 2-core CPU, tiny models, SQLite instance, in_process executor")
     with running_project(root, IMAGEGEN_SENSOR_INTERVAL_SECONDS="2") as project:
         for sensor in ("generate_after_prompts_sensor", "comparison_automation_sensor"):
-            stopped = project.cli("dagster", "sensor", "stop", sensor, "-w", "workspace.yaml")
-            assert stopped.returncode == 0, stopped.stderr
+            project.set_sensor(sensor, running=False)
         done_sets: list[str] = []
         for count in args.sets:
             sets = drop_sets(project, f"s{count:02d}", count)
             single = single_run(project, sets)
             print(f"{count} sets x 2 backends, single run: {single}")
+            figures[f"single_{count}_s"] = single["runs_done_s"]
+            figures[f"runs_single_{count}"] = single["runs"]
+            figures[f"loads_per_backend_{count}"] = max(single[f"loads_{b}"] for b in BACKENDS)
+            done_sets += sets
+            if args.per_partition_sets is not None and count not in args.per_partition_sets:
+                continue
             others = drop_sets(project, f"p{count:02d}", count)
             split = per_partition(project, others)
             print(f"{count} sets x 2 backends, one run per partition: {split}")
-            figures[f"single_{count}_s"] = single["runs_done_s"]
             figures[f"per_partition_{count}_s"] = split["runs_done_s"]
             figures[f"speedup_{count}"] = split["runs_done_s"] / single["runs_done_s"]
-            figures[f"runs_single_{count}"] = single["runs"]
             figures[f"runs_per_partition_{count}"] = split["runs"]
-            figures[f"loads_per_backend_{count}"] = max(single[f"loads_{b}"] for b in BACKENDS)
-            done_sets += sets + others
+            done_sets += others
         with project.instance() as instance:
             registered = instance.get_dynamic_partitions("prompt_sets")
         noop_sets = [name for name in registered if name in done_sets][: args.noop_sets]

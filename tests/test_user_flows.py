@@ -165,10 +165,7 @@ def test_a_graphql_backfill_over_every_set_loads_each_model_once(project: Runnin
 
 def test_the_bulk_schedule_generates_what_is_missing(project: RunningProject):
     # A set prepared while automatic generation is off stays missing until the schedule runs.
-    stop = project.cli(
-        "dagster", "sensor", "stop", "generate_after_prompts_sensor", "-w", "workspace.yaml"
-    )
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    project.set_sensor("generate_after_prompts_sensor", running=False)  # `dagster sensor stop`
     (project.prompts / "delta.csv").write_text(SECOND_CSV.replace("ramen", "dumplings"))
     project.wait_for(
         "delta prepared",
@@ -198,9 +195,7 @@ def test_the_bulk_schedule_generates_what_is_missing(project: RunningProject):
     bulk = [run for run in project.runs() if run.tags.get("imagegen/reason", "").startswith("bulk")]
     assert sorted(partitions_of(run) for run in bulk) == sorted(f"{b}|delta" for b in LOCAL)
     project.cli("dagster", "schedule", "stop", "bulk_generation_schedule", "-w", "workspace.yaml")
-    project.cli(
-        "dagster", "sensor", "start", "generate_after_prompts_sensor", "-w", "workspace.yaml"
-    )
+    project.set_sensor("generate_after_prompts_sensor", running=True)
 
 
 @needs_chromium

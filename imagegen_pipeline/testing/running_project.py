@@ -164,6 +164,32 @@ class RunningProject:
             timeout,
         )
 
+    def set_sensor(self, name: str, running: bool) -> None:
+        """Start or stop a sensor as a user does (`dagster sensor start|stop`), until it sticks.
+
+        The daemon writes a sensor's state back after each tick; a stop that lands during a
+        tick can be overwritten, so the state is read back over a few ticks and set again."""
+        wanted = "RUNNING" if running else "STOPPED"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            action = "start" if running else "stop"
+            result = self.cli("dagster", "sensor", action, name, "-w", "workspace.yaml")
+            if result.returncode != 0 and "already" not in result.stdout + result.stderr:
+                raise AssertionError(result.stdout + result.stderr)
+            time.sleep(8)  # a few ticks of the daemon
+            if self.sensor_status(name) == wanted:
+                return
+        raise ProjectTimeout(f"sensor {name} did not stay {wanted}")
+
+    def sensor_status(self, name: str) -> str:
+        """RUNNING or STOPPED, as the daemon will act on it."""
+        with self.instance() as instance:
+            for state in instance.all_instigator_state():
+                if state.instigator_name == name:
+                    stopped = state.status.value == "STOPPED"
+                    return "STOPPED" if stopped else "RUNNING"
+        return "RUNNING"  # never touched: its default status, running
+
     def cli(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
         """A command of the project's virtual environment, from the project folder."""
         return subprocess.run(
