@@ -55,7 +55,8 @@ def test_imagegen_toml_in_the_working_directory(clean_environment: Path) -> None
     assert config.device == "cpu"
     assert config.backends == ("sdxl_turbo",)
     assert config.sensor_interval_seconds == 5
-    assert config.prompts_dir == "prompts"  # untouched keys keep their defaults
+    # Untouched keys keep their defaults, relative to the file's folder like every path in it.
+    assert config.prompts_dir == str(clean_environment.resolve() / "prompts")
     assert config.model_for("flux_schnell") == "/models/flux"
     assert config.model_for("sdxl_turbo") == "auto"
 

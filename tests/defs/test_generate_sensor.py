@@ -1,5 +1,7 @@
 """The sensor that follows enhanced prompts, and the bulk schedule, as Dagster evaluates them."""
 
+from datetime import UTC, datetime
+
 import dagster as dg
 
 from imagegen_pipeline.definitions import defs
@@ -96,8 +98,11 @@ def test_the_bulk_schedule_asks_for_missing_and_failed_sets_once_per_backend(
         defs, ["c"], ["flux_schnell", "sdxl_turbo"], instance=dagster_instance, resources=resources
     )
 
-    context = dg.build_schedule_context(instance=dagster_instance)
+    # The daemon always passes the tick's time; it keys the runs (one run per tick).
+    tick = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
+    context = dg.build_schedule_context(instance=dagster_instance, scheduled_execution_time=tick)
     requests = bulk_generation_schedule(context)
+    assert all(r.run_key.startswith("bulk:2026-11-22T02:00:00") for r in requests)
     # One run per backend spanning b..d: c, in between, is already done and costs a listing.
     assert spans(requests) == ["flux_schnell|b..flux_schnell|d", "sdxl_turbo|b..sdxl_turbo|d"]
     assert all(r.job_name in (None, "generate_images") for r in requests)
@@ -109,5 +114,7 @@ def test_the_bulk_schedule_asks_for_missing_and_failed_sets_once_per_backend(
         instance=dagster_instance,
         resources=resources,
     )
-    done = bulk_generation_schedule(dg.build_schedule_context(instance=dagster_instance))
+    done = bulk_generation_schedule(
+        dg.build_schedule_context(instance=dagster_instance, scheduled_execution_time=tick)
+    )
     assert isinstance(done, dg.SkipReason)

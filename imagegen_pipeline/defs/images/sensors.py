@@ -129,5 +129,5 @@ def bulk_generation_schedule(context: dg.ScheduleEvaluationContext):
     todo = unfinished_partitions(context.instance, backends)
     if not todo:
         return dg.SkipReason("Every prompt set is generated, scored and compared.")
-    stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
+    stamp = context.scheduled_execution_time.isoformat()
     return generation_requests(context.instance, todo, f"bulk:{stamp}")
