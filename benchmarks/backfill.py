@@ -57,6 +57,20 @@ def last_run_end(runs: list[dg.DagsterRun], project: RunningProject) -> float:
     return max(end for end in ends if end is not None)
 
 
+def run_timeline(runs: list[dg.DagsterRun], project: RunningProject, submitted: float) -> dict:
+    """Where the time went: waiting for the daemon to make the runs, starting them, running."""
+    with project.instance() as instance:
+        records = [instance.get_run_record_by_id(run.run_id) for run in runs]
+    created = min(record.create_timestamp.timestamp() for record in records)
+    started = min(record.start_time for record in records if record.start_time)
+    durations = [r.end_time - r.start_time for r in records if r.start_time and r.end_time]
+    return {
+        "first_run_created_s": round(created - submitted, 1),
+        "first_run_started_s": round(started - submitted, 1),
+        "longest_run_s": round(max(durations), 1),
+    }
+
+
 def image_loads(project: RunningProject, run_ids: set[str]) -> dict[str, int]:
     steps = load_run_metadata(project.storage, "steps")
     images = steps[(steps.asset == "images") & steps.run_id.isin(run_ids)]
@@ -75,6 +89,7 @@ def single_run(project: RunningProject, sets: list[str]) -> dict[str, float]:
         "runs": len(runs),
         "runs_done_s": last_run_end(runs, project) - submitted,
         "backfill_done_s": marked,
+        **run_timeline(runs, project, submitted),
         **{f"loads_{b}": loads[b] for b in BACKENDS},
     }
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from imagegen_pipeline.definitions import defs
+from imagegen_pipeline.defs.comparison.assets import by_set
 from imagegen_pipeline.defs.quality.resources import QualityThresholds
 from imagegen_pipeline.local_runner import materialize_prompt_sets
 from imagegen_pipeline.registry import SVD
@@ -159,3 +160,16 @@ def test_the_gallery_renders_in_headless_chromium(first_run, tmp_path):
     # A white page with text has a few hundred colours; the noise thumbnails bring thousands.
     assert len(colours) > 5000, f"only {len(colours)} colours: were the thumbnails drawn?"
     assert pixels.std() > 20
+
+
+def test_backends_keep_the_registry_order_whatever_order_dagster_loads_them_in() -> None:
+    table = pd.DataFrame({"prompt_id": ["p1"]})
+    loaded = {
+        "gemini|a": table,
+        "sdxl_turbo|b": table,
+        "sdxl_turbo|a": table,
+        "flux_schnell|a": table,
+    }
+    grouped = by_set(loaded)
+    assert list(grouped["a"]) == ["flux_schnell", "sdxl_turbo", "gemini"]
+    assert list(grouped["b"]) == ["sdxl_turbo"]

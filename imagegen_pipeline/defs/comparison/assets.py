@@ -11,6 +11,7 @@ from imagegen_pipeline.defs.partitions import (
     split_key,
 )
 from imagegen_pipeline.defs.storage import StorageResource
+from imagegen_pipeline.registry import BACKEND_NAMES
 from imagegen_pipeline.reports.comparison import (
     backend_summary,
     bar_chart_png,
@@ -46,11 +47,15 @@ class ComparisonConfig(dg.Config):
 
 
 def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
-    """Per-backend tables regrouped by prompt set: {prompt set: {backend: table}}."""
+    """Per-backend tables regrouped by prompt set: {prompt set: {backend: table}}.
+
+    Backends come in the registry's order, whatever order Dagster loaded the partitions in, so
+    the table, chart and gallery columns stay put from one report to the next."""
     grouped: dict[str, dict[str, pd.DataFrame]] = {}
-    for key, table in tables.items():
+    keys = sorted(tables, key=lambda key: BACKEND_NAMES.index(split_key(key)[1]))
+    for key in keys:
         prompt_set, backend = split_key(key)
-        grouped.setdefault(prompt_set, {})[backend] = table
+        grouped.setdefault(prompt_set, {})[backend] = tables[key]
     return grouped
 
 
