@@ -245,9 +245,24 @@ def running_project(root: Path, **variables: str) -> Iterator[RunningProject]:
         project.wait_for("the webserver", answering, timeout=240)
         yield project
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 60) -> None:
+    """Stop ``process`` and everything it started, as Ctrl-C does, then by force.
+
+    make exits at once, but `dagster dev` takes its webserver, daemon and code servers down
+    slowly; waiting for make alone left them running (and ticking sensors) after a test."""
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 10.0)):
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            process.poll()  # reap make, or it lingers in the group as a zombie
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
