@@ -51,20 +51,17 @@ def drop_sets(project: RunningProject, prefix: str, count: int) -> list[str]:
     return names
 
 
-def last_run_end(runs: list[dg.DagsterRun], project: RunningProject) -> float:
-    with project.instance() as instance:
-        ends = [instance.get_run_record_by_id(run.run_id).end_time for run in runs]
-    return max(end for end in ends if end is not None)
-
-
 def run_timeline(runs: list[dg.DagsterRun], project: RunningProject, submitted: float) -> dict:
-    """Where the time went: waiting for the daemon to make the runs, starting them, running."""
+    """Submit -> last run finished, and where the time went: waiting for the daemon to make
+    the runs, starting them, running."""
     with project.instance() as instance:
         records = [instance.get_run_record_by_id(run.run_id) for run in runs]
     created = min(record.create_timestamp.timestamp() for record in records)
     started = min(record.start_time for record in records if record.start_time)
+    ended = max(record.end_time for record in records if record.end_time)
     durations = [r.end_time - r.start_time for r in records if r.start_time and r.end_time]
     return {
+        "runs_done_s": ended - submitted,
         "first_run_created_s": round(created - submitted, 1),
         "first_run_started_s": round(started - submitted, 1),
         "longest_run_s": round(max(durations), 1),
@@ -87,7 +84,6 @@ def single_run(project: RunningProject, sets: list[str]) -> dict[str, float]:
     loads = image_loads(project, {run.run_id for run in runs})
     return {
         "runs": len(runs),
-        "runs_done_s": last_run_end(runs, project) - submitted,
         "backfill_done_s": marked,
         **run_timeline(runs, project, submitted),
         **{f"loads_{b}": loads[b] for b in BACKENDS},
@@ -112,7 +108,7 @@ def per_partition(project: RunningProject, sets: list[str]) -> dict[str, float]:
     loads = image_loads(project, run_ids)
     return {
         "runs": len(runs),
-        "runs_done_s": last_run_end(runs, project) - submitted,
+        **run_timeline(runs, project, submitted),
         **{f"loads_{b}": loads[b] for b in BACKENDS},
     }
 

@@ -169,10 +169,9 @@ class RunningProject:
 
         The daemon writes a sensor's state back after each tick; a stop that lands during a
         tick can be overwritten, so the state is read back over a few ticks and set again."""
-        wanted = "RUNNING" if running else "STOPPED"
+        wanted, action = ("RUNNING", "start") if running else ("STOPPED", "stop")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            action = "start" if running else "stop"
             result = self.cli("dagster", "sensor", action, name, "-w", "workspace.yaml")
             if result.returncode != 0 and "already" not in result.stdout + result.stderr:
                 raise AssertionError(result.stdout + result.stderr)
@@ -186,8 +185,7 @@ class RunningProject:
         with self.instance() as instance:
             for state in instance.all_instigator_state():
                 if state.instigator_name == name:
-                    stopped = state.status.value == "STOPPED"
-                    return "STOPPED" if stopped else "RUNNING"
+                    return "STOPPED" if state.status.value == "STOPPED" else "RUNNING"
         return "RUNNING"  # never touched: its default status, running
 
     def cli(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -51,11 +51,11 @@ def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]
 
     Backends come in the registry's order, whatever order Dagster loaded the partitions in, so
     the table, chart and gallery columns stay put from one report to the next."""
+    split = [(*split_key(key), table) for key, table in tables.items()]
+    split.sort(key=lambda row: BACKEND_NAMES.index(row[1]))
     grouped: dict[str, dict[str, pd.DataFrame]] = {}
-    keys = sorted(tables, key=lambda key: BACKEND_NAMES.index(split_key(key)[1]))
-    for key in keys:
-        prompt_set, backend = split_key(key)
-        grouped.setdefault(prompt_set, {})[backend] = tables[key]
+    for prompt_set, backend, table in split:
+        grouped.setdefault(prompt_set, {})[backend] = table
     return grouped
 
 
