@@ -110,9 +110,13 @@ def run_generation_step(
         for record in describe_existing(item):
             metadata.append(record)
             by_key[key(item)] = record
-    log(f"{what}: {len(planned)} planned, {len(planned) - len(todo)} exist, {len(todo)} to make.")
     load_seconds = 0.0
     if todo:
+        # Only sets with work get a line: every line is an event-log write, and a backfill
+        # over hundreds of finished sets would pay for hundreds of "0 to make" (the step
+        # logs its totals once).
+        existing = len(planned) - len(todo)
+        log(f"{what}: {len(planned)} planned, {existing} exist, {len(todo)} to make.")
         load_seconds = load()
         progress = Progress(what, len(todo), log)
 

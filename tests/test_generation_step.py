@@ -214,7 +214,8 @@ def test_everything_done_skips_and_never_loads() -> None:
         ("b", "rebuilt"),
         ("b", "skipped_existing"),
     ]
-    assert "2 planned, 2 exist, 0 to make" in step.logs[0]
+    # A set with nothing to make logs nothing: the Dagster step logs its totals once.
+    assert step.logs == []
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
@@ -244,6 +245,7 @@ def test_makes_only_the_missing_items(threads: int) -> None:
     else:
         assert threading.get_ident() not in step.write_threads
     assert any("images: 7/7" in line for line in step.logs)
+    assert any("10 planned, 3 exist, 7 to make" in line for line in step.logs)
 
 
 def test_generation_order_is_what_the_model_yields() -> None:

@@ -35,6 +35,13 @@ def model_use(outcome: StepOutcome[Any], is_local: bool) -> dict[str, Any]:
     }
 
 
+def step_totals(what: str, prompt_sets: int, counts: dict[str, int]) -> str:
+    """One log line for a step over many prompt sets: items by status, e.g.
+    "images flux_schnell, 48 prompt set(s): 96 skipped_existing, 2 ok"."""
+    by_status = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    return f"{what}, {prompt_sets} prompt set(s): {by_status or 'nothing planned'}."
+
+
 def generation_step_record(
     context: Any,
     asset: str,

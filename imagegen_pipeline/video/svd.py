@@ -12,7 +12,6 @@ import logging
 import time
 
 import torch
-from diffusers import StableVideoDiffusionPipeline
 from PIL import Image, ImageOps
 
 from imagegen_pipeline.model_settings import SvdSettings
@@ -94,6 +93,10 @@ class SvdGenerator(DiffusersModel):
         if self.pipeline is not None:
             return 0.0
         started = time.perf_counter()
+        # Imported here, not at the top: the pipeline module pulls in most of diffusers and
+        # transformers (seconds), and a step whose clips all exist never loads the model.
+        from diffusers import StableVideoDiffusionPipeline
+
         pipeline = self.load_pipeline(
             StableVideoDiffusionPipeline,
             self.config,

@@ -10,7 +10,11 @@ from imagegen_pipeline.defs.partitions import (
     prompt_set_x_backend_partitions,
     single_run,
 )
-from imagegen_pipeline.defs.steps import generation_step_record, write_step_record
+from imagegen_pipeline.defs.steps import (
+    generation_step_record,
+    step_totals,
+    write_step_record,
+)
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import (
     VIDEO_CLIP_STATUSES,
@@ -57,6 +61,7 @@ def clips(
     with model_for_step(context, SVD, load_project_config()) as warm:
         generator, settings = warm.model, warm.settings
         for backend, entries in keys_by_backend(context.partition_keys).items():
+            totals: dict[str, int] = {}
             for key, prompt_set in entries:
                 started_at = utc_now()
                 sources = select_sources(quality[key], settings.selection, settings.n)
@@ -71,6 +76,8 @@ def clips(
                 )
                 outcome = run_video_step(generator, planned, step, log=context.log.info)
                 counts = outcome.counts
+                for status, count in counts.items():
+                    totals[status] = totals.get(status, 0) + count
                 record = generation_step_record(
                     context,
                     "clips",
@@ -113,4 +120,5 @@ def clips(
                     partition_key=key,
                 )
                 tables[key] = table
+            context.log.info(step_totals(f"clips of {backend} images", len(entries), totals))
     return tables

@@ -21,7 +21,11 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
-from imagegen_pipeline.defs.steps import generation_step_record, write_step_record
+from imagegen_pipeline.defs.steps import (
+    generation_step_record,
+    step_totals,
+    write_step_record,
+)
 from imagegen_pipeline.images_step import (
     ImagesStepContext,
     images_folder,
@@ -60,6 +64,7 @@ def make_images(
         if backend_name not in backends:
             continue
         spec = backend_spec(backend_name)
+        totals: dict[str, int] = {}
         with model_for_step(context, spec, project) as warm:
             backend = warm.model
             for key, prompt_set in entries:
@@ -78,6 +83,8 @@ def make_images(
                 for warning in summary.warnings:
                     context.log.warning(warning)
                 counts = outcome.counts
+                for status, count in counts.items():
+                    totals[status] = totals.get(status, 0) + count
                 settings = backend.settings
                 record = generation_step_record(
                     context,
@@ -125,6 +132,7 @@ def make_images(
                         ),
                     },
                 )
+        context.log.info(step_totals(f"images {backend_name}", len(entries), totals))
     return results
 
 
