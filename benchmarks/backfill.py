@@ -10,7 +10,8 @@ backfills generate, drops K prompt CSVs (2 prompts, 1 image each) and measures, 
   one-partition-per-run policy (or a user clicking each partition) makes them;
 
 wall time (submit -> every run finished; and -> backfill marked done by the daemon), runs, image
-model loads per backend; and the time of a backfill with nothing to do over 50 partitions.
+model loads per backend; and the time of a backfill with nothing to do over 50 partitions
+(the worst and the median of ``--noop-repeats`` such backfills).
 Targets (issue "Many prompt sets, every day"): model loads = backends, single run at least 3x
 faster than per partition at 8 sets, no-op 50-partition backfill under 60 s.
 
@@ -20,6 +21,7 @@ faster than per partition at 8 sets, no-op 50-partition backfill under 60 s.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +122,7 @@ def main() -> None:
         "--per-partition-sets", type=int, nargs="*", help="sets measured per partition too"
     )
     parser.add_argument("--noop-sets", type=int, default=25, help="x 2 backends = partitions")
+    parser.add_argument("--noop-repeats", type=int, default=3, help="no-op backfills measured")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     root = Path(tempfile.mkdtemp(prefix="imagegen-backfill-"))
@@ -148,11 +151,16 @@ def main() -> None:
         with project.instance() as instance:
             registered = instance.get_dynamic_partitions("prompt_sets")
         noop_sets = [name for name in registered if name in done_sets][: args.noop_sets]
-        noop = single_run(project, noop_sets)
-        print(f"no-op backfill, {len(noop_sets)} sets x 2 backends: {noop}")
+        # Repeated: where the submission falls in the daemon's 30 s backfill tick moves each
+        # measurement by up to 30 s, so the worst of several is the honest figure.
+        noops = []
+        for _ in range(args.noop_repeats):
+            noops.append(single_run(project, noop_sets))
+            print(f"no-op backfill, {len(noop_sets)} sets x 2 backends: {noops[-1]}")
         figures["noop_partitions"] = 2 * len(noop_sets)
-        figures["noop_runs_done_s"] = noop["runs_done_s"]
-        figures["noop_backfill_done_s"] = noop["backfill_done_s"]
+        figures["noop_runs_done_s"] = max(noop["runs_done_s"] for noop in noops)
+        figures["noop_runs_done_median_s"] = statistics.median(n["runs_done_s"] for n in noops)
+        figures["noop_backfill_done_s"] = max(noop["backfill_done_s"] for noop in noops)
     first = args.sets[0]
     print(
         "\nThe daemon looks at backfills every 30 s (fixed in Dagster 1.13): 'backfill done' "
@@ -163,6 +171,7 @@ def main() -> None:
         f"RESULT loads_per_backend={figures[f'loads_per_backend_{first}']:.0f} "
         f"speedup_{first}={figures[f'speedup_{first}']:.2f} "
         f"noop_50_s={figures['noop_runs_done_s']:.1f} "
+        f"noop_50_median_s={figures['noop_runs_done_median_s']:.1f} "
         f"noop_50_backfill_done_s={figures['noop_backfill_done_s']:.1f}"
     )
 
