@@ -290,14 +290,14 @@ def run_images_case(stands_in_for: str, images: int, writer_threads: int) -> dic
     folder = Path(tempfile.mkdtemp(prefix="accelerator-rate-"))
     try:
         storage = Storage(folder)
-        planned = plan_images(enhanced_prompts(images, [stands_in_for]), backend)
+        planned = plan_images(enhanced_prompts(images, [stands_in_for]), backend.target)
         step = ImagesStepContext(
             storage, "bench", f"bench-{os.getpid()}", writer_threads=writer_threads
         )
         gc.collect()
         baseline = psutil.Process().memory_info().rss
         with RssSampler() as rss, measured() as usage:
-            outcome = run_images_step(backend, planned, step, log=QUIET)
+            outcome = run_images_step(backend.target, lambda: backend, planned, step, log=QUIET)
             finished = time.perf_counter()
         assert backend.generate_started is not None
         seconds = finished - backend.generate_started
@@ -369,17 +369,16 @@ def images_line(figures: dict[str, Any], run: int) -> str:
 def run_quality(images: int, repeats: int, patience: Patience) -> dict[str, Any]:
     """The quality step with the ViT-L-14 stand-in against a bare decode-and-preprocess loop."""
     from imagegen_pipeline.records import ImageRecord
-    from imagegen_pipeline.scoring.scoring_step import score_image_table
+    from imagegen_pipeline.scoring.scoring_step import Scorer, score_image_table
 
     folder = Path(tempfile.mkdtemp(prefix="accelerator-quality-"))
     try:
         storage = Storage(folder)
         maker = AcceleratorStandIn("flux_schnell", batch_size=4, seconds_per_image=0.0)
         enhanced = enhanced_prompts(images, ["flux_schnell"])
-        planned = plan_images(enhanced, maker)
-        outcome = run_images_step(
-            maker, planned, ImagesStepContext(storage, "bench", "made"), log=QUIET
-        )
+        planned = plan_images(enhanced, maker.target)
+        made_in = ImagesStepContext(storage, "bench", "made")
+        outcome = run_images_step(maker.target, lambda: maker, planned, made_in, log=QUIET)
         table = pd_table(outcome.records, ImageRecord)
         originals = dict(zip(enhanced["prompt_id"], enhanced["enhanced_prompt"], strict=True))
         paths = list(table["path"])
@@ -398,7 +397,7 @@ def run_quality(images: int, repeats: int, patience: Patience) -> dict[str, Any]
 
         def step(subset: Any) -> None:
             report = score_image_table(
-                scorer, subset, originals, storage=storage, workers=workers, log=QUIET
+                Scorer.of(scorer), subset, originals, storage=storage, workers=workers, log=QUIET
             )
             assert report["scored"].all(), report["score_error"].dropna().head()
 

@@ -31,7 +31,7 @@ from PIL import Image
 from imagegen_pipeline.model_settings import ClipModelSettings, SvdSettings
 from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.scoring.clip_model import ClipModel
-from imagegen_pipeline.scoring.scoring_step import score_image_table
+from imagegen_pipeline.scoring.scoring_step import Scorer, score_image_table
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.testing.accelerator import PhotoSource
 from imagegen_pipeline.tiny_models import build_tiny_model
@@ -132,7 +132,7 @@ def main() -> int:
 
         def quality_step(workers: int) -> Callable[[], object]:
             return lambda: score_image_table(
-                model, table, originals, storage=storage, workers=workers, log=QUIET
+                Scorer.of(model), table, originals, storage=storage, workers=workers, log=QUIET
             )
 
         bare = lambda: bare_loop(model, table, args.batch_size)  # noqa: E731
@@ -160,11 +160,17 @@ def main() -> int:
         generator.load()
         sources = table.head(args.clips)
         warm = VideoStepContext(storage, "warm", "x", "warm")
-        run_video_step(generator, plan_video_clips(table.tail(1), generator, storage), warm, QUIET)
-        planned = plan_video_clips(sources, generator, storage)
+        clip_settings = generator.settings
+        warm_up = plan_video_clips(table.tail(1), clip_settings, storage)
+        run_video_step(clip_settings, lambda: generator, warm_up, warm, QUIET)
+        planned = plan_video_clips(sources, clip_settings, storage)
         started = time.perf_counter()
         outcome = run_video_step(
-            generator, planned, VideoStepContext(storage, "bench", "x", "bench"), QUIET
+            clip_settings,
+            lambda: generator,
+            planned,
+            VideoStepContext(storage, "bench", "x", "bench"),
+            QUIET,
         )
         seconds = time.perf_counter() - started
         made = outcome.counts.get("ok", 0)

@@ -20,6 +20,7 @@ from imagegen_pipeline.backends.base import (
     ImageBackend,
     ImageRequest,
     ImageResult,
+    ImageTarget,
 )
 from imagegen_pipeline.generation_step import (
     DEFAULT_WRITER_THREADS,
@@ -82,19 +83,21 @@ def images_folder(storage: Storage, prompt_set: str, backend: str) -> UPath:
     return storage.path("images", prompt_set, backend)
 
 
-def plan_images(enhanced: pd.DataFrame, backend: ImageBackend) -> list[PlannedImage]:
-    """Every image ``backend`` should make for the rows of ``enhanced`` that list it."""
+def plan_images(enhanced: pd.DataFrame, target: ImageTarget) -> list[PlannedImage]:
+    """Every image the backend of ``target`` should make for the rows of ``enhanced`` that
+    list it (``target``: ``backend.target``, or the settings' ``image_target`` before any
+    backend exists)."""
     planned = []
-    settings = backend.settings
-    default_width, default_height = backend.default_size
+    settings = target.settings
+    default_width, default_height = target.default_size
     for row in enhanced.to_dict("records"):
-        if backend.name not in list(row["backends"]):
+        if settings.backend not in list(row["backends"]):
             continue
         csv_seed = None if pd.isna(row["seed"]) else int(row["seed"])
         width = default_width if pd.isna(row["width"]) else int(row["width"])
         height = default_height if pd.isna(row["height"]) else int(row["height"])
         # Record the negative prompt only where the backend uses it: the address stays honest.
-        negative = row["negative_prompt"] if backend.supports_negative_prompt else ""
+        negative = row["negative_prompt"] if target.supports_negative_prompt else ""
         for index in range(int(row["num_images"])):
             request = ImageRequest(
                 prompt_id=row["prompt_id"],
@@ -123,13 +126,18 @@ class ImagesStepContext:
 
 
 def run_images_step(
-    backend: ImageBackend,
+    target: ImageTarget,
+    backend: Callable[[], ImageBackend],
     planned: list[PlannedImage],
     step: ImagesStepContext,
     log: Callable[[str], None] = print,
 ) -> StepOutcome[ImageRecord]:
-    """Generate what is missing, write each PNG atomically, and describe every image."""
-    settings = backend.settings
+    """Generate what is missing, write each PNG atomically, and describe every image.
+
+    ``backend()`` gives the backend that ``target`` describes; it is called only when some
+    image is missing, so a step with nothing to make never creates (or imports) it.
+    """
+    settings = target.settings
     storage, folder = step.storage, images_folder(step.storage, step.prompt_set, settings.backend)
     swept = storage.sweep_temp_files(folder)
     if swept:
@@ -200,14 +208,13 @@ def run_images_step(
             path=str(path),
             sha256=sha256,
             bytes=size,
-            device=backend.device,
             started_at=utc_now(),
             finished_at=utc_now(),
         )
 
     def generate(items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
         by_key = {item.key: item for item in items}
-        for result in backend.generate([item.request for item in items]):
+        for result in backend().generate([item.request for item in items]):
             item = by_key[(result.request.prompt_id, result.request.image_index)]
             if result.status == "failed":
                 log(f"{item.request.prompt_id}[{item.request.image_index}] failed: {result.error}")
@@ -218,7 +225,7 @@ def run_images_step(
         facts = {
             "error": result.error,
             "seconds": result.seconds,
-            "device": backend.device,
+            "device": backend().device,
             "batch_size": details.get("batch_size"),
             "peak_gpu_memory_mb": details.get("peak_gpu_memory_mb"),
             "finish_reason": details.get("finish_reason"),
@@ -251,7 +258,7 @@ def run_images_step(
         key=lambda item: item.key,
         is_done=lambda item: item.relative_path in on_disk,
         describe_existing=describe_existing,
-        load=backend.load,
+        load=lambda: backend().load(),
         generate=generate,
         write=write,
         metadata=metadata,

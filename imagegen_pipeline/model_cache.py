@@ -90,9 +90,11 @@ class ModelCache:
     def make_room(self, keep: str) -> None:
         """Free least recently used models other than ``keep`` while over the budget."""
         with self._lock:
-            while self._held_bytes() > self.budget_bytes:
+            while True:
                 victim = next((name for name in self._entries if name != keep), None)
-                if victim is None:
+                # With nothing else held there is nothing to free, and no reason to ask torch
+                # for the free memory (a step that made nothing never imported it).
+                if victim is None or self._held_bytes() <= self.budget_bytes:
                     return
                 logger.info("Model cache over budget: freeing %s.", victim)
                 self._free(victim)

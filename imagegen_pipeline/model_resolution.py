@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from imagegen_pipeline.model_cache import WARM_MODELS
+from imagegen_pipeline.model_settings import LOCAL_DIR
 from imagegen_pipeline.model_weights import is_cached
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import ModelSpec
 from imagegen_pipeline.tiny_models import build_tiny_model, is_tiny_model
-
-LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
 
 
 @dataclass(frozen=True)
@@ -93,25 +94,64 @@ def resolve_settings(
     return type(settings).model_validate(values), resolved
 
 
+class InvalidModelSettings(ValueError):
+    """Settings the model refuses when it is created (a size it cannot run, no API key)."""
+
+
 @dataclass
 class WarmModel:
-    """A model from this process's warm cache, with the settings it was resolved to."""
+    """A model of this process's warm cache, with the settings it was resolved to.
 
-    model: Any
-    settings: BaseModel
+    The model object is created on first use of ``model``: creating it imports its module
+    (torch, diffusers, open_clip: seconds), which a step whose outputs all exist never needs.
+    """
+
+    spec: ModelSpec
+    settings: Any
     resolved: ResolvedModel | None
-    cache_hit: bool  # the same configuration was already in the cache
+    _key: str
+    _create: Callable[[], Any]
+    _model: Any = None
+    cache_hit: bool | None = None  # once created: the same configuration was already cached
+
+    @property
+    def model_id(self) -> str:
+        """What content addresses and metadata record; the same on every machine."""
+        return self.resolved.model_id if self.resolved else str(self.settings.model)
+
+    @property
+    def model(self) -> Any:
+        """The model object, from the warm cache or created now (not loaded: that is the
+        model's own ``load``)."""
+        if self._model is None:
+            try:
+                self._model, self.cache_hit = WARM_MODELS.get(
+                    self.spec.name, self._key, self._create
+                )
+            except ValueError as error:
+                raise InvalidModelSettings(str(error)) from None
+        return self._model
+
+    @property
+    def created(self) -> bool:
+        """Whether this step has asked for the model object."""
+        return self._model is not None
+
+    @property
+    def device(self) -> str | None:
+        """Where the model runs; None while this step has not needed it."""
+        return None if self._model is None else str(self._model.device)
 
 
 def warm_model(spec: ModelSpec, settings: BaseModel, project: ProjectConfig) -> WarmModel:
-    """``spec``'s model for ``settings`` from the warm cache, created (not loaded) if absent."""
-    from imagegen_pipeline.model_cache import WARM_MODELS
+    """``spec``'s model for ``settings``, resolved now and taken from (or added to) the warm
+    cache when the step first uses it."""
     from imagegen_pipeline.registry import implementation_class
 
     concrete, resolved = resolve_settings(spec, settings, project)
-    model_class = implementation_class(spec)
 
     def create() -> Any:
+        model_class = implementation_class(spec)
         if resolved is None:  # a hosted API: nothing to resolve or identify
             return model_class(concrete)
         return model_class(concrete, model_id=resolved.model_id)
@@ -120,5 +160,4 @@ def warm_model(spec: ModelSpec, settings: BaseModel, project: ProjectConfig) -> 
     # means other weights or another placement, so the old model is freed first. Hashed, so
     # an API key in the settings never sits in the cache in clear.
     key = hashlib.sha256(concrete.model_dump_json().encode()).hexdigest()
-    model, hit = WARM_MODELS.get(spec.name, key, create)
-    return WarmModel(model, concrete, resolved, hit)
+    return WarmModel(spec, concrete, resolved, key, create)

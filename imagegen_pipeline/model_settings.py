@@ -1,5 +1,8 @@
 """Every knob of every model, declared once: plain pydantic models, no Dagster, no torch.
 
+What a model's outputs are planned from (sizes, content-address inputs, the scorer's label)
+is derived here too, so a step can tell what exists before it creates the model.
+
 The Dagster resources are these classes with ``dg.ConfigurableResource`` mixed in (see
 ``defs/resources.py``), so a field, its type, its default and its description exist here only.
 
@@ -14,6 +17,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen_pipeline.backends.base import GenerationSettings, ImageTarget
+
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
+HF_HUB = "hf-hub:"  # open_clip's prefix for a Hugging Face Hub repo
 
 Device = str  # "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:1", "mps"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -61,6 +69,23 @@ class DiffusersImageSettings(ModelSettings):
     width: int | None = Field(None, description="size of rows without one; None: model's native")
     height: int | None = Field(None, description="size of rows without one; None: model's native")
 
+    def image_target(self, backend: str, model_id: str) -> ImageTarget:
+        """What ``backend``'s images are planned from with these (resolved) settings."""
+        if self.width is None or self.height is None:
+            raise ValueError("resolve the settings first: width and height must be set")
+        return ImageTarget(
+            GenerationSettings(
+                backend, model_id, self.revision or "main", self.steps, self.guidance
+            ),
+            (self.width, self.height),
+            self.uses_negative_prompt(),
+        )
+
+    def uses_negative_prompt(self) -> bool:
+        """Whether the pipeline is given the negative prompt."""
+        # FLUX.1-schnell is guidance-distilled: no classifier-free guidance for one to act on.
+        return False
+
 
 class FluxSchnellSettings(DiffusersImageSettings):
     """FLUX.1-schnell through diffusers' FluxPipeline (bf16, 4 steps, no guidance, 1024 px)."""
@@ -73,6 +98,10 @@ class SdxlTurboSettings(DiffusersImageSettings):
     """SDXL-Turbo through diffusers' StableDiffusionXLPipeline (fp16 files, 1 step, 512 px)."""
 
     steps: int = Field(1, description="denoising steps (1 to 4)")
+
+    def uses_negative_prompt(self) -> bool:
+        # The negative prompt only acts through classifier-free guidance, i.e. guidance > 1.
+        return self.guidance > 1.0
 
 
 class GeminiSettings(BaseModel):
@@ -98,6 +127,13 @@ class GeminiSettings(BaseModel):
     price_per_output_text_token_usd: float = Field(2.50e-6, description="USD per text token")
     price_per_image_usd: float = Field(0.039, description="expected cost of one image (budget)")
     budget_usd: float | None = Field(None, description="per-run cap; None: no cap")
+
+    def image_target(self, backend: str, model_id: str) -> ImageTarget:
+        """What the hosted model's images are planned from: no revision to pin, no steps or
+        guidance to set, no negative prompt (see the Gemini package docstring)."""
+        return ImageTarget(
+            GenerationSettings(backend, model_id, "api", 0, 0.0), (1024, 1024), False
+        )
 
 
 class SvdSettings(ModelSettings):
@@ -135,6 +171,14 @@ class ClipModelSettings(ModelSettings):
     batch_size: int = Field(32, description="images per forward pass; scores do not depend on it")
     workers: int = Field(4, description="threads decoding and measuring images ahead of the model")
     aesthetic_head: str | None = Field(None, description="LAION linear head weights file")
+
+    def scorer_label(self, model_id: str | None = None) -> str:
+        """The model as recorded with every score (and part of each score's reuse key)."""
+        if model_id and model_id != self.model:
+            return model_id
+        if self.model.startswith((LOCAL_DIR, HF_HUB)) or not self.pretrained:
+            return self.model
+        return f"{self.model}/{self.pretrained}"
 
 
 class EnhancerSettings(BaseModel):

@@ -240,15 +240,18 @@ def test_warm_model_is_reused_until_the_settings_change(tiny_flux: Path, tmp_pat
     settings = FluxSchnellSettings(model=str(tiny_flux), width=64, height=64)
     first = warm_model(FLUX, settings, config)
     again = warm_model(FLUX, FluxSchnellSettings(model=str(tiny_flux), width=64, height=64), config)
+    # Nothing is created before a step asks for the model.
+    assert (first.created, first.cache_hit, first.device) == (False, None, None)
+    assert first.model is again.model  # first asks first
     assert first.cache_hit is False
     assert again.cache_hit is True
-    assert again.model is first.model
+    assert first.device == "cpu"
     assert first.model.model_id == str(tiny_flux)
     assert first.settings.device == "cpu"
 
     changed = warm_model(FLUX, settings.model_copy(update={"width": 128}), config)
-    assert changed.cache_hit is False
     assert changed.model is not first.model
+    assert changed.cache_hit is False
     assert changed.model.config.width == 128
 
 
@@ -264,7 +267,7 @@ def test_warm_gemini_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     first = warm_model(GEMINI, GeminiSettings(), project(tmp_path))
     again = warm_model(GEMINI, GeminiSettings(), project(tmp_path))
     assert first.resolved is None
+    assert first.model is again.model  # first asks first
     assert (first.cache_hit, again.cache_hit) == (False, True)
-    assert again.model is first.model
     other = warm_model(GEMINI, GeminiSettings(max_retries=1), project(tmp_path))
-    assert other.cache_hit is False and other.model is not first.model
+    assert other.model is not first.model and other.cache_hit is False

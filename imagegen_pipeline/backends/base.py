@@ -29,6 +29,16 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class ImageTarget:
+    """What a backend's images are planned from, known from its settings alone: a step whose
+    images all exist never creates the backend (nor imports torch for it)."""
+
+    settings: GenerationSettings
+    default_size: tuple[int, int]  # (width, height) of prompt rows that give no size
+    supports_negative_prompt: bool  # else the negative prompt is recorded empty
+
+
+@dataclass(frozen=True)
 class ImageRequest:
     """One image to make: a prompt, its seed and its size."""
 
@@ -79,6 +89,11 @@ class ImageBackend(ABC):
     @abstractmethod
     def default_size(self) -> tuple[int, int]:
         """(width, height) of requests whose prompt row gives no size."""
+
+    @property
+    def target(self) -> ImageTarget:
+        """What this backend's images are planned from."""
+        return ImageTarget(self.settings, self.default_size, self.supports_negative_prompt)
 
     @property
     def device(self) -> str:

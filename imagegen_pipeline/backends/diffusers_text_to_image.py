@@ -20,6 +20,7 @@ from imagegen_pipeline.backends.base import (
     ImageBackend,
     ImageRequest,
     ImageResult,
+    ImageTarget,
     RunSummary,
 )
 from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
@@ -47,10 +48,9 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
     variant: ClassVar[str | None] = None  # weight files variant ("fp16") the repo ships
 
     def __init__(self, settings: DiffusersImageSettings, model_id: str | None = None) -> None:
-        if settings.width is None or settings.height is None:
-            raise ValueError("resolve the settings first: width and height must be set")
         self.config = settings
         self.model_id = model_id or settings.model  # what content addresses record
+        self.target  # noqa: B018 - raises for settings that were not resolved
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.dtype, self.preferred_dtype, self._device)
         self.memory_plan: MemoryPlan | None = None
@@ -58,18 +58,20 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.offload = "none" if settings.offload == "auto" else settings.offload
 
     @property
+    def target(self) -> ImageTarget:
+        return self.config.image_target(self.name, self.model_id)
+
+    @property
     def settings(self) -> GenerationSettings:
-        return GenerationSettings(
-            backend=self.name,
-            model_id=self.model_id,
-            revision=self.config.revision or "main",
-            steps=self.config.steps,
-            guidance=self.config.guidance,
-        )
+        return self.target.settings
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return self.config.width, self.config.height  # type: ignore[return-value]
+        return self.target.default_size
+
+    @property
+    def supports_negative_prompt(self) -> bool:  # type: ignore[override]
+        return self.config.uses_negative_prompt()
 
     @property
     def device(self) -> str:

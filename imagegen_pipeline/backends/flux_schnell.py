@@ -16,8 +16,6 @@ class FluxSchnellBackend(DiffusersTextToImage):
     name = "flux_schnell"
     pipeline_class_name = "FluxPipeline"
     preferred_dtype = "bfloat16"
-    # Schnell is guidance-distilled: it has no classifier-free guidance to use a negative prompt.
-    supports_negative_prompt = False
 
     config: FluxSchnellSettings
 

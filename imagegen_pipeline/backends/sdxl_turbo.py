@@ -20,11 +20,6 @@ class SdxlTurboBackend(DiffusersTextToImage):
 
     config: SdxlTurboSettings
 
-    @property
-    def supports_negative_prompt(self) -> bool:  # type: ignore[override]
-        # The negative prompt only acts through classifier-free guidance, i.e. guidance > 1.
-        return self.config.guidance > 1.0
-
     def pipeline_kwargs(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
         if not self.supports_negative_prompt:
             return {}

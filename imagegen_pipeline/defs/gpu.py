@@ -17,7 +17,7 @@ import dagster as dg
 
 from imagegen_pipeline.defs.model_resources import settings_of
 from imagegen_pipeline.model_cache import WARM_MODELS
-from imagegen_pipeline.model_resolution import WarmModel, warm_model
+from imagegen_pipeline.model_resolution import InvalidModelSettings, WarmModel, warm_model
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import ModelSpec
@@ -48,9 +48,9 @@ def model_for_step(
     spec: ModelSpec,
     project: ProjectConfig,
 ) -> Iterator[WarmModel]:
-    """The warm model of ``spec`` configured by its resource; missing weights or keys become
-    one clear step failure. The model stays in the process's cache for the next step; the
-    cache frees others when the budget is exceeded."""
+    """The warm model of ``spec`` configured by its resource, created when the step first
+    uses it; missing weights or keys become one clear step failure. The model stays in the
+    process's cache for the next step; the cache frees others when the budget is exceeded."""
     resource = getattr(context.resources, spec.name)
     try:
         warm = warm_model(spec, settings_of(resource, spec.settings), project)
@@ -62,5 +62,7 @@ def model_for_step(
         yield warm
     except ModelWeightsMissingError as error:
         raise dg.Failure(description=str(error)) from None
+    except InvalidModelSettings as error:
+        raise dg.Failure(description=f"{spec.name}: {error}") from None
     finally:
         WARM_MODELS.make_room(keep=spec.name)

@@ -47,7 +47,8 @@ def generation_step_record(
     asset: str,
     prompt_set: str,
     backend: str,
-    model: Any,
+    settings: Any,
+    device: str | None,
     outcome: StepOutcome[Any],
     *,
     is_local: bool,
@@ -55,8 +56,9 @@ def generation_step_record(
     **extra: Any,
 ) -> StepRecord:
     """The step row of one partition of a generating step (images, clips) from its outcome:
-    counts by status, time, the model it used, loads and warm-cache hits."""
-    counts, settings = outcome.counts, model.settings
+    counts by status, time, the model it used (``settings``' model_id and revision; the
+    ``device`` it ran on, None when nothing was made), loads and warm-cache hits."""
+    counts = outcome.counts
     return StepRecord(
         run_id=context.run.run_id,
         asset=asset,
@@ -64,7 +66,7 @@ def generation_step_record(
         backend=backend,
         model_id=settings.model_id,
         revision=settings.revision,
-        device=model.device,
+        device=device,
         worker=worker_name(),
         requested=len(outcome.records),
         generated=counts.get("ok", 0),

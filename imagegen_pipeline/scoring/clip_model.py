@@ -38,13 +38,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagegen_pipeline.model_settings import ClipModelSettings
+from imagegen_pipeline.model_settings import HF_HUB, LOCAL_DIR, ClipModelSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.registry import CLIP_MODEL
 from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
 
-LOCAL_DIR = "local-dir:"
-HF_HUB = "hf-hub:"
 TEMPERATURE = 100.0
 
 # (positive descriptions, negative descriptions) per aspect; "aesthetic" is the overall one.
@@ -223,11 +221,7 @@ class ClipModel:
     @property
     def model_label(self) -> str:
         """The model as recorded with every score."""
-        if self.model_id and self.model_id != self.config.model:
-            return self.model_id
-        if self.config.model.startswith((LOCAL_DIR, HF_HUB)) or not self.config.pretrained:
-            return self.config.model
-        return f"{self.config.model}/{self.config.pretrained}"
+        return self.config.scorer_label(self.model_id)
 
     @property
     def context_length(self) -> int:

@@ -15,6 +15,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
@@ -98,6 +99,28 @@ def reusable_scores(previous: pd.DataFrame | None, table: pd.DataFrame) -> dict[
     }
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """The CLIP model of a scoring step: its label (recorded with every score, part of each
+    score's reuse key) and the model itself, created on first use, so a step whose scores
+    all exist never creates it (nor imports torch)."""
+
+    label: str
+    model: Callable[[], ClipModel]
+
+    @classmethod
+    def of(cls, model: ClipModel) -> Scorer:
+        """A scorer for a model that already exists."""
+        return cls(model.model_label, lambda: model)
+
+
+def scored_table(rows: list[dict[str, Any]], scorer: Scorer) -> pd.DataFrame:
+    """The report of ``rows``, each marked with the scorer's label."""
+    table = pd.DataFrame(rows)
+    table["scorer_model"] = scorer.label
+    return table
+
+
 def rows_to_score(
     table: pd.DataFrame,
     previous: pd.DataFrame | None,
@@ -123,7 +146,7 @@ def rows_to_score(
 
 
 def score_image_table(
-    model: ClipModel,
+    scorer: Scorer,
     images: pd.DataFrame,
     original_prompts: Mapping[str, str],
     *,
@@ -144,10 +167,12 @@ def score_image_table(
         for row in images.to_dict("records")
     ]
     rows, todo = rows_to_score(
-        images.assign(original_prompt=originals), previous, model.model_label, thresholds
+        images.assign(original_prompt=originals), previous, scorer.label, thresholds
     )
-    if todo:
-        model.load()
+    if not todo:
+        return scored_table(rows, scorer)
+    model = scorer.model()
+    model.load()
     progress = Progress("images scored", len(todo), log)
     import torch  # only now: a re-run with nothing to score never pays for importing it
 
@@ -185,9 +210,7 @@ def score_image_table(
     if batch:
         flush()
     progress.finish()
-    table = pd.DataFrame(rows)
-    table["scorer_model"] = model.model_label
-    return table
+    return scored_table(rows, scorer)
 
 
 def with_generation_facts(table: pd.DataFrame, image_runs: pd.DataFrame) -> pd.DataFrame:
@@ -213,7 +236,7 @@ def with_generation_facts(table: pd.DataFrame, image_runs: pd.DataFrame) -> pd.D
 
 
 def score_video_clip_table(
-    model: ClipModel,
+    scorer: Scorer,
     clips: pd.DataFrame,
     *,
     storage: Storage,
@@ -225,9 +248,11 @@ def score_video_clip_table(
 
     Scores of ``previous`` are reused for clips whose bytes and scorer are unchanged.
     """
-    rows, todo = rows_to_score(clips, previous, model.model_label, DEFAULT_BLANK_THRESHOLDS)
-    if todo:
-        model.load()
+    rows, todo = rows_to_score(clips, previous, scorer.label, DEFAULT_BLANK_THRESHOLDS)
+    if not todo:
+        return scored_table(rows, scorer)
+    model = scorer.model()
+    model.load()
     progress = Progress("video clips scored", len(todo), log)
 
     def decode(index: int) -> tuple[int, Any]:
@@ -251,6 +276,4 @@ def score_video_clip_table(
                 row["score_error"] = f"{type(error).__name__}: {error}"
         progress.advance()
     progress.finish()
-    table = pd.DataFrame(rows)
-    table["scorer_model"] = model.model_label
-    return table
+    return scored_table(rows, scorer)

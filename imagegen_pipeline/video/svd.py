@@ -23,7 +23,11 @@ from imagegen_pipeline.torch_runtime import (
     resolve_device,
     resolve_dtype,
 )
-from imagegen_pipeline.video.video_clip import VideoClipResult, VideoClipSettings
+from imagegen_pipeline.video.video_clip import (
+    VideoClipResult,
+    VideoClipSettings,
+    video_clip_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +72,7 @@ class SvdGenerator(DiffusersModel):
     @property
     def settings(self) -> VideoClipSettings:
         """The settings that go into every clip's content address."""
-        config = self.config
-        return VideoClipSettings(
-            model_id=self.model_id,
-            revision=config.revision or "main",
-            width=config.width,
-            height=config.height,
-            frames=config.num_frames,
-            steps=config.steps,
-            fps=config.fps,
-            motion_bucket_id=config.motion_bucket_id,
-            noise_aug_strength=config.noise_aug_strength,
-            min_guidance_scale=config.min_guidance_scale,
-            max_guidance_scale=config.max_guidance_scale,
-        )
+        return video_clip_settings(self.config, self.model_id)
 
     @property
     def device(self) -> str:

@@ -12,6 +12,7 @@ from datetime import datetime
 
 from PIL import Image
 
+from imagegen_pipeline.model_settings import SvdSettings
 from imagegen_pipeline.records import VideoClipStatus
 
 SEED_MODULUS = 2**31  # int32-safe, like image seeds
@@ -32,6 +33,23 @@ class VideoClipSettings:
     noise_aug_strength: float
     min_guidance_scale: float
     max_guidance_scale: float
+
+
+def video_clip_settings(config: SvdSettings, model_id: str) -> VideoClipSettings:
+    """The content-address settings of clips made with ``config`` (resolved: no None left)."""
+    return VideoClipSettings(
+        model_id=model_id,
+        revision=config.revision or "main",
+        width=config.width,  # type: ignore[arg-type]
+        height=config.height,  # type: ignore[arg-type]
+        frames=config.num_frames,  # type: ignore[arg-type]
+        steps=config.steps,  # type: ignore[arg-type]
+        fps=config.fps,
+        motion_bucket_id=config.motion_bucket_id,
+        noise_aug_strength=config.noise_aug_strength,
+        min_guidance_scale=config.min_guidance_scale,
+        max_guidance_scale=config.max_guidance_scale,  # type: ignore[arg-type]
+    )
 
 
 @dataclass

@@ -34,6 +34,7 @@ from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, f
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.video.video_clip import (
     VideoClipResult,
+    VideoClipSettings,
     video_clip_address,
     video_clip_seed,
 )
@@ -98,10 +99,10 @@ def clips_folder(storage: Storage, prompt_set: str, backend: str) -> UPath:
 
 
 def plan_video_clips(
-    sources: pd.DataFrame, generator: SvdGenerator, storage: Storage
+    sources: pd.DataFrame, settings: VideoClipSettings, storage: Storage
 ) -> list[PlannedVideoClip]:
-    """One planned clip per source image row."""
-    settings = generator.settings
+    """One planned clip per source image row (``settings``: the generator's, or
+    ``video_clip_settings`` before any generator exists)."""
     planned = []
     for row in sources.to_dict("records"):
         recorded = row.get("sha256")
@@ -141,13 +142,18 @@ class VideoStepContext:
 
 
 def run_video_step(
-    generator: SvdGenerator,
+    settings: VideoClipSettings,
+    generator: Callable[[], SvdGenerator],
     planned: list[PlannedVideoClip],
     step: VideoStepContext,
     log: Callable[[str], None] = print,
 ) -> StepOutcome[VideoClipRecord]:
-    """Make the clips that are missing, write MP4 and preview atomically, describe every clip."""
-    storage, settings = step.storage, generator.settings
+    """Make the clips that are missing, write MP4 and preview atomically, describe every clip.
+
+    ``generator()`` gives the generator ``settings`` describe; it is called only when some
+    clip is missing, so a step with nothing to make never creates (or imports) it.
+    """
+    storage = step.storage
     folder = clips_folder(storage, step.prompt_set, step.backend)
     swept = storage.sweep_temp_files(folder)
     if swept:
@@ -223,7 +229,6 @@ def run_video_step(
             preview_path=str(preview),
             sha256=sha256,
             bytes=size,
-            device=generator.device,
             started_at=utc_now(),
             finished_at=utc_now(),
         )
@@ -234,7 +239,7 @@ def run_video_step(
         for item in items:
             started_at = utc_now()
             source = Image.open(io.BytesIO(storage.read_bytes(item.source_path)))
-            result = generator.generate(source, item.seed)
+            result = generator().generate(source, item.seed)
             result.started_at = started_at
             if result.status != "ok":
                 log(f"Clip of {item.prompt_id}[{item.image_index}] failed: {result.error}")
@@ -245,7 +250,7 @@ def run_video_step(
             "error": result.error,
             "memory_fallback": result.memory_fallback,
             "seconds": result.seconds,
-            "device": generator.device,
+            "device": generator().device,
             "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
             "started_at": result.started_at,
             "finished_at": utc_now(),
@@ -281,7 +286,7 @@ def run_video_step(
         key=lambda item: item.clip_id,
         is_done=lambda item: f"{item.stem}.mp4" in on_disk and f"{item.stem}.webp" in on_disk,
         describe_existing=describe_existing,
-        load=generator.load,
+        load=lambda: generator().load(),
         generate=generate,
         write=write,
         metadata=metadata,

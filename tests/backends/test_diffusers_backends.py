@@ -320,7 +320,7 @@ def enhanced_prompts() -> pd.DataFrame:
 
 def test_writer_threads_do_not_change_what_is_written(tiny_flux, tmp_path):
     backend = make_flux(tiny_flux, batch_size=2)
-    planned = plan_images(enhanced_prompts(), backend)
+    planned = plan_images(enhanced_prompts(), backend.target)
     assert [(p.request.prompt_id, p.request.image_index) for p in planned] == [
         ("cat", 0),
         ("cat", 1),
@@ -336,7 +336,9 @@ def test_writer_threads_do_not_change_what_is_written(tiny_flux, tmp_path):
     for threads in (0, 2):
         storage = ThreadRecordingStorage(tmp_path / f"writers-{threads}")
         step = ImagesStepContext(storage, "set", run_id=f"run-{threads}", writer_threads=threads)
-        outcome = run_images_step(backend, planned, step, log=lambda _: None)
+        outcome = run_images_step(
+            backend.target, lambda: backend, planned, step, log=lambda _: None
+        )
         runs[threads] = (storage, outcome.records)
 
     (inline_storage, inline), (threaded_storage, threaded) = runs[0], runs[2]

@@ -255,7 +255,7 @@ def test_a_mix_of_faults_loses_nothing_and_writes_no_placeholder(
             planned.append(PlannedImage(wanted, image_id, f"{prompt_id}/{index:02d}.png"))
     step = ImagesStepContext(storage=Storage(tmp_path), prompt_set="mix", run_id="r1")
 
-    outcome = run_images_step(backend, planned, step, log=lambda _: None)
+    outcome = run_images_step(backend.target, lambda: backend, planned, step, log=lambda _: None)
 
     rows = {(row.prompt_id, row.image_index): row for row in outcome.records}
     assert len(rows) == len(planned) == 24  # one row per image: nothing lost

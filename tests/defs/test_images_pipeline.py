@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -246,3 +249,61 @@ def test_a_run_spanning_a_set_without_prompts_makes_the_others(
     assert sorted(images["prompt_set"].unique()) == ["example", "zeta"]
     logs = [e.user_message for e in dagster_instance.all_logs(result.run_id)]
     assert any("'broken' has no enhanced prompts" in message for message in logs)
+
+
+# What a backfill of the per-backend assets runs, in a fresh process, saying at the end
+# whether anything imported torch.
+BACKFILL_REPORTING_TORCH = """
+import sys
+import dagster as dg
+from imagegen_pipeline.definitions import defs
+from imagegen_pipeline.local_runner import PER_BACKEND_GROUPS, range_tags
+
+first, last, *backends = sys.argv[1:]
+with dg.DagsterInstance.get() as instance:
+    for backend in backends:
+        result = dg.materialize(
+            [*defs.assets, *defs.asset_checks],
+            selection=dg.AssetSelection.groups(*PER_BACKEND_GROUPS),
+            instance=instance,
+            resources=defs.resources,
+            tags=range_tags(f"{backend}|{first}", f"{backend}|{last}"),
+        )
+        assert result.success
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_a_run_with_nothing_to_make_never_imports_torch(
+    tmp_path, prompts_dir, tiny_model_variables
+):
+    """Steps decide what exists from the settings alone: a backfill over finished sets creates
+    no model object, so its run never pays for importing torch, diffusers or open_clip
+    (seconds each, inside the GPU pool's slot)."""
+    (prompts_dir / "second.csv").write_text(SECOND_CSV)
+    env = {
+        **os.environ,
+        **tiny_model_variables,
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "IMAGEGEN_STORAGE": str(tmp_path / "storage"),
+        "IMAGEGEN_PROMPTS_DIR": str(prompts_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+    def run(*command: str) -> str:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    run(sys.executable, "-m", "imagegen_pipeline.cli", "demo", "--backends", *LOCAL)
+    first_runs = set(load_run_metadata(tmp_path / "storage", "steps").run_id)
+    backfill = run(sys.executable, "-c", BACKFILL_REPORTING_TORCH, "example", "second", *LOCAL)
+    assert "torch imported: False" in backfill
+
+    steps = load_run_metadata(tmp_path / "storage", "steps")
+    second = steps[~steps.run_id.isin(first_runs)]
+    assert set(second.asset) == {"images", "quality", "clips", "video_quality"}
+    assert set(second.prompt_set) == {"example", "second"}
+    assert set(second.backend) == set(LOCAL)
+    assert (second.generated == 0).all() and (second.model_loads == 0).all()
+    assert second.device.isna().all()  # no model object was created to run anywhere

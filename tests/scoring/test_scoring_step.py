@@ -16,6 +16,7 @@ from PIL import Image
 from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.scoring.clip_model import ClipModel
 from imagegen_pipeline.scoring.scoring_step import (
+    Scorer,
     prefetched,
     score_image_table,
     score_video_clip_table,
@@ -67,7 +68,9 @@ def test_every_existing_image_is_scored_in_order(clip_model, storage, tmp_path):
     Path(table.loc[4, "path"]).unlink()  # listed as ok, but gone from disk
     Image.new("RGB", (48, 48), "black").save(table.loc[1, "path"])
 
-    report = score_image_table(clip_model, table, ORIGINALS, storage=storage, workers=3, **QUIET)
+    report = score_image_table(
+        Scorer.of(clip_model), table, ORIGINALS, storage=storage, workers=3, **QUIET
+    )
     assert list(report["image_id"]) == list(table["image_id"])
     assert list(report["scored"]) == [True, True, True, False, False]
     assert report.loc[4, "score_error"].startswith("FileNotFoundError")
@@ -91,11 +94,13 @@ def test_unchanged_images_reuse_their_scores_and_load_nothing(tiny_open_clip, st
         return ClipModel(ClipModelSettings(model=f"local-dir:{tiny_open_clip}", device="cpu"))
 
     table = image_table(tmp_path, 3)
-    first = score_image_table(fresh_model(), table, ORIGINALS, storage=storage, **QUIET)
+    first = score_image_table(Scorer.of(fresh_model()), table, ORIGINALS, storage=storage, **QUIET)
     assert first["newly_scored"].all()
 
     cold = fresh_model()
-    again = score_image_table(cold, table, ORIGINALS, storage=storage, previous=first, **QUIET)
+    again = score_image_table(
+        Scorer.of(cold), table, ORIGINALS, storage=storage, previous=first, **QUIET
+    )
     assert cold.model_loads == 0  # nothing left to score: the model is never loaded
     assert again["scored"].all() and not again["newly_scored"].any()
     assert list(again["clip_score"]) == list(first["clip_score"])
@@ -104,9 +109,13 @@ def test_unchanged_images_reuse_their_scores_and_load_nothing(tiny_open_clip, st
     changed = table.assign(sha256=["sha0", "new-bytes", "sha2"])
     model = fresh_model()
     prompts = {**ORIGINALS, "p0": "another prompt"}
-    third = score_image_table(model, changed, prompts, storage=storage, previous=first, **QUIET)
+    third = score_image_table(
+        Scorer.of(model), changed, prompts, storage=storage, previous=first, **QUIET
+    )
     assert list(third["newly_scored"]) == [True, True, True]  # p0 rows 0 and 2, row 1's bytes
-    fourth = score_image_table(model, changed, ORIGINALS, storage=storage, previous=first, **QUIET)
+    fourth = score_image_table(
+        Scorer.of(model), changed, ORIGINALS, storage=storage, previous=first, **QUIET
+    )
     assert list(fourth["newly_scored"]) == [False, True, False]
     assert model.model_loads == 1
 
@@ -185,7 +194,7 @@ def test_video_clips_are_scored_from_their_decoded_frames(clip_model, storage, t
             },
         ]
     )
-    report = score_video_clip_table(clip_model, clips, storage=storage, **QUIET)
+    report = score_video_clip_table(Scorer.of(clip_model), clips, storage=storage, **QUIET)
     assert list(report["scored"]) == [True, False, False]
     assert report.loc[0, "scored_frames"] == 4
     # A still video clip stays close to its (lossily encoded) source and to itself.
@@ -197,16 +206,20 @@ def test_video_clips_are_scored_from_their_decoded_frames(clip_model, storage, t
     # Scores of an unchanged video clip are reused without loading a model; a video clip that
     # could not be scored is tried again.
     cold = ClipModel(clip_model.config)
-    again = score_video_clip_table(cold, clips[:2], storage=storage, previous=report, **QUIET)
+    again = score_video_clip_table(
+        Scorer.of(cold), clips[:2], storage=storage, previous=report, **QUIET
+    )
     assert cold.model_loads == 0
     assert again.loc[0, "source_similarity"] == report.loc[0, "source_similarity"]
     assert list(again["newly_scored"]) == [False, False]
-    retried = score_video_clip_table(cold, clips, storage=storage, previous=report, **QUIET)
+    retried = score_video_clip_table(
+        Scorer.of(cold), clips, storage=storage, previous=report, **QUIET
+    )
     assert list(retried["newly_scored"]) == [False, False, True] and cold.model_loads == 1
 
 
 def test_a_partition_without_images_gives_an_empty_report(clip_model, storage):
-    report = score_image_table(clip_model, pd.DataFrame(), {}, storage=storage, **QUIET)
+    report = score_image_table(Scorer.of(clip_model), pd.DataFrame(), {}, storage=storage, **QUIET)
     assert report.empty
     assert with_generation_facts(report, pd.DataFrame()).empty
     assert clip_model.model_loads == 0

@@ -17,7 +17,7 @@ from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.registry import IMAGE_BACKENDS
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.scoring.clip_model import ClipModel
-from imagegen_pipeline.scoring.scoring_step import score_image_table
+from imagegen_pipeline.scoring.scoring_step import Scorer, score_image_table
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.testing.accelerator import (
     AcceleratorStandIn,
@@ -108,9 +108,9 @@ def test_the_images_step_writes_every_image_alike_with_or_without_writer_threads
     for threads in (0, 2):
         backend = AcceleratorStandIn(stands_in_for, batch_size=3, seconds_per_image=0.001)
         storage = Storage(tmp_path / f"threads{threads}")
-        planned = plan_images(enhanced, backend)
+        planned = plan_images(enhanced, backend.target)
         step = ImagesStepContext(storage, "bench", f"run{threads}", writer_threads=threads)
-        outcome = run_images_step(backend, planned, step, **QUIET)
+        outcome = run_images_step(backend.target, lambda b=backend: b, planned, step, **QUIET)
         assert outcome.counts == {"ok": 10} and backend.model_loads == 1
         rows = load_run_metadata(storage, "images", prompt_set="bench", backend=stands_in_for)
         assert sorted(rows["image_id"]) == sorted(item.image_id for item in planned)
@@ -148,13 +148,17 @@ def test_the_scorer_stand_in_has_the_real_preprocessing_and_columns(tiny_open_cl
 
     stand_in = ScorerStandIn(images_per_second=100.0, batch_size=2)
     started = time.perf_counter()
-    report = score_image_table(stand_in, table, originals, storage=storage, workers=2, **QUIET)
+    report = score_image_table(
+        Scorer.of(stand_in), table, originals, storage=storage, workers=2, **QUIET
+    )
     assert time.perf_counter() - started >= 0.05  # 5 images at 100 images/s
     assert stand_in.device_seconds == pytest.approx(0.05) and stand_in.model_loads == 1
     assert report["scored"].all() and report["clip_score"].between(0, 100).all()
 
     real = ClipModel(ClipModelSettings(model=f"local-dir:{tiny_open_clip}", device="cpu"))
-    expected = score_image_table(real, table, originals, storage=storage, workers=2, **QUIET)
+    expected = score_image_table(
+        Scorer.of(real), table, originals, storage=storage, workers=2, **QUIET
+    )
     assert list(report.columns) == list(expected.columns)
     assert report.dtypes.equals(expected.dtypes)
     # The tiny model is configured like ViT-L-14/openai: the same tensors come out.

@@ -114,9 +114,11 @@ def small_generator(tiny_svd: Path, **settings) -> SvdGenerator:
 
 
 def run(generator: SvdGenerator, sources: pd.DataFrame, storage: Storage, run_id: str = "run-1"):
-    planned = plan_video_clips(sources, generator, storage)
+    planned = plan_video_clips(sources, generator.settings, storage)
     step = VideoStepContext(storage, "set", "flux_schnell", run_id)
-    return run_video_step(generator, planned, step, log=lambda message: None)
+    return run_video_step(
+        generator.settings, lambda: generator, planned, step, log=lambda message: None
+    )
 
 
 def clip_rows(storage: Storage) -> pd.DataFrame:
@@ -175,7 +177,7 @@ def test_a_failing_clip_fails_alone(tiny_svd, sources, storage):
 def test_a_partition_without_images_plans_no_clip(storage):
     empty = pd.DataFrame()
     assert select_sources(empty, "top_n", 1).empty
-    assert plan_video_clips(empty, SvdGenerator(svd_settings(SVD_XT)), storage) == []
+    assert plan_video_clips(empty, SvdGenerator(svd_settings(SVD_XT)).settings, storage) == []
 
 
 class Killed(BaseException):

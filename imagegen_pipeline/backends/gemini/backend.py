@@ -37,6 +37,7 @@ from imagegen_pipeline.backends.base import (
     ImageBackend,
     ImageRequest,
     ImageResult,
+    ImageTarget,
     RunSummary,
 )
 from imagegen_pipeline.backends.gemini.content import image_call_config, read_answer
@@ -132,7 +133,6 @@ class GeminiBackend(ImageBackend):
     """Images from the Gemini API, many requests in flight, paced, retried and budgeted."""
 
     name = "gemini"
-    supports_negative_prompt = False  # see the package docstring
 
     def __init__(self, settings: GeminiSettings) -> None:
         self.config = checked_settings(settings)  # frozen; its repr leaves the key out
@@ -143,15 +143,16 @@ class GeminiBackend(ImageBackend):
         return f"GeminiBackend(model={self.config.model!r}, base_url={self.config.base_url!r})"
 
     @property
+    def target(self) -> ImageTarget:
+        return self.config.image_target(self.name, self.config.model)
+
+    @property
     def settings(self) -> GenerationSettings:
-        # A hosted model has no revision to pin and no steps or guidance to set.
-        return GenerationSettings(
-            backend=self.name, model_id=self.config.model, revision="api", steps=0, guidance=0.0
-        )
+        return self.target.settings
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return (1024, 1024)
+        return self.target.default_size
 
     @property
     def device(self) -> str:

@@ -22,6 +22,7 @@ from imagegen_pipeline.records import (
     utc_now,
 )
 from imagegen_pipeline.registry import SVD
+from imagegen_pipeline.video.video_clip import video_clip_settings
 from imagegen_pipeline.video.video_step import (
     VideoStepContext,
     clips_folder,
@@ -59,13 +60,14 @@ def clips(
     storage = storage_resource.storage()
     tables: dict[str, pd.DataFrame] = {}
     with model_for_step(context, SVD, load_project_config()) as warm:
-        generator, settings = warm.model, warm.settings
+        settings = warm.settings
+        clip_settings = video_clip_settings(settings, warm.model_id)
         for backend, entries in keys_by_backend(context.partition_keys).items():
             totals: dict[str, int] = {}
             for key, prompt_set in entries:
                 started_at = utc_now()
                 sources = select_sources(quality[key], settings.selection, settings.n)
-                planned = plan_video_clips(sources, generator, storage)
+                planned = plan_video_clips(sources, clip_settings, storage)
                 step = VideoStepContext(
                     storage=storage,
                     prompt_set=prompt_set,
@@ -74,7 +76,9 @@ def clips(
                     preview_side=settings.preview_side,
                     writer_threads=storage_resource.writer_threads,
                 )
-                outcome = run_video_step(generator, planned, step, log=context.log.info)
+                outcome = run_video_step(
+                    clip_settings, lambda: warm.model, planned, step, log=context.log.info
+                )
                 counts = outcome.counts
                 for status, count in counts.items():
                     totals[status] = totals.get(status, 0) + count
@@ -83,7 +87,8 @@ def clips(
                     "clips",
                     prompt_set,
                     backend,
-                    generator,
+                    clip_settings,
+                    warm.device,
                     outcome,
                     is_local=SVD.is_local,
                     started_at=started_at,
@@ -102,7 +107,7 @@ def clips(
                         "rows": len(table),
                         **{status: counts.get(status, 0) for status in VIDEO_CLIP_STATUSES},
                         "model_id": record.model_id,
-                        "device": record.device,
+                        **({"device": record.device} if record.device else {}),
                         "worker": record.worker,
                         "seconds": round(outcome.seconds, 3),
                         "model_loads": record.model_loads,

@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from imagegen_pipeline.backends.base import RunSummary
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
@@ -66,11 +67,11 @@ def make_images(
         spec = backend_spec(backend_name)
         totals: dict[str, int] = {}
         with model_for_step(context, spec, project) as warm:
-            backend = warm.model
+            target = warm.settings.image_target(backend_name, warm.model_id)
             for key, prompt_set in entries:
                 started_at = utc_now()
                 prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
-                planned = plan_images(prompts, backend)
+                planned = plan_images(prompts, target)
                 step = ImagesStepContext(
                     storage=storage,
                     prompt_set=prompt_set,
@@ -78,20 +79,24 @@ def make_images(
                     png_compress_level=storage_resource.png_compress_level,
                     writer_threads=storage_resource.writer_threads,
                 )
-                outcome = run_images_step(backend, planned, step, log=context.log.info)
-                summary = backend.run_summary()
+                outcome = run_images_step(
+                    target, lambda: warm.model, planned, step, log=context.log.info
+                )
+                # The backend's totals are those of its last generate call: this partition's
+                # only if it made something.
+                summary = warm.model.run_summary() if outcome.generated else RunSummary()
                 for warning in summary.warnings:
                     context.log.warning(warning)
                 counts = outcome.counts
                 for status, count in counts.items():
                     totals[status] = totals.get(status, 0) + count
-                settings = backend.settings
                 record = generation_step_record(
                     context,
                     "images",
                     prompt_set,
                     backend_name,
-                    backend,
+                    target.settings,
+                    warm.device,
                     outcome,
                     is_local=spec.is_local,
                     started_at=started_at,
@@ -117,8 +122,8 @@ def make_images(
                         "rows": len(table),
                         **{status: counts.get(status, 0) for status in IMAGE_STATUSES},
                         **{k: v for k, v in summary.metadata.items() if v is not None},
-                        "model_id": settings.model_id,
-                        "device": backend.device,
+                        "model_id": target.settings.model_id,
+                        **({"device": record.device} if record.device else {}),
                         "worker": record.worker,
                         "seconds": round(outcome.seconds, 3),
                         "model_loads": record.model_loads,

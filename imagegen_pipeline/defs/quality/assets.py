@@ -22,6 +22,7 @@ from imagegen_pipeline.records import StepRecord, utc_now
 from imagegen_pipeline.registry import CLIP_MODEL
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.scoring.scoring_step import (
+    Scorer,
     score_image_table,
     score_video_clip_table,
     with_generation_facts,
@@ -62,29 +63,38 @@ def score_partitions(
     asset: str,
     score: Any,
 ) -> dict[str, pd.DataFrame]:
-    """Run ``score(model, key, prompt_set, backend)`` on each partition of the run with one
-    CLIP model; record a step row (loads, warm-cache hits) and each partition's metadata."""
+    """Run ``score(scorer, key, prompt_set, backend)`` on each partition of the run with one
+    CLIP model (created only if some partition has something to score); record a step row
+    (loads, warm-cache hits) and each partition's metadata."""
     storage = context.resources.storage.storage()
     tables: dict[str, pd.DataFrame] = {}
     with model_for_step(context, CLIP_MODEL, load_project_config()) as warm:
-        model = warm.model
+        loads_seen = 0  # the model's load count when this step last looked
+
+        def clip_model() -> Any:
+            nonlocal loads_seen
+            if not warm.created:  # a model from the warm cache may have been loaded before
+                loads_seen = warm.model.model_loads
+            return warm.model
+
+        scorer = Scorer(warm.settings.scorer_label(warm.model_id), clip_model)
         for backend, entries in keys_by_backend(context.partition_keys).items():
             for key, prompt_set in entries:
                 started_at, started = utc_now(), time.perf_counter()
-                loads_before = model.model_loads
-                table, metadata = score(model, key, prompt_set, backend)
-                loaded = model.model_loads > loads_before
+                table, metadata = score(scorer, key, prompt_set, backend)
+                loads_now = warm.model.model_loads if warm.created else 0
+                loaded, loads_seen = loads_now > loads_seen, loads_now
                 newly = int(table["newly_scored"].sum()) if len(table) else 0
                 seconds = time.perf_counter() - started
-                load_seconds = model.load_seconds if loaded else 0.0
+                load_seconds = warm.model.load_seconds if loaded else 0.0
                 record = StepRecord(
                     run_id=context.run.run_id,
                     asset=asset,
                     prompt_set=prompt_set,
                     backend=backend,
-                    model_id=model.model_label,
+                    model_id=scorer.label,
                     revision=None,
-                    device=str(model.device),
+                    device=warm.device,
                     worker=worker_name(),
                     requested=len(table),
                     generated=newly,
@@ -102,7 +112,7 @@ def score_partitions(
                     "rows": len(table),
                     "scored": len(_scored(table)),
                     "newly_scored": newly,
-                    "scorer_model": model.model_label,
+                    "scorer_model": scorer.label,
                     "model_loads": record.model_loads,
                     "model_cache_hits": record.model_cache_hits,
                     "model_load_seconds": round(load_seconds, 3),
@@ -141,11 +151,11 @@ def quality(
     thresholds = context.resources.quality_thresholds.blank_thresholds()
     workers = getattr(context.resources, CLIP_MODEL.name).workers
 
-    def score(model: Any, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
+    def score(scorer: Scorer, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         originals = dict(zip(prompts["prompt_id"], prompts["original_prompt"], strict=True))
         table = score_image_table(
-            model,
+            scorer,
             images[key],
             originals,
             storage=storage,
@@ -195,9 +205,9 @@ def video_quality(
     """
     storage = context.resources.storage.storage()
 
-    def score(model: Any, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
+    def score(scorer: Scorer, key: str, prompt_set: str, backend: str) -> tuple[pd.DataFrame, dict]:
         table = score_video_clip_table(
-            model,
+            scorer,
             clips[key],
             storage=storage,
             previous=stored_table(storage, "video_quality", prompt_set, backend),
