@@ -71,7 +71,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
 
     @property
     def supports_negative_prompt(self) -> bool:  # type: ignore[override]
-        return self.config.uses_negative_prompt()
+        return self.target.supports_negative_prompt
 
     @property
     def device(self) -> str:

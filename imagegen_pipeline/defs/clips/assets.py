@@ -1,5 +1,7 @@
 """Short Stable Video Diffusion clips of the chosen images of each prompt."""
 
+from collections import Counter
+
 import dagster as dg
 import pandas as pd
 
@@ -63,7 +65,7 @@ def clips(
         settings = warm.settings
         clip_settings = video_clip_settings(settings, warm.model_id)
         for backend, entries in keys_by_backend(context.partition_keys).items():
-            totals: dict[str, int] = {}
+            totals: Counter[str] = Counter()
             for key, prompt_set in entries:
                 started_at = utc_now()
                 sources = select_sources(quality[key], settings.selection, settings.n)
@@ -80,8 +82,7 @@ def clips(
                     clip_settings, lambda: warm.model, planned, step, log=context.log.info
                 )
                 counts = outcome.counts
-                for status, count in counts.items():
-                    totals[status] = totals.get(status, 0) + count
+                totals.update(counts)
                 record = generation_step_record(
                     context,
                     "clips",

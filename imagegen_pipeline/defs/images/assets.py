@@ -7,6 +7,7 @@ local backends' images and assembles every partition's table. Both handle all th
 keys of their run (a single-run backfill), loading each model once.
 """
 
+from collections import Counter
 from typing import Any
 
 import dagster as dg
@@ -65,7 +66,7 @@ def make_images(
         if backend_name not in backends:
             continue
         spec = backend_spec(backend_name)
-        totals: dict[str, int] = {}
+        totals: Counter[str] = Counter()
         with model_for_step(context, spec, project) as warm:
             target = warm.settings.image_target(backend_name, warm.model_id)
             for key, prompt_set in entries:
@@ -88,8 +89,7 @@ def make_images(
                 for warning in summary.warnings:
                     context.log.warning(warning)
                 counts = outcome.counts
-                for status, count in counts.items():
-                    totals[status] = totals.get(status, 0) + count
+                totals.update(counts)
                 record = generation_step_record(
                     context,
                     "images",
