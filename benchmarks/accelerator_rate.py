@@ -1,7 +1,7 @@
 """Can the images and quality steps keep an H100 busy? Measured on this CPU with stand-ins.
 
 No GPU is used and no GPU timing is measured. The stand-ins of
-``imagegen_pipeline.testing.accelerator`` sleep for published per-image device times (the GIL
+``tests.support.accelerator`` sleep for published per-image device times (the GIL
 is free while they sleep, as during a CUDA synchronise) and return photographic images. Around
 them run the real images step (planning, writer threads, PNG encoding with embedded facts,
 sha256, atomic fsync-and-rename writes, run metadata in Parquet parts) and the real quality step
@@ -31,7 +31,7 @@ the last attempt is kept. The load average and how busy both cores were (everyon
 work, and ours alone) are printed with every attempt. The RESULT line holds the mean of the
 kept runs.
 
-    .venv/bin/python benchmarks/accelerator_rate.py [--images 512] [--repeats 2]
+    .venv/bin/python -m benchmarks.accelerator_rate [--images 512] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from imagegen_pipeline.generation_step import DEFAULT_WRITER_THREADS
-from imagegen_pipeline.images_step import ImagesStepContext, plan_images, run_images_step
 from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.steps.images import ImagesStepContext, plan_images, run_images_step
+from imagegen_pipeline.steps.skeleton import DEFAULT_WRITER_THREADS
 from imagegen_pipeline.storage import Storage
-from imagegen_pipeline.testing.accelerator import (
+from tests.support.accelerator import (
     DEVICE_SECONDS_PER_IMAGE,
     VIT_L_14_IMAGES_PER_SECOND,
     AcceleratorStandIn,
@@ -369,7 +369,7 @@ def images_line(figures: dict[str, Any], run: int) -> str:
 def run_quality(images: int, repeats: int, patience: Patience) -> dict[str, Any]:
     """The quality step with the ViT-L-14 stand-in against a bare decode-and-preprocess loop."""
     from imagegen_pipeline.records import ImageRecord
-    from imagegen_pipeline.scoring.scoring_step import Scorer, score_image_table
+    from imagegen_pipeline.steps.scores import Scorer, score_image_table
 
     folder = Path(tempfile.mkdtemp(prefix="accelerator-quality-"))
     try:

@@ -15,7 +15,7 @@ model loads per backend; and the time of a backfill with nothing to do over 50 p
 Targets (issue "Many prompt sets, every day"): model loads = backends, single run at least 3x
 faster than per partition at 8 sets, no-op 50-partition backfill under 60 s.
 
-    .venv/bin/python benchmarks/backfill.py [--sets 8 32] [--noop-sets 25]
+    .venv/bin/python -m benchmarks.backfill [--sets 8 32] [--noop-sets 25]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import dagster as dg
 
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.testing.running_project import RunningProject, running_project
+from tests.support.running_project import RunningProject, running_project
 
 BACKENDS = ("flux_schnell", "sdxl_turbo")
 CSV = "prompt,style\n{n}: a lighthouse on a cliff in a storm,cinematic\n{n}: a ramen bowl,anime\n"

@@ -22,7 +22,7 @@ runs (first start to last end, from the instance), model loads of the image back
 image-model loads = gpu workers x backends, and celery with 1 worker no slower than the
 multiprocess executor.
 
-    python benchmarks/celery.py [--prompts 3] [--images 2] [--side 64] [--wait-quiet 600]
+    .venv/bin/python -m benchmarks.celery [--prompts 3] [--images 2] [--side 64] [--wait-quiet 600]
 
 On a shared machine, ``--wait-quiet`` waits for an idle machine before each configuration, and
 the "other CPU s" column says how much CPU other people's processes took meanwhile.

@@ -1,7 +1,7 @@
 """Throughput of the Gemini backend against a local fake of the API with a server-side quota.
 
 The client is the same GeminiBackend the ``images`` asset uses, talking through the real
-google-genai SDK to ``imagegen_pipeline.testing.fake_servers.FakeGemini`` on 127.0.0.1 (no
+google-genai SDK to ``tests.support.fake_servers.FakeGemini`` on 127.0.0.1 (no
 network needed).
 
 Scenario 1: 500 ms latency, a quota of 120 requests per sliding minute, 300 prompts, the
@@ -13,7 +13,7 @@ prompt completes (retried), nothing lost.
 Each full scenario takes 2.5 to 3.5 minutes at 120 requests/minute; ``--quick`` runs 60
 prompts per scenario for a smoke test. Exits 1 when a target is missed.
 
-    .venv/bin/python benchmarks/gemini_throughput.py [--quick] [--prompts N]
+    .venv/bin/python -m benchmarks.gemini_throughput [--quick] [--prompts N]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from imagegen_pipeline.backends.base import ImageRequest
 from imagegen_pipeline.backends.gemini import GeminiBackend
-from imagegen_pipeline.images_step import derive_seed
 from imagegen_pipeline.model_settings import GeminiSettings
-from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
+from imagegen_pipeline.steps.images import derive_seed
+from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
 
 QUOTA_RPM = 120
 LATENCY_SECONDS = 0.5

@@ -10,8 +10,8 @@ Each reports its timings, model loads and peak RSS; this script prints the compa
 tiny model the CPU both generates and writes, so this measures the step's bookkeeping. Whether
 the writers keep up with a fast GPU is measured by ``accelerator_rate.py``.
 
-    .venv/bin/python benchmarks/overhead.py             # 64 and 1024 prompts (RSS, flatness)
-    .venv/bin/python benchmarks/overhead.py --counts 256
+    .venv/bin/python -m benchmarks.overhead             # 64 and 1024 prompts (RSS, flatness)
+    .venv/bin/python -m benchmarks.overhead --counts 256
 Targets: step/bare <= 1.10, one model load per step, flat per-image time, RSS growth < 100 MB.
 Ends with ``RESULT ratio_<count>=... per_image_change=... rss_growth_mb=... model_loads=...``.
 """
@@ -118,7 +118,7 @@ def run_bare(count: int, model: Path, workdir: Path) -> dict[str, Any]:
     from diffusers import FluxPipeline
 
     from imagegen_pipeline.enhancement import TemplateEnhancer
-    from imagegen_pipeline.images_step import derive_seed
+    from imagegen_pipeline.steps.images import derive_seed
 
     enhancer = TemplateEnhancer()
     texts = [(pid, enhancer.enhance(prompt, "none").text) for pid, prompt in prompts(count)]

@@ -4,11 +4,11 @@ Images scored per second by the quality step's code path (``score_image_table``:
 decode, pixel statistics, CLIP score against two prompts, aesthetic aspects), against a bare
 open_clip loop on the same model and batch size (decode, preprocess, encode_image, cosine with
 prompt embeddings computed once). The images are the photographic test images of
-``imagegen_pipeline.testing.accelerator.PhotoSource``. Target: quality time / bare time <= 1.10.
+``tests.support.accelerator.PhotoSource``. Target: quality time / bare time <= 1.10.
 Then video clips per minute of the SVD step's code path (``run_video_step``: generate, MP4 and
 WebP writes).
 
-    .venv/bin/python benchmarks/quality_throughput.py [--images 256 --side 224 --batch-size 32]
+    .venv/bin/python -m benchmarks.quality_throughput [--images 256 --side 224 --batch-size 32]
 Ends with ``RESULT quality_vs_bare=... quality_images_per_second=... bare_images_per_second=...
 clips_per_minute=...``.
 """
@@ -31,12 +31,12 @@ from PIL import Image
 from imagegen_pipeline.model_settings import ClipModelSettings, SvdSettings
 from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.scoring.clip_model import ClipModel
-from imagegen_pipeline.scoring.scoring_step import Scorer, score_image_table
+from imagegen_pipeline.steps.clips import VideoStepContext, plan_video_clips, run_video_step
+from imagegen_pipeline.steps.scores import Scorer, score_image_table
 from imagegen_pipeline.storage import Storage
-from imagegen_pipeline.testing.accelerator import PhotoSource
 from imagegen_pipeline.tiny_models import build_tiny_model
 from imagegen_pipeline.video.svd import SvdGenerator
-from imagegen_pipeline.video.video_step import VideoStepContext, plan_video_clips, run_video_step
+from tests.support.accelerator import PhotoSource
 
 PROMPTS = [f"a photo of a cat number {i} in the city at night" for i in range(16)]
 MAX_TIME_VS_BARE = 1.10

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
 from imagegen_pipeline.tiny_models import build_tiny_model
+from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
 
 # Tests never reach a model hub: every model is built locally in the real repos' layout.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -165,7 +165,7 @@ def cold_model_cache() -> Iterator[None]:
     WARM_MODELS.clear()
 
 
-# --- fake Gemini and Ollama servers (imagegen_pipeline/testing/fake_servers.py) -------------
+# --- fake Gemini and Ollama servers (tests/support/fake_servers.py) -------------
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from imagegen_pipeline.generation_step import OrderedWriter, run_generation_step
 from imagegen_pipeline.records import ImageRecord
 from imagegen_pipeline.run_metadata import RunMetadataWriter, load_run_metadata
+from imagegen_pipeline.steps.skeleton import OrderedWriter, run_generation_step
 from imagegen_pipeline.storage import Storage
 
 # --- OrderedWriter --------------------------------------------------------------------------

@@ -16,16 +16,16 @@ import dagster as dg
 import pytest
 
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.testing.running_project import (
-    RunningProject,
-    partitions_of,
-    running_project,
-)
 from tests.conftest import (
     EXAMPLE_CSV,
     SECOND_CSV,
     chromium_screenshot,
     needs_chromium,
+)
+from tests.support.running_project import (
+    RunningProject,
+    partitions_of,
+    running_project,
 )
 
 # A stage waits for the real daemon, whose runs share two cores: more than the default 600 s.

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from imagegen_pipeline.backends.base import GenerationSettings, ImageRequest
-from imagegen_pipeline.images_step import SEED_MODULUS, content_address, derive_seed
+from imagegen_pipeline.steps.images import SEED_MODULUS, content_address, derive_seed
 
 SETTINGS = GenerationSettings("flux_schnell", "black-forest-labs/FLUX.1-schnell", "main", 4, 0.0)
 REQUEST = ImageRequest("cat", 0, "a cat", "", 42, 1024, 1024)

@@ -21,13 +21,13 @@ from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToIm
 from imagegen_pipeline.backends.flux_schnell import FluxSchnellBackend
 from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend
 from imagegen_pipeline.image_files import read_png_record
-from imagegen_pipeline.images_step import ImagesStepContext, plan_images, run_images_step
 from imagegen_pipeline.model_resolution import resolve_settings
 from imagegen_pipeline.model_settings import FluxSchnellSettings, SdxlTurboSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import backend_spec
 from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.steps.images import ImagesStepContext, plan_images, run_images_step
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.torch_runtime import resolve_dtype
 from tests.conftest import TEST_IMAGE_SIDE

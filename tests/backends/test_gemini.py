@@ -18,15 +18,15 @@ from imagegen_pipeline.backends.gemini import (
     GeminiKeyMissingError,
     aspect_ratio_for,
 )
-from imagegen_pipeline.images_step import (
+from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.steps.images import (
     ImagesStepContext,
     PlannedImage,
     content_address,
     run_images_step,
 )
-from imagegen_pipeline.model_settings import GeminiSettings
 from imagegen_pipeline.storage import Storage
-from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
+from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
 
 FAST = {
     "timeout_seconds": 2.0,

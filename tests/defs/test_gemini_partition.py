@@ -20,7 +20,7 @@ from imagegen_pipeline.defs.resources import default_resources
 from imagegen_pipeline.defs.storage import StepOutputIOManager, StorageResource, TableIOManager
 from imagegen_pipeline.model_settings import GeminiSettings
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini
+from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini
 
 GeminiResource = settings_resource(GeminiSettings)
 

@@ -18,7 +18,7 @@ from imagegen_pipeline.enhancement.llm import (
     OllamaEnhancer,
     clean_answer,
 )
-from imagegen_pipeline.testing.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
+from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
 
 PROMPT = "a lighthouse on a cliff"
 ATTEMPTS = 3  # calls per prompt in the failure tests: retries spent quickly

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imagegen_pipeline.reports.comparison import backend_summary, bar_chart_png, gallery_html
+from imagegen_pipeline.steps.comparison import backend_summary, bar_chart_png, gallery_html
 from imagegen_pipeline.video.video_files import webp_preview_bytes
 from tests.conftest import ARTIFACTS, chromium_screenshot, needs_chromium
 

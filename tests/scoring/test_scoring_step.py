@@ -15,7 +15,7 @@ from PIL import Image
 
 from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.scoring.clip_model import ClipModel
-from imagegen_pipeline.scoring.scoring_step import (
+from imagegen_pipeline.steps.scores import (
     Scorer,
     prefetched,
     score_image_table,

@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 
 from imagegen_pipeline.backends.base import ImageRequest
-from imagegen_pipeline.images_step import ImagesStepContext, plan_images, run_images_step
 from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.registry import IMAGE_BACKENDS
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.scoring.clip_model import ClipModel
-from imagegen_pipeline.scoring.scoring_step import Scorer, score_image_table
+from imagegen_pipeline.steps.images import ImagesStepContext, plan_images, run_images_step
+from imagegen_pipeline.steps.scores import Scorer, score_image_table
 from imagegen_pipeline.storage import Storage
-from imagegen_pipeline.testing.accelerator import (
+from tests.support.accelerator import (
     AcceleratorStandIn,
     PhotoSource,
     ScorerStandIn,

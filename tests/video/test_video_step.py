@@ -15,16 +15,16 @@ from PIL import Image
 from upath import UPath
 
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.storage import Storage
-from imagegen_pipeline.video.svd import SvdGenerator
-from imagegen_pipeline.video.video_clip import video_clip_address, video_clip_seed
-from imagegen_pipeline.video.video_files import read_mp4_frames, read_preview_facts
-from imagegen_pipeline.video.video_step import (
+from imagegen_pipeline.steps.clips import (
     VideoStepContext,
     plan_video_clips,
     run_video_step,
     select_sources,
 )
+from imagegen_pipeline.storage import Storage
+from imagegen_pipeline.video.svd import SvdGenerator
+from imagegen_pipeline.video.video_clip import video_clip_address, video_clip_seed
+from imagegen_pipeline.video.video_files import read_mp4_frames, read_preview_facts
 from tests.video.test_svd import SMALL, SVD_XT, SvdSpy, svd_settings
 
 

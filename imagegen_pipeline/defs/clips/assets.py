@@ -12,7 +12,7 @@ from imagegen_pipeline.defs.partitions import (
     prompt_set_x_backend_partitions,
     single_run,
 )
-from imagegen_pipeline.defs.steps import (
+from imagegen_pipeline.defs.step_records import (
     generation_step_record,
     step_totals,
     write_step_record,
@@ -24,14 +24,14 @@ from imagegen_pipeline.records import (
     utc_now,
 )
 from imagegen_pipeline.registry import SVD
-from imagegen_pipeline.video.video_clip import video_clip_settings
-from imagegen_pipeline.video.video_step import (
+from imagegen_pipeline.steps.clips import (
     VideoStepContext,
     clips_folder,
     plan_video_clips,
     run_video_step,
     select_sources,
 )
+from imagegen_pipeline.video.video_clip import video_clip_settings
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seconds", "memory_fallback", "error"]
 CLIP_COLUMNS = list(VideoClipRecord.__dataclass_fields__)

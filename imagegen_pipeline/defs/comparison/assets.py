@@ -12,7 +12,7 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.registry import BACKEND_NAMES
-from imagegen_pipeline.reports.comparison import (
+from imagegen_pipeline.steps.comparison import (
     backend_summary,
     bar_chart_png,
     data_uri,

@@ -23,16 +23,10 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
-from imagegen_pipeline.defs.steps import (
+from imagegen_pipeline.defs.step_records import (
     generation_step_record,
     step_totals,
     write_step_record,
-)
-from imagegen_pipeline.images_step import (
-    ImagesStepContext,
-    images_folder,
-    plan_images,
-    run_images_step,
 )
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import (
@@ -42,6 +36,12 @@ from imagegen_pipeline.records import (
     utc_now,
 )
 from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
+from imagegen_pipeline.steps.images import (
+    ImagesStepContext,
+    images_folder,
+    plan_images,
+    run_images_step,
+)
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
 API_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if not spec.is_local)

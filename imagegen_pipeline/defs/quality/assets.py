@@ -15,13 +15,13 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
-from imagegen_pipeline.defs.steps import worker_name, write_step_record
+from imagegen_pipeline.defs.step_records import worker_name, write_step_record
 from imagegen_pipeline.defs.storage import stored_table
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import StepRecord, utc_now
 from imagegen_pipeline.registry import CLIP_MODEL
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.scoring.scoring_step import (
+from imagegen_pipeline.steps.scores import (
     Scorer,
     score_image_table,
     score_video_clip_table,

@@ -34,7 +34,7 @@ MISSING = "–"  # shown for a value a row does not have
 DETAIL_CHARS = 160  # of an error message, in a missing image's box
 
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("imagegen_pipeline.reports", "templates"),
+    loader=jinja2.PackageLoader("imagegen_pipeline.steps", "templates"),
     autoescape=True,
     undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of vanishing
     trim_blocks=True,

@@ -18,12 +18,6 @@ import pandas as pd
 from PIL import Image
 from upath import UPath
 
-from imagegen_pipeline.generation_step import (
-    DEFAULT_WRITER_THREADS,
-    StepOutcome,
-    run_generation_step,
-)
-from imagegen_pipeline.images_step import ADDRESS_CHARS
 from imagegen_pipeline.records import (
     EXISTING_STATUSES,
     VideoClipRecord,
@@ -31,6 +25,12 @@ from imagegen_pipeline.records import (
     utc_now,
 )
 from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
+from imagegen_pipeline.steps.images import ADDRESS_CHARS
+from imagegen_pipeline.steps.skeleton import (
+    DEFAULT_WRITER_THREADS,
+    StepOutcome,
+    run_generation_step,
+)
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.video.video_clip import (
     VideoClipResult,

@@ -5,9 +5,9 @@ import socket
 from datetime import datetime
 from typing import Any
 
-from imagegen_pipeline.generation_step import StepOutcome
 from imagegen_pipeline.records import StepRecord, utc_now
 from imagegen_pipeline.run_metadata import write_records
+from imagegen_pipeline.steps.skeleton import StepOutcome
 from imagegen_pipeline.storage import Storage
 
 

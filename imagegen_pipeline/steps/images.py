@@ -22,14 +22,14 @@ from imagegen_pipeline.backends.base import (
     ImageResult,
     ImageTarget,
 )
-from imagegen_pipeline.generation_step import (
+from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
+from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
+from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
+from imagegen_pipeline.steps.skeleton import (
     DEFAULT_WRITER_THREADS,
     StepOutcome,
     run_generation_step,
 )
-from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
-from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
-from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
 from imagegen_pipeline.storage import Storage
 
 ADDRESS_CHARS = 16  # 64 bits of the sha256 in file names: collisions need ~4 billion images

@@ -1,1 +1,0 @@
-"""Reports built from the pipeline's tables: plain functions and templates, no Dagster."""
