@@ -25,8 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from imagegen_pipeline.backends.base import ImageRequest
-from imagegen_pipeline.backends.gemini import GeminiBackend
-from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.backends.gemini.backend import GeminiBackend
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.steps.images import derive_seed
 from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, arrival_stats
 

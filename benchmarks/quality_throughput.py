@@ -28,14 +28,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagegen_pipeline.model_settings import ClipModelSettings, SvdSettings
 from imagegen_pipeline.registry import SVD
-from imagegen_pipeline.scoring.clip_model import ClipModel
+from imagegen_pipeline.scoring.clip_model import ClipModel, ClipModelSettings
 from imagegen_pipeline.steps.clips import VideoStepContext, plan_video_clips, run_video_step
 from imagegen_pipeline.steps.scores import Scorer, score_image_table
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.tiny_models import build_tiny_model
-from imagegen_pipeline.video.svd import SvdGenerator
+from imagegen_pipeline.video.svd import SvdGenerator, SvdSettings
 from tests.support.accelerator import PhotoSource
 
 PROMPTS = [f"a photo of a cat number {i} in the city at night" for i in range(16)]

@@ -1,6 +1,7 @@
 """``imagegen``: the demo run, and getting model weights.
 
 imagegen demo                      # the whole graph on every CSV of the prompts folder
+imagegen models list               # every model, its weights and where they come from
 imagegen models pull flux_schnell  # download weights on a machine that reaches the hub
 imagegen models tiny               # build the tiny random-weight test models
 """
@@ -14,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from imagegen_pipeline.model_spec import WeightSource
 from imagegen_pipeline.model_weights import pull
-from imagegen_pipeline.registry import BACKEND_NAMES, MODELS, enabled_backends
+from imagegen_pipeline.registry import MODELS, configured_backends, enabled_backends
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,9 +72,11 @@ def demo(args: argparse.Namespace) -> int:
         print(f"No prompt CSV in {project.prompts_dir}/: add one (see README, Prompt CSV format).")
         return 1
     announce_models()
-    backends = [name for name in enabled_backends(args.backends) if name in args.backends]
-    if "gemini" in args.backends and "gemini" not in backends:
-        print("! gemini left out: GEMINI_API_KEY is not set.")
+    wanted = args.backends or configured_backends(project)
+    backends = enabled_backends(wanted)
+    for name in wanted:
+        if name in MODELS and name not in backends:
+            print(f"! {name} left out: {MODELS[name].key_env_var} is not set.")
     with dg.DagsterInstance.get() as instance:
         for run_id in release_interrupted_runs(instance):
             print(f"! run {run_id} was interrupted; marked failed and its GPU slot freed.")
@@ -99,22 +103,29 @@ def demo(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     """Pull real weights, or build the tiny random-weight ones."""
+    if args.action == "list":
+        for spec in MODELS.values():
+            source = spec.weights.repo_id if spec.weights else "hosted API"
+            print(f"{spec.name:14} {spec.role:8} {spec.default_model}  ({source})")
+        return 0
     if args.action == "pull":
         names = args.names or [name for name, spec in MODELS.items() if spec.weights]
         for name in names:
-            print(f"{name}: {pull(name, args.revision)}")
+            # A registered model pulls its own files; anything else is a whole hub repo.
+            spec = MODELS.get(name)
+            source = spec.weights if spec and spec.weights else WeightSource(name)
+            print(f"{name}: {pull(source, args.revision)}")
         return 0
     from imagegen_pipeline.project_config import load_project_config
-    from imagegen_pipeline.tiny_models import TINY_MODELS, build_tiny_model
+    from imagegen_pipeline.tiny_models import build_tiny_model
 
     root = Path(args.root) if args.root else load_project_config().tiny_models_dir
-    names = args.names or [spec.tiny_model for spec in MODELS.values() if spec.tiny_model]
-    for name in names:
-        builder = MODELS[name].tiny_model if name in MODELS else name
-        if builder not in TINY_MODELS:
-            print(f"{name}: no tiny model (known: {', '.join(sorted(TINY_MODELS))})")
+    buildable = {name: spec for name, spec in MODELS.items() if spec.tiny_builder}
+    for name in args.names or list(buildable):
+        if name not in buildable:
+            print(f"{name}: no tiny model (known: {', '.join(buildable)})")
             return 2
-        print(f"{name}: {build_tiny_model(builder, root)}")
+        print(f"{name}: {build_tiny_model(buildable[name], root)}")
     return 0
 
 
@@ -129,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument(
         "--backends",
         nargs="+",
-        default=list(BACKEND_NAMES),
-        help="backends to run (gemini only when GEMINI_API_KEY is set)",
+        default=None,
+        help="backends to run (default: the project's; an API backend only when its key is set)",
     )
     demo_parser.set_defaults(func=demo)
     models_parser = commands.add_parser("models", help="get model weights")
-    models_parser.add_argument("action", choices=["pull", "tiny"])
+    models_parser.add_argument("action", choices=["list", "pull", "tiny"])
     models_parser.add_argument(
         "names", nargs="*", help=f"{', '.join(MODELS)} or a hub repo id (pull)"
     )

@@ -10,16 +10,15 @@ recently used ones are freed.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-logger = logging.getLogger(__name__)
+from imagegen_pipeline.project_config import load_project_config
 
-BUDGET_ENV_VAR = "IMAGEGEN_MODEL_CACHE_GB"
+logger = logging.getLogger(__name__)
 
 
 class CachedModel(Protocol):
@@ -40,10 +39,11 @@ class _Entry:
 
 
 def default_budget_bytes() -> int:
-    """IMAGEGEN_MODEL_CACHE_GB, else 90 % of the GPU's memory, else half of this machine's RAM."""
-    configured = os.getenv(BUDGET_ENV_VAR)
+    """``model_cache_gb`` (imagegen.toml or IMAGEGEN_MODEL_CACHE_GB), else 90 % of the GPU's
+    memory, else half of this machine's RAM."""
+    configured = load_project_config().model_cache_gb
     if configured:
-        return int(float(configured) * 2**30)
+        return int(configured * 2**30)
     import psutil
 
     try:

@@ -10,7 +10,6 @@ tiny stand-ins, so a CPU-only machine finishes in seconds whichever entry point 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ from pydantic import BaseModel
 
 from imagegen_pipeline.model_cache import WARM_MODELS
 from imagegen_pipeline.model_settings import LOCAL_DIR
+from imagegen_pipeline.model_spec import ModelSpec
 from imagegen_pipeline.model_weights import is_cached
-from imagegen_pipeline.project_config import ProjectConfig
-from imagegen_pipeline.registry import ModelSpec
+from imagegen_pipeline.project_config import ProjectConfig, api_key
 from imagegen_pipeline.tiny_models import build_tiny_model, is_tiny_model
 
 
@@ -53,16 +52,16 @@ def weights_present(spec: ModelSpec, revision: str | None = None) -> bool:
 
 def resolve_model(spec: ModelSpec, configured: str, project: ProjectConfig) -> ResolvedModel:
     """The model ``configured`` ("auto", a repo id or a folder) stands for on this machine."""
-    choice = project.model_for(spec.name) if configured == "auto" else configured
+    choice = project.model_for(spec) if configured == "auto" else configured
     if choice != "auto":
         folder = Path(choice.removeprefix(LOCAL_DIR)).expanduser()
         tiny = folder.is_dir() and is_tiny_model(folder)
         if tiny and spec.role == "scoring" and not choice.startswith(LOCAL_DIR):
             choice = f"{LOCAL_DIR}{folder}"
         return ResolvedModel(spec.name, choice, choice, tiny)
-    if weights_present(spec) or spec.tiny_model is None:
+    if weights_present(spec) or spec.tiny_builder is None:
         return ResolvedModel(spec.name, spec.default_model, spec.default_model, False)
-    folder = build_tiny_model(spec.tiny_model, project.tiny_models_dir)
+    folder = build_tiny_model(spec, project.tiny_models_dir)
     model = f"{LOCAL_DIR}{folder}" if spec.role == "scoring" else str(folder)
     notice = (
         f"{spec.name}: no real weights on this machine, so a TINY RANDOM-WEIGHT stand-in is "
@@ -90,7 +89,7 @@ def resolve_settings(
         if values.get(name) is None:
             values[name] = value
     if "api_key" in values and not values["api_key"] and spec.key_env_var:
-        values["api_key"] = os.getenv(spec.key_env_var, "").strip() or None
+        values["api_key"] = api_key(spec.key_env_var)
     return type(settings).model_validate(values), resolved
 
 
@@ -146,12 +145,10 @@ class WarmModel:
 def warm_model(spec: ModelSpec, settings: BaseModel, project: ProjectConfig) -> WarmModel:
     """``spec``'s model for ``settings``, resolved now and taken from (or added to) the warm
     cache when the step first uses it."""
-    from imagegen_pipeline.registry import implementation_class
-
     concrete, resolved = resolve_settings(spec, settings, project)
 
     def create() -> Any:
-        model_class = implementation_class(spec)
+        model_class = spec.implementation_class()
         if resolved is None:  # a hosted API: nothing to resolve or identify
             return model_class(concrete)
         return model_class(concrete, model_id=resolved.model_id)

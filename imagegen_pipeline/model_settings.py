@@ -1,4 +1,7 @@
-"""Every knob of every model, declared once: plain pydantic models, no Dagster, no torch.
+"""What every model's settings share, declared once: plain pydantic models, no Dagster, no torch.
+
+Each model's own settings class lives in its module, beside the model (``backends/*.py``,
+``video/svd.py``, ``scoring/clip_model.py``), and subclasses these.
 
 What a model's outputs are planned from (sizes, content-address inputs, the scorer's label)
 is derived here too, so a step can tell what exists before it creates the model.
@@ -14,11 +17,36 @@ another to a value that was only right for some other machine, and never drops a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen_pipeline.backends.base import GenerationSettings, ImageTarget
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything about the model that changes the pixels; part of every content address."""
+
+    backend: str
+    model_id: str
+    revision: str
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """What a backend's images are planned from, known from its settings alone: a step whose
+    images all exist never creates the backend (nor imports torch for it)."""
+
+    settings: GenerationSettings
+    default_size: tuple[int, int]  # (width, height) of prompt rows that give no size
+    supports_negative_prompt: bool  # else the negative prompt is recorded empty
+
+
+# Tiny images and clips: the tiny models draw noise, so small sizes keep every entry point
+# (demo, UI, tests) fast on a CPU without changing any code path.
+TINY_IMAGE_SIDE = 256
 
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
 HF_HUB = "hf-hub:"  # open_clip's prefix for a Hugging Face Hub repo
@@ -85,100 +113,6 @@ class DiffusersImageSettings(ModelSettings):
         """Whether the pipeline is given the negative prompt."""
         # FLUX.1-schnell is guidance-distilled: no classifier-free guidance for one to act on.
         return False
-
-
-class FluxSchnellSettings(DiffusersImageSettings):
-    """FLUX.1-schnell through diffusers' FluxPipeline (bf16, 4 steps, no guidance, 1024 px)."""
-
-    steps: int = Field(4, description="denoising steps (schnell is distilled to 4)")
-    max_sequence_length: int = Field(256, description="T5 tokens read from each prompt")
-
-
-class SdxlTurboSettings(DiffusersImageSettings):
-    """SDXL-Turbo through diffusers' StableDiffusionXLPipeline (fp16 files, 1 step, 512 px)."""
-
-    steps: int = Field(1, description="denoising steps (1 to 4)")
-
-    def uses_negative_prompt(self) -> bool:
-        # The negative prompt only acts through classifier-free guidance, i.e. guidance > 1.
-        return self.guidance > 1.0
-
-
-class GeminiSettings(BaseModel):
-    """Gemini image generation (gemini-2.5-flash-image) through the google-genai SDK."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    api_key: str | None = Field(
-        None, repr=False, description="None: GEMINI_API_KEY, read when the step starts"
-    )
-    model: str = Field("gemini-2.5-flash-image", description="a Gemini model that answers images")
-    base_url: str | None = Field(None, description="another endpoint (a proxy, a test server)")
-    timeout_seconds: float = Field(120.0, description="one HTTP call; a timed-out call is retried")
-    max_concurrent_requests: int = Field(8, description="HTTP calls in flight at once")
-    requests_per_minute: float = Field(60.0, description="pacing of every call: your RPM quota")
-    max_retries: int = Field(6, description="per image, on 408/429/5xx, timeouts, network errors")
-    initial_backoff_seconds: float = Field(1.0, description="first retry waits up to this")
-    max_backoff_seconds: float = Field(60.0, description="ceiling of the exponential backoff")
-    # Google's list prices for gemini-2.5-flash-image: input $0.30 per 1M tokens, image output
-    # $30 per 1M (1290 tokens, about $0.039 an image), text output $2.50 per 1M.
-    price_per_input_token_usd: float = Field(0.30e-6, description="USD per input token")
-    price_per_output_token_usd: float = Field(30.0e-6, description="USD per image output token")
-    price_per_output_text_token_usd: float = Field(2.50e-6, description="USD per text token")
-    price_per_image_usd: float = Field(0.039, description="expected cost of one image (budget)")
-    budget_usd: float | None = Field(None, description="per-run cap; None: no cap")
-
-    def image_target(self, backend: str, model_id: str) -> ImageTarget:
-        """What the hosted model's images are planned from: no revision to pin, no steps or
-        guidance to set, no negative prompt (see the Gemini package docstring)."""
-        return ImageTarget(
-            GenerationSettings(backend, model_id, "api", 0, 0.0), (1024, 1024), False
-        )
-
-
-class SvdSettings(ModelSettings):
-    """Stable Video Diffusion XT image-to-video; None means the model card's value."""
-
-    dtype: Dtype = Field("auto", description="'auto': float16 on a GPU, float32 on a CPU")
-    offload: Literal["none", "model", "sequential"] = Field("none", description="CPU offload")
-    forward_chunking: bool = Field(False, description="chunked UNet feed-forward: less memory")
-    decode_chunk_size: int | None = Field(None, description="frames decoded at once (8)")
-    width: int | None = Field(None, description="clip width (1024); the source is cropped to it")
-    height: int | None = Field(None, description="clip height (576)")
-    num_frames: int | None = Field(None, description="frames per clip (25 for XT)")
-    steps: int | None = Field(None, description="denoising steps (25)")
-    fps: int = Field(7, description="frame rate the model is conditioned on and the MP4 plays at")
-    motion_bucket_id: int = Field(127, description="higher: more motion")
-    noise_aug_strength: float = Field(0.02, description="noise on the conditioning image")
-    min_guidance_scale: float = Field(1.0, description="guidance on the first frame")
-    max_guidance_scale: float | None = Field(None, description="guidance on the last frame (3)")
-    selection: Literal["all", "first_n", "top_n"] = Field(
-        "first_n", description="which images of a prompt get a clip (top_n: by CLIP score)"
-    )
-    n: int = Field(1, description="clips per prompt for first_n and top_n")
-    preview_side: int = Field(256, description="longest side of the animated WebP preview")
-
-
-class ClipModelSettings(ModelSettings):
-    """The CLIP model (open_clip) that scores images and video clips."""
-
-    pretrained: str | None = Field("openai", description="weights tag of an open_clip model name")
-    checkpoint: str | None = Field(None, description="a local weights file for the model name")
-    quick_gelu: bool | None = Field(None, description="None: as the pretrained tag says")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="fp32 keeps scores comparable"
-    )
-    batch_size: int = Field(32, description="images per forward pass; scores do not depend on it")
-    workers: int = Field(4, description="threads decoding and measuring images ahead of the model")
-    aesthetic_head: str | None = Field(None, description="LAION linear head weights file")
-
-    def scorer_label(self, model_id: str | None = None) -> str:
-        """The model as recorded with every score (and part of each score's reuse key)."""
-        if model_id and model_id != self.model:
-            return model_id
-        if self.model.startswith((LOCAL_DIR, HF_HUB)) or not self.pretrained:
-            return self.model
-        return f"{self.model}/{self.pretrained}"
 
 
 class EnhancerSettings(BaseModel):

@@ -6,7 +6,7 @@ for nothing. Weights are pulled once, ahead of time, on a machine that can reach
 
 from __future__ import annotations
 
-from imagegen_pipeline.registry import MODELS, WeightSource
+from imagegen_pipeline.model_spec import WeightSource
 
 
 class ModelWeightsMissingError(RuntimeError):
@@ -29,19 +29,8 @@ def missing_weights_message(model: str, revision: str | None, detail: str = "") 
     return f"{text} ({first_line})" if first_line else text
 
 
-def weight_source(name_or_repo: str) -> WeightSource:
-    """The weight source of a registered model name or repo id (any other repo as a whole)."""
-    if name_or_repo in MODELS and MODELS[name_or_repo].weights is not None:
-        return MODELS[name_or_repo].weights  # type: ignore[return-value]
-    for spec in MODELS.values():
-        if spec.weights is not None and spec.weights.repo_id == name_or_repo:
-            return spec.weights
-    return WeightSource(name_or_repo)
-
-
-def pull(name_or_repo: str, revision: str | None = None) -> str:
+def pull(source: WeightSource, revision: str | None = None) -> str:
     """Download a model's weights into the Hugging Face cache; returns the local folder."""
-    source = weight_source(name_or_repo)
     if source.open_clip_tag is not None:
         import open_clip
 

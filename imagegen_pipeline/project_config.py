@@ -2,41 +2,74 @@
 
 Every entry point (``make demo``, ``make ui`` / ``dagster dev``, the daemon's sensors and
 schedule, backfills, the CLI and celery workers) reads the same file, so they resolve the same
-models, device and folders. A value in the environment wins over the file; the file wins over
-the defaults below. The file is ``$IMAGEGEN_CONFIG`` if set, else ``imagegen.toml`` in the
-working directory (the project folder for all of the above). Relative folders in the file (and
-the default ones) are relative to the file's folder, so every process finds the same folders
-whatever its working directory; relative folders in the environment, to the working directory.
+models, device and folders. The file and the ``IMAGEGEN_*`` variables are read by
+pydantic-settings into one validated ``ProjectConfig``: a variable wins over the file, the file
+over the defaults below, and a bad value fails when read with the key and the file named. The
+file is ``$IMAGEGEN_CONFIG`` if set, else ``imagegen.toml`` in the working directory. Relative
+folders in the file (and the default ones) are relative to the file's folder, so every process
+finds the same folders whatever its working directory; relative folders in the environment, to
+the working directory. This is the only module that reads the environment, secrets included.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from imagegen_pipeline.registry import BACKEND_NAMES, MODELS
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from imagegen_pipeline.model_spec import ModelSpec
 
 CONFIG_ENV_VAR = "IMAGEGEN_CONFIG"
 CONFIG_FILE = "imagegen.toml"
+ENV_PREFIX = "IMAGEGEN_"
 FOLDER_SETTINGS = ("prompts_dir", "storage", "models_dir")
+Executor = Literal["in_process", "multiprocess", "celery", "k8s"]
 
 
-@dataclass(frozen=True)
-class ProjectConfig:
-    """Folders, models, device and automation settings of this project."""
+class ConfigError(ValueError):
+    """A setting of the project file or the environment that cannot be used."""
+
+
+class ProjectConfig(BaseModel):
+    """Folders, models, device, automation and executor settings of this project."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     prompts_dir: str = "prompts"  # the folder users drop prompt CSVs into
-    storage: str = "storage"  # folder or URL (s3://bucket/prefix) all outputs go under
+    # A folder or URL (s3://bucket/prefix) all outputs go under. IMAGEGEN_STORAGE_DIR is the
+    # older name of the variable.
+    storage: str = Field(
+        "storage",
+        validation_alias=AliasChoices("storage", "IMAGEGEN_STORAGE", "IMAGEGEN_STORAGE_DIR"),
+    )
     models_dir: str = ""  # where tiny models are built; "" = <storage>/models, or a cache dir
     device: str = "auto"  # "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:1"
-    backends: tuple[str, ...] = BACKEND_NAMES  # backends the sensors and schedule run
-    models: dict[str, str] = field(default_factory=dict)  # per model name: "auto", repo or folder
-    sensor_interval_seconds: int = 30  # how often the prompts folder is looked at
+    # Backends the sensors and schedule run; None: every registered backend.
+    backends: Annotated[tuple[str, ...] | None, NoDecode] = None
+    models: dict[str, str] = Field(default_factory=dict)  # per model: "auto", repo or folder
+    sensor_interval_seconds: int = Field(30, ge=1)  # how often the prompts folder is looked at
     bulk_cron: str = "0 2 * * *"  # when the bulk-generation schedule ticks (if turned on)
-    executor: str = "in_process"  # in_process, multiprocess, celery or k8s (see README)
+    executor: Executor = "in_process"  # see README, "Outgrowing one machine"
+    model_cache_gb: float | None = None  # warm models kept per process; None: 90 % of the GPU
+    celery_broker: str = "redis://127.0.0.1:6379/0"  # with executor = "celery"
+    celery_backend: str | None = None  # celery results; None: the broker
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        # IMAGEGEN_BACKENDS="flux_schnell sdxl_turbo" (spaces or commas), or a TOML list.
+        if isinstance(value, str):
+            return tuple(part for part in value.replace(",", " ").split())
+        return value
 
     @property
     def tiny_models_dir(self) -> Path:
@@ -47,24 +80,53 @@ class ProjectConfig:
             return Path("~/.cache/imagegen/models/tiny").expanduser()
         return Path(self.storage) / "models" / "tiny"
 
-    def model_for(self, name: str) -> str:
-        """What "auto" means for model ``name`` here: its variable, the file, or "auto"."""
-        variable = MODELS[name].model_env_var
-        return (variable and os.getenv(variable)) or self.models.get(name, "auto")
+    def model_for(self, spec: ModelSpec) -> str:
+        """What "auto" means for ``spec`` here: its IMAGEGEN_*_MODEL variable, the file's
+        ``[models]`` entry, or "auto"."""
+        variable = spec.model_env_var
+        return (variable and os.getenv(variable, "").strip()) or self.models.get(spec.name, "auto")
 
 
-# Environment variables, the file's keys they override, and how to read them.
-ENVIRONMENT: dict[str, tuple[str, Any]] = {
-    "IMAGEGEN_PROMPTS_DIR": ("prompts_dir", str),
-    "IMAGEGEN_STORAGE_DIR": ("storage", str),  # the older name; IMAGEGEN_STORAGE wins
-    "IMAGEGEN_STORAGE": ("storage", str),
-    "IMAGEGEN_MODELS_DIR": ("models_dir", str),
-    "IMAGEGEN_DEVICE": ("device", str),
-    "IMAGEGEN_BACKENDS": ("backends", lambda v: tuple(p for p in v.replace(",", " ").split())),
-    "IMAGEGEN_SENSOR_INTERVAL_SECONDS": ("sensor_interval_seconds", int),
-    "IMAGEGEN_BULK_CRON": ("bulk_cron", str),
-    "IMAGEGEN_EXECUTOR": ("executor", str),
-}
+class _ProjectFile(PydanticBaseSettingsSource):
+    """imagegen.toml, with its relative folders made relative to the file's folder."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # the whole file is read at once in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        with self.path.open("rb") as handle:
+            values = tomllib.load(handle)
+        folder = self.path.parent.resolve()
+        for name in FOLDER_SETTINGS:
+            value = values.get(name, ProjectConfig.model_fields[name].default)
+            if value and "://" not in value and not Path(value).expanduser().is_absolute():
+                values[name] = str(folder / value)
+        return values
+
+
+class _ProjectSettings(ProjectConfig, BaseSettings):
+    """ProjectConfig read from the environment, then the file, then the defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _ProjectFile(settings_cls, config_file())
 
 
 def config_file() -> Path | None:
@@ -74,29 +136,24 @@ def config_file() -> Path | None:
 
 
 def load_project_config() -> ProjectConfig:
-    """The file's values over the defaults, the environment's over both."""
-    values: dict[str, Any] = {}
-    path = config_file()
-    if path is not None:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-        known = {f.name for f in fields(ProjectConfig)}
-        unknown = sorted(set(document) - known)
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown setting(s) {', '.join(unknown)}; known: {sorted(known)}"
-            )
-        values.update(document)
-        for name in FOLDER_SETTINGS:
-            value = values.get(name, getattr(ProjectConfig, name))
-            if value and "://" not in value and not Path(value).expanduser().is_absolute():
-                values[name] = str(path.parent.resolve() / value)
-    for variable, (name, parse) in ENVIRONMENT.items():
-        if os.getenv(variable):
-            values[name] = parse(os.environ[variable])
-    if "backends" in values:
-        values["backends"] = tuple(values["backends"])
-        unknown = sorted(set(values["backends"]) - set(BACKEND_NAMES))
-        if unknown:
-            raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {BACKEND_NAMES}")
-    return ProjectConfig(**values)
+    """The project's configuration: environment over file over defaults, validated."""
+    try:
+        settings = _ProjectSettings()
+    except ValidationError as error:
+        where = config_file() or "the environment"
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            if item["type"] == "extra_forbidden":
+                problems.append(f"unknown setting {key}")
+            else:
+                problems.append(f"{key} (or {ENV_PREFIX}{key.upper()}): {item['msg']}")
+        known = ", ".join(ProjectConfig.model_fields)
+        raise ConfigError(f"{where}: {'; '.join(problems)} (known settings: {known})") from None
+    return ProjectConfig.model_validate(settings.model_dump())
+
+
+def api_key(variable: str) -> str | None:
+    """The API key in ``variable`` (e.g. GEMINI_API_KEY), or None when unset or blank. Read
+    when asked, never stored in a setting: keys reach no log, table or run config."""
+    return os.getenv(variable, "").strip() or None

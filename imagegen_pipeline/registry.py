@@ -1,162 +1,91 @@
-"""Every model the pipeline knows, in one table: names, repos, variables, weights, tiny builds.
+"""Every model the pipeline knows: the modules that declare one, and the installed plugins.
+
+A model module declares everything about its model in one ``SPEC`` (``model_spec.ModelSpec``);
+this registry only lists those modules, and adds the image backends that other installed
+packages declare under the ``imagegen_pipeline.backends`` entry-point group, e.g. in a plugin's
+pyproject.toml::
+
+    [project.entry-points."imagegen_pipeline.backends"]
+    sd15 = "my_studio_backends.sd15:SPEC"
 
 The CSV reader, the partitions, the sensors and schedule, the CLI, the resources, ``imagegen
-models pull`` and the tiny models all read this table; adding an image backend is its module,
-its settings class and one entry in ``IMAGE_BACKENDS``. Implementations are named by import path
-and imported only when a step needs one, so loading the Dagster definitions never imports torch.
+models pull``, the demo and the comparison all read these tables, so a new backend needs its
+module and nothing else. Specs are light (no torch); implementations are imported when a step
+needs one.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable
+from importlib.metadata import entry_points
 
-from pydantic import BaseModel
+from imagegen_pipeline.model_spec import ModelSpec, WeightSource
+from imagegen_pipeline.project_config import ConfigError, ProjectConfig, api_key
 
-from imagegen_pipeline.model_settings import (
-    ClipModelSettings,
-    FluxSchnellSettings,
-    GeminiSettings,
-    SdxlTurboSettings,
-    SvdSettings,
+__all__ = [
+    "BACKEND_NAMES",
+    "CLIP_MODEL",
+    "IMAGE_BACKENDS",
+    "LOCAL_BACKEND_NAMES",
+    "MODELS",
+    "SVD",
+    "ModelSpec",
+    "WeightSource",
+    "backend_spec",
+    "configured_backends",
+    "enabled_backends",
+    "has_key",
+    "implementation_class",
+    "project_backends",
+]
+
+BACKEND_ENTRY_POINT_GROUP = "imagegen_pipeline.backends"
+BUILT_IN_BACKENDS = (
+    "imagegen_pipeline.backends.flux_schnell",
+    "imagegen_pipeline.backends.sdxl_turbo",
+    "imagegen_pipeline.backends.gemini",
 )
+VIDEO_MODEL = "imagegen_pipeline.video.svd"
+SCORER = "imagegen_pipeline.scoring.clip_model"
 
 
-@dataclass(frozen=True)
-class WeightSource:
-    """The files of a hub repo that the pipeline loads (what ``imagegen models pull`` fetches)."""
-
-    repo_id: str
-    allow_patterns: tuple[str, ...] | None = None
-    ignore_patterns: tuple[str, ...] | None = None
-    open_clip_tag: tuple[str, str] | None = None  # (model, pretrained) fetched by open_clip itself
+def _spec_of(module_name: str) -> ModelSpec:
+    return importlib.import_module(module_name).SPEC
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model: what it is called, where its weights come from, how it is built tiny."""
-
-    name: str  # resource key, and for image backends the partition key and CSV value
-    role: Literal["image", "video", "scoring"]
-    implementation: str  # "module:Class", imported lazily by ``implementation_class``
-    settings: type[BaseModel]  # its knobs (model_settings.py); the resource derives from it
-    default_model: str  # what "auto" means when real weights are present (or the API model)
-    model_env_var: str | None = None  # overrides "auto" with a repo id or a local folder
-    weights: WeightSource | None = None  # None: nothing to download (a hosted API)
-    tiny_model: str | None = None  # tiny_models.TINY_MODELS builder used when weights are absent
-    key_env_var: str | None = None  # an API key the backend cannot run without
-    runs_on: Literal["gpu", "api"] = "gpu"  # gpu: holds a slot of the gpu pool while it works
-    # Settings left at None are filled from these: the model card's values, and the ones that
-    # keep the tiny random-weight stand-in fast on a CPU (its pictures are noise anyway).
-    defaults: dict[str, Any] = field(default_factory=dict)
-    tiny_defaults: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_local(self) -> bool:
-        """True when the model runs on this machine's accelerator."""
-        return self.runs_on == "gpu"
-
-    def has_key(self) -> bool:
-        """True when the backend needs no key or its key is set in the environment."""
-        return self.key_env_var is None or bool(os.getenv(self.key_env_var, "").strip())
+def _plugin_backends() -> list[ModelSpec]:
+    """Image backends declared by other installed packages."""
+    found = []
+    for entry_point in entry_points(group=BACKEND_ENTRY_POINT_GROUP):
+        spec = entry_point.load()
+        if not isinstance(spec, ModelSpec) or spec.role != "image":
+            raise TypeError(
+                f"entry point {entry_point.name} = {entry_point.value} in group "
+                f"{BACKEND_ENTRY_POINT_GROUP} must be an image-backend ModelSpec"
+            )
+        found.append(spec)
+    return found
 
 
-# Tiny images and clips: the tiny models draw noise, so small sizes keep every entry point
-# (demo, UI, tests) fast on a CPU without changing any code path.
-TINY_IMAGE_SIDE = 256
+def _unique(specs: Iterable[ModelSpec]) -> tuple[ModelSpec, ...]:
+    by_name: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.name in by_name:
+            raise ValueError(f"two models are named {spec.name!r}; names must be unique")
+        by_name[spec.name] = spec
+    return tuple(by_name.values())
 
-IMAGE_BACKENDS: tuple[ModelSpec, ...] = (
-    ModelSpec(
-        name="flux_schnell",
-        role="image",
-        implementation="imagegen_pipeline.backends.flux_schnell:FluxSchnellBackend",
-        settings=FluxSchnellSettings,
-        default_model="black-forest-labs/FLUX.1-schnell",
-        model_env_var="IMAGEGEN_FLUX_SCHNELL_MODEL",
-        # from_pretrained reads the diffusers folders; the single-file checkpoint at the repo
-        # root would double a 34 GB download.
-        weights=WeightSource(
-            "black-forest-labs/FLUX.1-schnell",
-            ignore_patterns=("flux1-schnell.safetensors", "*.md"),
-        ),
-        tiny_model="flux_schnell",
-        defaults={"width": 1024, "height": 1024},
-        tiny_defaults={"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE},
-    ),
-    ModelSpec(
-        name="sdxl_turbo",
-        role="image",
-        implementation="imagegen_pipeline.backends.sdxl_turbo:SdxlTurboBackend",
-        settings=SdxlTurboSettings,
-        default_model="stabilityai/sdxl-turbo",
-        model_env_var="IMAGEGEN_SDXL_TURBO_MODEL",
-        weights=WeightSource(
-            "stabilityai/sdxl-turbo",
-            allow_patterns=("*.json", "*.txt", "tokenizer*/*", "*.fp16.safetensors"),
-        ),
-        tiny_model="sdxl_turbo",
-        defaults={"width": 512, "height": 512},
-        tiny_defaults={"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE},
-    ),
-    ModelSpec(
-        name="gemini",
-        role="image",
-        implementation="imagegen_pipeline.backends.gemini:GeminiBackend",
-        settings=GeminiSettings,
-        default_model="gemini-2.5-flash-image",
-        key_env_var="GEMINI_API_KEY",
-        runs_on="api",
-    ),
+
+IMAGE_BACKENDS: tuple[ModelSpec, ...] = _unique(
+    [*(_spec_of(name) for name in BUILT_IN_BACKENDS), *_plugin_backends()]
 )
+SVD: ModelSpec = _spec_of(VIDEO_MODEL)
+CLIP_MODEL: ModelSpec = _spec_of(SCORER)
 
-SVD = ModelSpec(
-    name="svd",
-    role="video",
-    implementation="imagegen_pipeline.video.svd:SvdGenerator",
-    settings=SvdSettings,
-    default_model="stabilityai/stable-video-diffusion-img2vid-xt",
-    model_env_var="IMAGEGEN_SVD_MODEL",
-    weights=WeightSource(
-        "stabilityai/stable-video-diffusion-img2vid-xt",
-        allow_patterns=("*.json", "*.txt", "*.fp16.safetensors"),
-    ),
-    tiny_model="svd_xt",
-    defaults={
-        "width": 1024,
-        "height": 576,
-        "num_frames": 25,
-        "steps": 25,
-        "decode_chunk_size": 8,
-        "max_guidance_scale": 3.0,
-    },
-    # 64 px is the tiny SVD's smallest side; without guidance the UNet runs once per step.
-    tiny_defaults={
-        "width": 64,
-        "height": 64,
-        "num_frames": 4,
-        "steps": 2,
-        "decode_chunk_size": 4,
-        "max_guidance_scale": 1.0,
-    },
-)
-
-CLIP_MODEL = ModelSpec(
-    name="clip_model",
-    role="scoring",
-    implementation="imagegen_pipeline.scoring.clip_model:ClipModel",
-    settings=ClipModelSettings,
-    # ViT-L-14 with OpenAI's weights: the model CLIPScore and the LAION aesthetic head use.
-    default_model="ViT-L-14",
-    model_env_var="IMAGEGEN_CLIP_MODEL",
-    weights=WeightSource(
-        "timm/vit_large_patch14_clip_224.openai", open_clip_tag=("ViT-L-14", "openai")
-    ),
-    tiny_model="open_clip_vit_l_14",
-)
-
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (*IMAGE_BACKENDS, SVD, CLIP_MODEL)}
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in _unique([*IMAGE_BACKENDS, SVD, CLIP_MODEL])
+}
 BACKEND_NAMES: tuple[str, ...] = tuple(spec.name for spec in IMAGE_BACKENDS)
 LOCAL_BACKEND_NAMES: tuple[str, ...] = tuple(s.name for s in IMAGE_BACKENDS if s.is_local)
 
@@ -169,13 +98,36 @@ def backend_spec(name: str) -> ModelSpec:
     raise KeyError(f"unknown image backend {name!r}; known: {', '.join(BACKEND_NAMES)}")
 
 
-def enabled_backends(names: tuple[str, ...] | list[str] | None = None) -> list[str]:
-    """Backends that generate automatically: ``names`` (default all) that have their key."""
+def has_key(spec: ModelSpec) -> bool:
+    """True when ``spec`` needs no API key or its key is set."""
+    return spec.key_env_var is None or api_key(spec.key_env_var) is not None
+
+
+def enabled_backends(names: Iterable[str] | None = None) -> list[str]:
+    """Backends that generate automatically: ``names`` (default: every registered one) that
+    have their key, in the registry's order."""
     wanted = BACKEND_NAMES if names is None else tuple(names)
-    return [spec.name for spec in IMAGE_BACKENDS if spec.name in wanted and spec.has_key()]
+    return [spec.name for spec in IMAGE_BACKENDS if spec.name in wanted and has_key(spec)]
+
+
+def configured_backends(project: ProjectConfig) -> list[str]:
+    """``backends`` of the project configuration (default: every registered one), checked."""
+    if project.backends is None:
+        return list(BACKEND_NAMES)
+    unknown = sorted(set(project.backends) - set(BACKEND_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"unknown backend(s) {', '.join(unknown)} in `backends` (imagegen.toml or "
+            f"IMAGEGEN_BACKENDS); known: {', '.join(BACKEND_NAMES)}"
+        )
+    return list(project.backends)
+
+
+def project_backends(project: ProjectConfig) -> list[str]:
+    """The backends the sensors and the schedule run: the configured ones that have their key."""
+    return enabled_backends(configured_backends(project))
 
 
 def implementation_class(spec: ModelSpec) -> type:
     """The class that implements ``spec``, imported now (torch and friends load here)."""
-    module_name, _, class_name = spec.implementation.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return spec.implementation_class()

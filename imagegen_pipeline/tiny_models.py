@@ -1,9 +1,12 @@
 """Tiny random-weight stand-ins for the real models, in the real Hugging Face repos' layout.
 
-Each builder writes a directory that looks like the real repo (``model_index.json``, the same
-subfolders, config and weight file names, fp16 variant files where the real repo ships them)
-but holds models of a few megabytes at most, with random weights. The project's real loading
-code (``DiffusionPipeline.from_pretrained(path, torch_dtype=..., variant=...)``,
+Each model module declares its own builder (``ModelSpec.tiny_builder``, beside the model) from
+the shared pieces here (tokenizers, a tiny VAE, sharded and fp16-variant saves,
+model_index.json); :func:`build_tiny_model` builds one atomically, once. Each builder writes a
+directory that looks like the real repo (``model_index.json``, the same subfolders, config and
+weight file names, fp16 variant files where the real repo ships them) but holds models of a few
+megabytes at most, with random weights. The project's real loading code
+(``DiffusionPipeline.from_pretrained(path, torch_dtype=..., variant=...)``,
 ``open_clip.create_model_and_transforms(...)``) therefore runs unchanged against them, offline,
 in about a second on a CPU. The pictures they make are noise: they test plumbing, not quality.
 
@@ -11,8 +14,7 @@ Nothing here needs the network: tokenizers are written from vocabularies made in
 models are instantiated from configs with ``torch.manual_seed(0)``, so builds are deterministic.
 This module deliberately does not import Dagster, and imports torch/diffusers/transformers
 lazily inside the builders, because importing them costs seconds that callers which only want
-:func:`is_tiny_model` should not pay.
-"""
+:func:`is_tiny_model` should not pay."""
 
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ import os
 import shutil
 import string
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imagegen_pipeline.registry import MODELS
+from imagegen_pipeline.model_spec import ModelSpec
 
 if TYPE_CHECKING:
     from transformers import CLIPTextConfig
@@ -37,19 +38,10 @@ MARKER_NAME = ".tiny-random-weights"
 # Bump when a builder changes what it writes: builds with another version are rebuilt.
 FORMAT_VERSION = 1
 
-# What each tiny build stands in for, from the registry.
-REAL_REPOS: dict[str, str] = {
-    spec.tiny_model: spec.default_model for spec in MODELS.values() if spec.tiny_model
-}
-
-# Directory names mirror the real repos' names so paths read the same in logs and configs.
-TINY_MODEL_DIRS: dict[str, str] = {
-    name: repo.rsplit("/", 1)[-1] for name, repo in REAL_REPOS.items()
-}
 
 # Words that get whole-word tokens in the tiny vocabularies, so tokenization exercises BPE
 # merges / Unigram word pieces and not only the single-character fallback.
-_COMMON_WORDS = [
+COMMON_WORDS = [
     "a",
     "an",
     "the",
@@ -91,8 +83,8 @@ _COMMON_WORDS = [
     "landscape",
 ]
 
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,13 +92,13 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, creating parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """The GPT-2/CLIP byte -> printable character table that byte-level BPE vocabularies use."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -123,7 +115,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def _write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
+def write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
     """Write a tiny CLIPTokenizer (vocab.json, merges.txt, configs) into ``dest``; return its size.
 
     The vocabulary is laid out like OpenAI CLIP's: 256 byte characters, the same with ``</w>``,
@@ -132,12 +124,12 @@ def _write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
     keeps the legacy "pooled output = argmax(input_ids)" of CLIP text configs with
     ``eos_token_id=2`` pointing at the right token.
     """
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
     known = set(vocab_list)
     # Merge each common word left to right ("c a" -> "ca", "ca t</w>" -> "cat</w>").
-    for word in _COMMON_WORDS:
+    for word in COMMON_WORDS:
         symbols = [*word[:-1], word[-1] + "</w>"]
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
@@ -151,7 +143,7 @@ def _write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
     vocab = {token: i for i, token in enumerate(vocab_list)}
 
     dest.mkdir(parents=True, exist_ok=True)
-    _write_json(dest / "vocab.json", vocab)
+    write_json(dest / "vocab.json", vocab)
     merge_lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
     (dest / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
 
@@ -164,7 +156,7 @@ def _write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
             "single_word": False,
         }
 
-    _write_json(
+    write_json(
         dest / "special_tokens_map.json",
         {
             "bos_token": special("<|startoftext|>"),
@@ -174,7 +166,7 @@ def _write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
             "unk_token": special("<|endoftext|>"),
         },
     )
-    _write_json(
+    write_json(
         dest / "tokenizer_config.json",
         {
             "add_prefix_space": False,
@@ -192,7 +184,7 @@ def _write_clip_tokenizer(dest: Path, pad_token: str = "<|endoftext|>") -> int:
     return len(vocab)
 
 
-def _clip_text_config(vocab_size: int, **overrides: Any) -> CLIPTextConfig:
+def clip_text_config(vocab_size: int, **overrides: Any) -> CLIPTextConfig:
     """A tiny CLIPTextConfig with the real repos' token ids and 77 positions."""
     from transformers import CLIPTextConfig
 
@@ -214,7 +206,7 @@ def _clip_text_config(vocab_size: int, **overrides: Any) -> CLIPTextConfig:
     return CLIPTextConfig(**(settings | overrides))
 
 
-def _write_t5_tokenizer(dest: Path) -> int:
+def write_t5_tokenizer(dest: Path) -> int:
     """Write a tiny T5TokenizerFast (tokenizer.json + configs) built offline; return its size.
 
     The real one is a 32k SentencePiece Unigram model; this is a Unigram model over single
@@ -225,7 +217,7 @@ def _write_t5_tokenizer(dest: Path) -> int:
 
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    pieces += [(f"▁{w}", -4.0) for w in _COMMON_WORDS]
+    pieces += [(f"▁{w}", -4.0) for w in COMMON_WORDS]
     pieces += [(f"▁{c}", -8.0) for c in chars] + [(c, -8.0) for c in chars]
     pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))]
     # model_max_length 512 like the real tokenizer_2: FLUX encodes prompts at 256 tokens.
@@ -234,13 +226,13 @@ def _write_t5_tokenizer(dest: Path) -> int:
     return len(tokenizer)
 
 
-def _save_sharded(model: Any, dest: Path, shards: int, **kwargs: Any) -> None:
+def save_sharded(model: Any, dest: Path, shards: int, **kwargs: Any) -> None:
     """save_pretrained into about ``shards`` safetensors shards plus an index, like big repos."""
     total_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     model.save_pretrained(dest, max_shard_size=math.ceil(total_bytes / shards) + 1, **kwargs)
 
 
-def _save_with_fp16_variant(model: Any, dest: Path) -> None:
+def save_with_fp16_variant(model: Any, dest: Path) -> None:
     """Save fp16 variant files and plain fp32 files side by side, as the real repos ship both."""
     # half()/float() rather than to(dtype): diffusers' to() warns about fp32-pinned modules
     # even when there are none.
@@ -250,7 +242,7 @@ def _save_with_fp16_variant(model: Any, dest: Path) -> None:
     model.float().save_pretrained(dest)
 
 
-def _write_model_index(
+def write_model_index(
     dest: Path,
     class_name: str,
     components: dict[str, tuple[str, str] | tuple[None, None]],
@@ -261,10 +253,10 @@ def _write_model_index(
 
     index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
     index |= {name: list(lib_and_class) for name, lib_and_class in components.items()}
-    _write_json(dest / "model_index.json", index | pipeline_config)
+    write_json(dest / "model_index.json", index | pipeline_config)
 
 
-def _tiny_vae_kl(latent_channels: int, **config: Any) -> Any:
+def tiny_vae_kl(latent_channels: int, **config: Any) -> Any:
     """A tiny AutoencoderKL with four levels, so the vae_scale_factor is the real 8."""
     # sample_size is the real 1024: it only sets the tile size of enable_tiling(), which
     # should kick in at the same image sizes as with the real VAE.
@@ -282,364 +274,6 @@ def _tiny_vae_kl(latent_channels: int, **config: Any) -> Any:
         sample_size=1024,
         **config,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Builders: one per model, each writes the full layout into an empty directory
-# --------------------------------------------------------------------------------------------
-
-
-def build_flux_schnell(dest: Path) -> None:
-    """Build a tiny FLUX.1-schnell (FluxPipeline) in the black-forest-labs repo layout."""
-    import torch
-    from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    # The real schnell scheduler config, verbatim: no dynamic shifting, shift 1.0.
-    _write_json(
-        dest / "scheduler" / "scheduler_config.json",
-        {
-            "_class_name": "FlowMatchEulerDiscreteScheduler",
-            "_diffusers_version": "0.30.0.dev0",
-            "base_image_seq_len": 256,
-            "base_shift": 0.5,
-            "max_image_seq_len": 4096,
-            "max_shift": 1.15,
-            "num_train_timesteps": 1000,
-            "shift": 1.0,
-            "use_dynamic_shifting": False,
-        },
-    )
-
-    clip_vocab = _write_clip_tokenizer(dest / "tokenizer")
-    text_encoder = CLIPTextModel(_clip_text_config(clip_vocab))
-    text_encoder.save_pretrained(dest / "text_encoder")
-
-    t5_vocab = _write_t5_tokenizer(dest / "tokenizer_2")
-    # T5 v1.1 (gated-gelu) like the real encoder; relative position buckets mean any
-    # sequence length works, including the pipeline's max_sequence_length=256.
-    t5_config = T5Config(
-        vocab_size=t5_vocab,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        dense_act_fn="gelu_new",
-        is_gated_act=True,
-        tie_word_embeddings=False,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    # The real text_encoder_2 and transformer are sharded; so are these, so the
-    # index-json loading path is exercised too.
-    _save_sharded(T5EncoderModel(t5_config), dest / "text_encoder_2", shards=2)
-
-    # 16 latent channels like the real VAE; the transformer sees 2x2-packed latents, so its
-    # in_channels is 4 * 16. Head dim 16 = sum(axes_dims_rope).
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=t5_config.d_model,
-        pooled_projection_dim=text_encoder.config.hidden_size,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    )
-    _save_sharded(transformer, dest / "transformer", shards=3)
-
-    vae = _tiny_vae_kl(
-        latent_channels=16,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    vae.save_pretrained(dest / "vae")
-
-    _write_model_index(
-        dest,
-        "FluxPipeline",
-        {
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-            "text_encoder": ("transformers", "CLIPTextModel"),
-            "text_encoder_2": ("transformers", "T5EncoderModel"),
-            "tokenizer": ("transformers", "CLIPTokenizer"),
-            "tokenizer_2": ("transformers", "T5TokenizerFast"),
-            "transformer": ("diffusers", "FluxTransformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-        },
-    )
-
-
-def build_sdxl_turbo(dest: Path) -> None:
-    """Build a tiny SDXL-Turbo (StableDiffusionXLPipeline) in the stabilityai repo layout."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    # The real sdxl-turbo scheduler config, verbatim: "trailing" spacing makes 1 step work.
-    _write_json(
-        dest / "scheduler" / "scheduler_config.json",
-        {
-            "_class_name": "EulerAncestralDiscreteScheduler",
-            "_diffusers_version": "0.24.0.dev0",
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085,
-            "clip_sample": False,
-            "interpolation_type": "linear",
-            "num_train_timesteps": 1000,
-            "prediction_type": "epsilon",
-            "sample_max_value": 1.0,
-            "set_alpha_to_one": False,
-            "skip_prk_steps": True,
-            "steps_offset": 1,
-            "timestep_spacing": "trailing",
-            "trained_betas": None,
-            "use_karras_sigmas": False,
-        },
-    )
-
-    vocab = _write_clip_tokenizer(dest / "tokenizer")
-    # The real tokenizer_2 (OpenCLIP bigG) pads with "!" rather than <|endoftext|>.
-    _write_clip_tokenizer(dest / "tokenizer_2", pad_token="!")
-    text_encoder = CLIPTextModel(_clip_text_config(vocab))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(vocab, hidden_act="gelu"))
-
-    # Same block types as the real UNet (plain, cross-attn, cross-attn) at tiny widths. The
-    # cross-attention input is both encoders' hidden states concatenated (32 + 32); the
-    # "text_time" embedding takes 6 micro-conditioning ids * 8 + the pooled projection (32).
-    unet = UNet2DConditionModel(
-        sample_size=64,  # the real one: the pipeline's default size is 64 * 8 = 512 px
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=(2, 4, 4),
-        transformer_layers_per_block=(1, 1, 1),
-        use_linear_projection=True,
-        cross_attention_dim=64,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-    )
-    vae = _tiny_vae_kl(latent_channels=4, scaling_factor=0.13025, force_upcast=True)
-
-    for name, model in [
-        ("text_encoder", text_encoder),
-        ("text_encoder_2", text_encoder_2),
-        ("unet", unet),
-        ("vae", vae),
-    ]:
-        _save_with_fp16_variant(model, dest / name)
-
-    _write_model_index(
-        dest,
-        "StableDiffusionXLPipeline",
-        {
-            "scheduler": ("diffusers", "EulerAncestralDiscreteScheduler"),
-            "text_encoder": ("transformers", "CLIPTextModel"),
-            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-            "tokenizer": ("transformers", "CLIPTokenizer"),
-            "tokenizer_2": ("transformers", "CLIPTokenizer"),
-            "unet": ("diffusers", "UNet2DConditionModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            # Optional IP-adapter components, listed as absent like in the real index.
-            "feature_extractor": (None, None),
-            "image_encoder": (None, None),
-        },
-        force_zeros_for_empty_prompt=True,
-    )
-
-
-def build_svd_xt(dest: Path) -> None:
-    """Build a tiny SVD-XT (StableVideoDiffusionPipeline) in the stabilityai repo layout."""
-    import torch
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    # The real svd-xt scheduler config, verbatim: v-prediction, Karras sigmas, continuous t.
-    _write_json(
-        dest / "scheduler" / "scheduler_config.json",
-        {
-            "_class_name": "EulerDiscreteScheduler",
-            "_diffusers_version": "0.24.0.dev0",
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085,
-            "clip_sample": False,
-            "interpolation_type": "linear",
-            "num_train_timesteps": 1000,
-            "prediction_type": "v_prediction",
-            "set_alpha_to_one": False,
-            "sigma_max": 700.0,
-            "sigma_min": 0.002,
-            "skip_prk_steps": True,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-            "timestep_type": "continuous",
-            "trained_betas": None,
-            "use_karras_sigmas": True,
-        },
-    )
-    _write_json(
-        dest / "feature_extractor" / "preprocessor_config.json",
-        {
-            "crop_size": {"height": 224, "width": 224},
-            "do_center_crop": True,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "feature_extractor_type": "CLIPFeatureExtractor",
-            "image_mean": _CLIP_MEAN,
-            "image_processor_type": "CLIPImageProcessor",
-            "image_std": _CLIP_STD,
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"shortest_edge": 224},
-        },
-    )
-
-    # The pipeline always resizes the conditioning image to 224x224 before the encoder, so
-    # image_size must stay 224; a 32-pixel patch keeps it to 49 tokens.
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=224,
-            patch_size=32,
-            projection_dim=32,
-            hidden_act="gelu",
-        )
-    )
-    # Real block types at the minimum width: the spatio-temporal blocks hard-code
-    # GroupNorm(32), so channels cannot go below 32. in_channels 8 = noisy latents (4) +
-    # conditioning-image latents (4); the added time embedding takes fps, motion bucket and
-    # noise augmentation strength, 3 * 8. num_frames 25 keeps the real default.
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=96,
-        in_channels=8,
-        out_channels=4,
-        down_block_types=(
-            "CrossAttnDownBlockSpatioTemporal",
-            "CrossAttnDownBlockSpatioTemporal",
-            "CrossAttnDownBlockSpatioTemporal",
-            "DownBlockSpatioTemporal",
-        ),
-        up_block_types=(
-            "UpBlockSpatioTemporal",
-            "CrossAttnUpBlockSpatioTemporal",
-            "CrossAttnUpBlockSpatioTemporal",
-            "CrossAttnUpBlockSpatioTemporal",
-        ),
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=3 * 8,
-        cross_attention_dim=32,
-        num_attention_heads=2,
-        transformer_layers_per_block=1,
-        num_frames=25,
-    )
-    vae = AutoencoderKLTemporalDecoder(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=768,
-        scaling_factor=0.18215,
-        force_upcast=True,
-    )
-
-    for name, model in [("image_encoder", image_encoder), ("unet", unet), ("vae", vae)]:
-        _save_with_fp16_variant(model, dest / name)
-
-    _write_model_index(
-        dest,
-        "StableVideoDiffusionPipeline",
-        {
-            "feature_extractor": ("transformers", "CLIPImageProcessor"),
-            "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
-            "scheduler": ("diffusers", "EulerDiscreteScheduler"),
-            "unet": ("diffusers", "UNetSpatioTemporalConditionModel"),
-            "vae": ("diffusers", "AutoencoderKLTemporalDecoder"),
-        },
-    )
-
-
-def build_open_clip_vit_l_14(dest: Path) -> None:
-    """Build a tiny open_clip CLIP in the hub layout (open_clip_config.json + safetensors).
-
-    The real model is ``open_clip.create_model_and_transforms("ViT-L-14", pretrained="openai")``
-    (weights from the hub repo ``timm/vit_large_patch14_clip_224.openai``, tokenizer
-    ``open_clip.get_tokenizer("ViT-L-14")``). The tiny one loads from its directory through
-    open_clip's ``local-dir:`` schema, which reads ``open_clip_config.json`` and the checkpoint
-    next to it::
-
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-
-    The text tower keeps the real context length (77) and vocabulary size (49408) because the
-    tokenizer is open_clip's own BPE SimpleTokenizer shipped in the package; the image tower
-    keeps the real 224-pixel input, so the returned preprocess matches the real one.
-    """
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model_cfg = {
-        "embed_dim": 32,
-        # The OpenAI weights were trained with QuickGELU; open_clip sets this for that tag.
-        "quick_gelu": True,
-        "vision_cfg": {
-            "image_size": 224,
-            "layers": 1,
-            "width": 32,
-            "head_width": 16,
-            "patch_size": 32,
-        },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 32,
-            "heads": 2,
-            "layers": 1,
-        },
-    }
-    model = open_clip.CLIP(**model_cfg)
-    dest.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        dest / "open_clip_config.json",
-        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": _CLIP_MEAN, "std": _CLIP_STD}},
-    )
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, dest / "open_clip_model.safetensors")
-
-
-TINY_MODELS: dict[str, Callable[[Path], None]] = {
-    "flux_schnell": build_flux_schnell,
-    "sdxl_turbo": build_sdxl_turbo,
-    "svd_xt": build_svd_xt,
-    "open_clip_vit_l_14": build_open_clip_vit_l_14,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,12 +299,13 @@ def is_tiny_model(path: Path) -> bool:
     return (Path(path) / MARKER_NAME).is_file()
 
 
-def build_tiny_model(name: str, root: Path) -> Path:
-    """Build tiny model ``name`` into ``root/<real repo dir name>`` (once) and return that path."""
-    if name not in TINY_MODELS:
-        raise KeyError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
+def build_tiny_model(spec: ModelSpec, root: Path) -> Path:
+    """Build the tiny stand-in of ``spec`` into ``root/<real repo dir name>`` (once) and return
+    that path."""
+    if spec.tiny_builder is None:
+        raise KeyError(f"{spec.name} has no tiny stand-in (a hosted API needs none)")
     root = Path(root)
-    final = root / TINY_MODEL_DIRS[name]
+    final = root / spec.tiny_dir_name
     marker = _read_marker(final)
     if marker is not None and marker.get("format_version") == FORMAT_VERSION:
         return final
@@ -694,13 +329,13 @@ def build_tiny_model(name: str, root: Path) -> Path:
         transformers_logging.disable_progress_bar()
         # Builders seed torch themselves; forking keeps the caller's RNG state untouched.
         with torch.random.fork_rng(devices=[]):
-            TINY_MODELS[name](tmp)
-        _write_json(
+            spec.tiny_builder(tmp)
+        write_json(
             tmp / MARKER_NAME,
             {
                 "warning": "RANDOM WEIGHTS: a tiny stand-in for tests; its images are noise.",
-                "name": name,
-                "real_repo": REAL_REPOS[name],
+                "name": spec.name,
+                "real_repo": spec.default_model,
                 "format_version": FORMAT_VERSION,
             },
         )

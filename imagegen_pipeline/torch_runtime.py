@@ -1,7 +1,8 @@
 """Torch and diffusers plumbing every model shares: device, dtype, memory, loading, placement.
 
 Image backends, the video generator and the CLIP scorer import these side by side, so none of
-them imports another to reach a helper.
+them imports another to reach a helper. Torch is imported inside the functions: the model
+modules import this one at load time of the Dagster definitions, which must stay torch-free.
 """
 
 from __future__ import annotations
@@ -9,19 +10,22 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from imagegen_pipeline.model_weights import ModelWeightsMissingError, missing_weights_message
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str) -> torch.device:
     """The torch device for ``device``; "auto" is CUDA when present, else the CPU."""
+    import torch
+
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -32,10 +36,12 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, preferred: str, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype``; "auto" keeps half precision for accelerators only."""
+    import torch
+
     if dtype != "auto":
-        return DTYPES[dtype]
+        return getattr(torch, dtype)
     # Half-precision matmuls on the CPU are slow or missing; float32 is the safe choice there.
-    return DTYPES[preferred] if device.type == "cuda" else torch.float32
+    return getattr(torch, preferred) if device.type == "cuda" else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -45,6 +51,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def free_accelerator_memory() -> None:
     """Return cached blocks to the driver so the next model in this process has room."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -52,11 +60,15 @@ def free_accelerator_memory() -> None:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for CUDA (and other accelerator) out-of-memory errors."""
+    import torch
+
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def module_bytes(*modules: Any) -> int:
     """Bytes of the parameters and buffers of torch modules (None entries are skipped)."""
+    import torch
+
     total = 0
     for module in modules:
         if isinstance(module, torch.nn.Module):
@@ -186,11 +198,15 @@ class PeakMemory:
         self.mib: float | None = None
 
     def __enter__(self) -> PeakMemory:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        import torch
+
         if self.device.type == "cuda":
             # Kernels run asynchronously: wait for them so the time and the peak are real.
             torch.cuda.synchronize(self.device)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from imagegen_pipeline.registry import MODELS
 from imagegen_pipeline.tiny_models import build_tiny_model
 from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
 
@@ -55,25 +56,25 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux(tiny_models_dir: Path) -> Path:
     """A tiny FLUX.1-schnell in the black-forest-labs/FLUX.1-schnell layout."""
-    return build_tiny_model("flux_schnell", tiny_models_dir)
+    return build_tiny_model(MODELS["flux_schnell"], tiny_models_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_models_dir: Path) -> Path:
     """A tiny SDXL-Turbo in the stabilityai/sdxl-turbo layout (fp16 variant files included)."""
-    return build_tiny_model("sdxl_turbo", tiny_models_dir)
+    return build_tiny_model(MODELS["sdxl_turbo"], tiny_models_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_svd(tiny_models_dir: Path) -> Path:
     """A tiny SVD-XT in the stabilityai/stable-video-diffusion-img2vid-xt layout."""
-    return build_tiny_model("svd_xt", tiny_models_dir)
+    return build_tiny_model(MODELS["svd"], tiny_models_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_open_clip(tiny_models_dir: Path) -> Path:
     """A tiny open_clip CLIP (load it as ``local-dir:<path>``)."""
-    return build_tiny_model("open_clip_vit_l_14", tiny_models_dir)
+    return build_tiny_model(MODELS["clip_model"], tiny_models_dir)
 
 
 @pytest.fixture(scope="session")

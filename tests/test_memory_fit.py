@@ -67,30 +67,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagegen_pipeline import memory_fit
-from imagegen_pipeline.memory_fit import (
-    MemoryPlan,
-    component_weight_bytes,
-    free_memory_bytes,
-    plan_memory,
-)
+from imagegen_pipeline import component_sizes
+from imagegen_pipeline.component_sizes import component_weight_bytes
+from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
+from imagegen_pipeline.registry import MODELS
 
 GIB = 1024**3
 CONFIGS = Path(__file__).parent / "data" / "real_model_configs"
 FLUX = CONFIGS / "FLUX.1-schnell"
 SDXL = CONFIGS / "sdxl-turbo"
+# Each backend names its components' activation estimates in its spec.
+FLUX_HOOKS = MODELS["flux_schnell"].memory
+SDXL_HOOKS = MODELS["sdxl_turbo"].memory
 
 
 def flux_plan(free_gib: float, **kwargs: object) -> MemoryPlan:
     """FLUX.1-schnell as the project runs it: bf16, 1024 px, 256 T5 tokens."""
     options: dict = {"dtype": "bfloat16", "width": 1024, "height": 1024, "text_tokens": 256}
-    return plan_memory(FLUX, free_bytes=int(free_gib * GIB), **(options | kwargs))
+    return plan_memory(FLUX, FLUX_HOOKS, free_bytes=int(free_gib * GIB), **(options | kwargs))
 
 
 def sdxl_plan(free_gib: float, **kwargs: object) -> MemoryPlan:
     """SDXL-Turbo as the project runs it: fp16, 512 px."""
     options: dict = {"dtype": "float16", "width": 512, "height": 512}
-    return plan_memory(SDXL, free_bytes=int(free_gib * GIB), **(options | kwargs))
+    return plan_memory(SDXL, SDXL_HOOKS, free_bytes=int(free_gib * GIB), **(options | kwargs))
 
 
 # --- the fixtures are the real models --------------------------------------------------------
@@ -140,7 +140,7 @@ def test_bytes_follow_the_dtype_each_component_runs_in() -> None:
     # float32, as transformers does: 4,762,310,656 x 2 + 1,006,632,960 x 2 extra bytes.
     assert component_weight_bytes(FLUX, "float16")["text_encoder_2"] == 11_537_887_232
     # SDXL decodes its force_upcast VAE in float32 even when the pipeline runs in fp16.
-    sdxl_fp16 = component_weight_bytes(SDXL, "float16")
+    sdxl_fp16 = component_weight_bytes(SDXL, "float16", upcast_vae=True)
     sdxl_fp32 = component_weight_bytes(SDXL, "float32")
     assert sdxl_fp16["vae"] == sdxl_fp32["vae"] == 83_653_863 * 4
     assert sdxl_fp16["unet"] == sdxl_fp32["unet"] // 2
@@ -297,7 +297,7 @@ def test_folder_without_model_index_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(folder))):
         component_weight_bytes(folder, "float16")
     with pytest.raises(FileNotFoundError, match=r"model_index\.json"):
-        plan_memory(folder, dtype="float16", free_bytes=8 * GIB, width=512, height=512)
+        plan_memory(folder, SDXL_HOOKS, dtype="float16", free_bytes=8 * GIB, width=512, height=512)
 
 
 def test_invalid_arguments_are_rejected() -> None:
@@ -311,11 +311,11 @@ def test_invalid_arguments_are_rejected() -> None:
 
 def test_weights_are_cached_per_folder_and_dtype() -> None:
     component_weight_bytes(FLUX, "bfloat16")
-    hits = memory_fit._component_sizes.cache_info().hits
+    hits = component_sizes._component_sizes.cache_info().hits
     started = time.perf_counter()
     component_weight_bytes(str(FLUX) + "/", "bfloat16")  # the same folder, spelled differently
     assert time.perf_counter() - started < 0.05
-    assert memory_fit._component_sizes.cache_info().hits == hits + 1
+    assert component_sizes._component_sizes.cache_info().hits == hits + 1
 
 
 # --- against a real loaded pipeline ----------------------------------------------------------
@@ -326,7 +326,7 @@ def test_tiny_flux_weights_match_the_loaded_pipeline(tmp_path: Path) -> None:
 
     from imagegen_pipeline.tiny_models import build_tiny_model
 
-    path = build_tiny_model("flux_schnell", tmp_path)
+    path = build_tiny_model(MODELS["flux_schnell"], tmp_path)
     pipeline = FluxPipeline.from_pretrained(path)
     loaded = {
         name: sum(p.numel() * 4 for p in component.parameters())
@@ -341,7 +341,7 @@ def test_tiny_flux_float16_matches_what_the_loader_keeps_in_float32(tmp_path: Pa
 
     from imagegen_pipeline.tiny_models import build_tiny_model
 
-    path = build_tiny_model("flux_schnell", tmp_path)
+    path = build_tiny_model(MODELS["flux_schnell"], tmp_path)
     pipeline = FluxPipeline.from_pretrained(path, dtype=torch.float16)
     loaded = {
         name: sum(p.numel() * p.element_size() for p in component.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imagegen_pipeline import model_cache as model_cache_module
-from imagegen_pipeline.model_cache import BUDGET_ENV_VAR, ModelCache, default_budget_bytes
+from imagegen_pipeline.model_cache import ModelCache, default_budget_bytes
 
 GB = 2**30
 
@@ -124,13 +124,13 @@ def test_clear_frees_everything(freed: list[str]) -> None:
 
 
 def test_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(BUDGET_ENV_VAR, "1.5")
+    monkeypatch.setenv("IMAGEGEN_MODEL_CACHE_GB", "1.5")
     assert default_budget_bytes() == 3 * 2**29
     assert ModelCache().budget_bytes == 3 * 2**29
     assert ModelCache(budget_bytes=123).budget_bytes == 123
 
 
 def test_budget_without_the_variable_is_positive(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(BUDGET_ENV_VAR, raising=False)
+    monkeypatch.delenv("IMAGEGEN_MODEL_CACHE_GB", raising=False)
     assert default_budget_bytes() > 0
     assert isinstance(model_cache_module.WARM_MODELS, ModelCache)

@@ -7,6 +7,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
+from imagegen_pipeline.backends.flux_schnell import FluxSchnellSettings
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.model_resolution import (
     LOCAL_DIR,
     resolve_model,
@@ -14,15 +16,11 @@ from imagegen_pipeline.model_resolution import (
     warm_model,
     weights_present,
 )
-from imagegen_pipeline.model_settings import (
-    ClipModelSettings,
-    FluxSchnellSettings,
-    GeminiSettings,
-    SvdSettings,
-)
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import MODELS
+from imagegen_pipeline.scoring.clip_model import ClipModelSettings
 from imagegen_pipeline.tiny_models import is_tiny_model
+from imagegen_pipeline.video.svd import SvdSettings
 
 FLUX = MODELS["flux_schnell"]
 SVD = MODELS["svd"]

@@ -9,13 +9,11 @@ import dagster as dg
 import pydantic
 import pytest
 
+from imagegen_pipeline.backends.flux_schnell import FluxSchnellSettings
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.defs.model_resources import settings_of, settings_resource
 from imagegen_pipeline.defs.resources import default_resources
-from imagegen_pipeline.model_settings import (
-    FluxSchnellSettings,
-    GeminiSettings,
-    ModelSettings,
-)
+from imagegen_pipeline.model_settings import ModelSettings
 from imagegen_pipeline.registry import MODELS
 
 

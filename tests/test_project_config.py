@@ -8,12 +8,18 @@ import pytest
 
 from imagegen_pipeline.project_config import (
     CONFIG_ENV_VAR,
-    ENVIRONMENT,
+    ENV_PREFIX,
+    ConfigError,
     ProjectConfig,
     config_file,
     load_project_config,
 )
-from imagegen_pipeline.registry import BACKEND_NAMES, MODELS
+from imagegen_pipeline.registry import BACKEND_NAMES, MODELS, configured_backends
+
+# Every variable the configuration reads: IMAGEGEN_<setting> (and the storage's older name).
+ENVIRONMENT = [f"{ENV_PREFIX}{name.upper()}" for name in ProjectConfig.model_fields] + [
+    "IMAGEGEN_STORAGE_DIR"
+]
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +42,11 @@ def test_defaults_without_a_file() -> None:
     assert config == ProjectConfig()
     assert config.storage == "storage"
     assert config.device == "auto"
-    assert config.backends == BACKEND_NAMES == ("flux_schnell", "sdxl_turbo", "gemini")
-    assert config.model_for("flux_schnell") == "auto"
+    # No list in the file: every registered backend (a new one needs no line here).
+    assert config.backends is None
+    assert configured_backends(config) == list(BACKEND_NAMES)
+    assert BACKEND_NAMES == ("flux_schnell", "sdxl_turbo", "gemini")
+    assert config.model_for(MODELS["flux_schnell"]) == "auto"
 
 
 def test_imagegen_toml_in_the_working_directory(clean_environment: Path) -> None:
@@ -57,8 +66,8 @@ def test_imagegen_toml_in_the_working_directory(clean_environment: Path) -> None
     assert config.sensor_interval_seconds == 5
     # Untouched keys keep their defaults, relative to the file's folder like every path in it.
     assert config.prompts_dir == str(clean_environment.resolve() / "prompts")
-    assert config.model_for("flux_schnell") == "/models/flux"
-    assert config.model_for("sdxl_turbo") == "auto"
+    assert config.model_for(MODELS["flux_schnell"]) == "/models/flux"
+    assert config.model_for(MODELS["sdxl_turbo"]) == "auto"
 
 
 def test_imagegen_config_variable_names_the_file(
@@ -94,7 +103,7 @@ def test_environment_wins_over_the_file(
     assert config.sensor_interval_seconds == 7
     assert config.executor == "multiprocess"
     assert config.device == "cpu"  # not overridden: the file's value
-    assert config.model_for("flux_schnell") == "/env/flux"
+    assert config.model_for(MODELS["flux_schnell"]) == "/env/flux"
 
 
 def test_older_storage_variable_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,14 +116,16 @@ def test_empty_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEGEN_FLUX_SCHNELL_MODEL", "")
     config = load_project_config()
     assert config.device == "auto"
-    assert config.model_for("flux_schnell") == "auto"
+    assert config.model_for(MODELS["flux_schnell"]) == "auto"
 
 
 def test_unknown_keys_are_named(clean_environment: Path) -> None:
     (clean_environment / "imagegen.toml").write_text(
         'storage = "x"\nstorag_dir = "typo"\nbogus = 1\n'
     )
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) bogus, storag_dir") as error:
+    with pytest.raises(
+        ConfigError, match=r"unknown setting storag_dir; unknown setting bogus"
+    ) as error:
         load_project_config()
     assert "imagegen.toml" in str(error.value)
 
@@ -122,13 +133,13 @@ def test_unknown_keys_are_named(clean_environment: Path) -> None:
 def test_unknown_backends_in_the_file_are_named(clean_environment: Path) -> None:
     (clean_environment / "imagegen.toml").write_text('backends = ["flux_schnell", "dalle"]\n')
     with pytest.raises(ValueError, match=r"unknown backend\(s\) dalle"):
-        load_project_config()
+        configured_backends(load_project_config())
 
 
 def test_unknown_backends_in_the_environment_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEGEN_BACKENDS", "midjourney flux_schnell dalle")
     with pytest.raises(ValueError, match=r"unknown backend\(s\) dalle, midjourney"):
-        load_project_config()
+        configured_backends(load_project_config())
 
 
 def test_tiny_models_dir_of_a_local_storage() -> None:
@@ -157,3 +168,25 @@ def test_tiny_models_dir_of_an_explicit_models_dir(
 def test_models_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEGEN_MODELS_DIR", "/fast/disk")
     assert load_project_config().tiny_models_dir == Path("/fast/disk/tiny")
+
+
+def test_bad_values_name_the_key_and_the_file(clean_environment: Path) -> None:
+    (clean_environment / "imagegen.toml").write_text('sensor_interval_seconds = "often"\n')
+    with pytest.raises(ConfigError, match=r"imagegen.toml: sensor_interval_seconds") as error:
+        load_project_config()
+    assert "IMAGEGEN_SENSOR_INTERVAL_SECONDS" in str(error.value)
+    (clean_environment / "imagegen.toml").write_text('executor = "slurm"\n')
+    with pytest.raises(ConfigError, match=r"executor .*'in_process'"):
+        load_project_config()
+
+
+def test_every_setting_has_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEGEN_MODEL_CACHE_GB", "12.5")
+    monkeypatch.setenv("IMAGEGEN_CELERY_BROKER", "redis://queue:6379/1")
+    monkeypatch.setenv("IMAGEGEN_EXECUTOR", "celery")
+    config = load_project_config()
+    assert (config.model_cache_gb, config.celery_broker, config.executor) == (
+        12.5,
+        "redis://queue:6379/1",
+        "celery",
+    )

@@ -14,9 +14,9 @@ from imagegen_pipeline.registry import (
     MODELS,
     backend_spec,
     enabled_backends,
+    has_key,
     implementation_class,
 )
-from imagegen_pipeline.tiny_models import TINY_MODELS
 
 IMAGE_NAMES = [spec.name for spec in IMAGE_BACKENDS]
 
@@ -46,11 +46,11 @@ def test_settings_fields_have_descriptions(name: str) -> None:
 def test_local_models_have_weights_and_a_tiny_builder(name: str) -> None:
     spec = MODELS[name]
     if not spec.is_local:
-        assert spec.weights is None and spec.tiny_model is None
+        assert spec.weights is None and spec.tiny_builder is None
         return
     assert spec.weights is not None
     assert spec.weights.repo_id
-    assert spec.tiny_model in TINY_MODELS
+    assert callable(spec.tiny_builder)
     assert spec.model_env_var and spec.model_env_var.startswith("IMAGEGEN_")
     assert spec.model_env_var.endswith("_MODEL")
     assert issubclass(spec.settings, ModelSettings)  # model, revision, device, allow_download
@@ -67,8 +67,13 @@ def test_model_variables_are_distinct() -> None:
 
 
 def test_tiny_builders_each_stand_in_for_one_model() -> None:
-    assert sorted(spec.tiny_model for spec in MODELS.values() if spec.tiny_model) == sorted(
-        TINY_MODELS
+    builders = [spec.tiny_builder for spec in MODELS.values() if spec.tiny_builder]
+    assert len(builders) == len(set(builders)) == len(LOCAL_BACKEND_NAMES) + 2
+    # Each builder lives beside its model, in the module that declares the spec.
+    assert all(
+        spec.tiny_builder.__module__ == spec.implementation.partition(":")[0]
+        for spec in MODELS.values()
+        if spec.tiny_builder
     )
 
 
@@ -76,8 +81,8 @@ def test_hosted_backend_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
     gemini = MODELS["gemini"]
     assert (gemini.runs_on, gemini.key_env_var) == ("api", "GEMINI_API_KEY")
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
-    assert not gemini.has_key()
-    assert MODELS["flux_schnell"].has_key()
+    assert not has_key(gemini)
+    assert has_key(MODELS["flux_schnell"])
 
 
 def test_enabled_backends_respects_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,4 +122,4 @@ def test_implementation_class_imports_the_right_class(name: str) -> None:
     assert callable(cls.unload) and callable(cls.weight_bytes)
     if MODELS[name].role == "image":
         assert issubclass(cls, ImageBackend)
-        assert cls.name == name
+        assert cls.spec is MODELS[name]  # the class reads its name and facts from its spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -15,14 +16,12 @@ from PIL import Image
 
 from imagegen_pipeline import tiny_models
 from imagegen_pipeline.registry import MODELS
-from imagegen_pipeline.tiny_models import (
-    MARKER_NAME,
-    REAL_REPOS,
-    TINY_MODEL_DIRS,
-    TINY_MODELS,
-    build_tiny_model,
-    is_tiny_model,
-)
+from imagegen_pipeline.tiny_models import MARKER_NAME, build_tiny_model, is_tiny_model
+
+# Every model with a tiny stand-in, by name; each declares its builder in its own module.
+TINY_MODELS = {name: spec for name, spec in MODELS.items() if spec.tiny_builder}
+REAL_REPOS = {name: spec.default_model for name, spec in TINY_MODELS.items()}
+TINY_MODEL_DIRS = {name: spec.tiny_dir_name for name, spec in TINY_MODELS.items()}
 
 # Files each real repo has that the loaders read (sharded weights are checked separately).
 EXPECTED_FILES = {
@@ -60,7 +59,7 @@ EXPECTED_FILES = {
             for variant in ("", ".fp16")
         ),
     ],
-    "svd_xt": [
+    "svd": [
         "model_index.json",
         "scheduler/scheduler_config.json",
         "feature_extractor/preprocessor_config.json",
@@ -74,7 +73,7 @@ EXPECTED_FILES = {
             for variant in ("", ".fp16")
         ),
     ],
-    "open_clip_vit_l_14": ["open_clip_config.json", "open_clip_model.safetensors"],
+    "clip_model": ["open_clip_config.json", "open_clip_model.safetensors"],
 }
 
 
@@ -118,24 +117,21 @@ def test_names_and_folders_follow_the_registry() -> None:
     assert REAL_REPOS == {
         "flux_schnell": "black-forest-labs/FLUX.1-schnell",
         "sdxl_turbo": "stabilityai/sdxl-turbo",
-        "svd_xt": "stabilityai/stable-video-diffusion-img2vid-xt",
-        "open_clip_vit_l_14": "ViT-L-14",
+        "svd": "stabilityai/stable-video-diffusion-img2vid-xt",
+        "clip_model": "ViT-L-14",
     }
     assert TINY_MODEL_DIRS == {
         "flux_schnell": "FLUX.1-schnell",
         "sdxl_turbo": "sdxl-turbo",
-        "svd_xt": "stable-video-diffusion-img2vid-xt",
-        "open_clip_vit_l_14": "ViT-L-14",
+        "svd": "stable-video-diffusion-img2vid-xt",
+        "clip_model": "ViT-L-14",
     }
     assert sorted(TINY_MODELS) == sorted(REAL_REPOS)
-    for spec in MODELS.values():
-        if spec.tiny_model:
-            assert REAL_REPOS[spec.tiny_model] == spec.default_model
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_layout_matches_real_repo(tiny_root: Path, name: str) -> None:
-    path = build_tiny_model(name, tiny_root)
+    path = build_tiny_model(TINY_MODELS[name], tiny_root)
 
     assert path == tiny_root / TINY_MODEL_DIRS[name]
     for relative in EXPECTED_FILES[name]:
@@ -151,7 +147,7 @@ def test_layout_matches_real_repo(tiny_root: Path, name: str) -> None:
 
 
 def test_flux_sharded_weights_are_indexed(tiny_root: Path) -> None:
-    path = build_tiny_model("flux_schnell", tiny_root)
+    path = build_tiny_model(TINY_MODELS["flux_schnell"], tiny_root)
     for index_name in [
         "transformer/diffusion_pytorch_model.safetensors.index.json",
         "text_encoder_2/model.safetensors.index.json",
@@ -165,7 +161,7 @@ def test_flux_sharded_weights_are_indexed(tiny_root: Path) -> None:
 def test_flux_schnell_generates(tiny_root: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    path = build_tiny_model("flux_schnell", tiny_root)
+    path = build_tiny_model(TINY_MODELS["flux_schnell"], tiny_root)
     pipe = FluxPipeline.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     assert pipe.scheduler.config.shift == 1.0
@@ -201,7 +197,7 @@ def test_sdxl_turbo_generates_from_fp16_variant(tiny_root: Path) -> None:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    path = build_tiny_model("sdxl_turbo", tiny_root)
+    path = build_tiny_model(TINY_MODELS["sdxl_turbo"], tiny_root)
     with safe_open(path / "unet" / "diffusion_pytorch_model.fp16.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
@@ -228,7 +224,7 @@ def test_sdxl_turbo_generates_from_fp16_variant(tiny_root: Path) -> None:
 def test_sdxl_turbo_loads_without_variant(tiny_root: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    path = build_tiny_model("sdxl_turbo", tiny_root)
+    path = build_tiny_model(TINY_MODELS["sdxl_turbo"], tiny_root)
     pipe = StableDiffusionXLPipeline.from_pretrained(
         path, dtype=torch.float32, local_files_only=True
     )
@@ -238,7 +234,7 @@ def test_sdxl_turbo_loads_without_variant(tiny_root: Path) -> None:
 def test_svd_xt_generates_frames(tiny_root: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 
-    path = build_tiny_model("svd_xt", tiny_root)
+    path = build_tiny_model(TINY_MODELS["svd"], tiny_root)
     pipe = StableVideoDiffusionPipeline.from_pretrained(
         path, variant="fp16", dtype=torch.float32, local_files_only=True
     )
@@ -266,7 +262,7 @@ def test_open_clip_loads_and_embeds(tiny_root: Path) -> None:
     import open_clip
     from safetensors.torch import load_file
 
-    path = build_tiny_model("open_clip_vit_l_14", tiny_root)
+    path = build_tiny_model(TINY_MODELS["clip_model"], tiny_root)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model.eval()
@@ -290,7 +286,7 @@ def test_open_clip_loads_and_embeds(tiny_root: Path) -> None:
 def test_clip_tokenizer_handles_any_prompt(tiny_root: Path) -> None:
     from transformers import CLIPTokenizer
 
-    path = build_tiny_model("sdxl_turbo", tiny_root)
+    path = build_tiny_model(TINY_MODELS["sdxl_turbo"], tiny_root)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     assert tokenizer.model_max_length == 77
     ids = tokenizer("Ünïcödé café 🐱, a PHOTO of 42 cats!").input_ids
@@ -308,7 +304,7 @@ def test_clip_tokenizer_handles_any_prompt(tiny_root: Path) -> None:
 def test_t5_tokenizer_accepts_256_tokens(tiny_root: Path) -> None:
     from transformers import T5TokenizerFast
 
-    path = build_tiny_model("flux_schnell", tiny_root)
+    path = build_tiny_model(TINY_MODELS["flux_schnell"], tiny_root)
     tokenizer = T5TokenizerFast.from_pretrained(path / "tokenizer_2", local_files_only=True)
     assert tokenizer.model_max_length == 512
     encoded = tokenizer(
@@ -324,35 +320,33 @@ def test_network_is_really_refused() -> None:
 
 
 def test_build_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = build_tiny_model("svd_xt", tmp_path)
+    path = build_tiny_model(TINY_MODELS["svd"], tmp_path)
     marker_mtime = (path / MARKER_NAME).stat().st_mtime_ns
 
     def must_not_rebuild(dest: Path) -> None:
         raise AssertionError("a complete build was rebuilt")
 
-    monkeypatch.setitem(TINY_MODELS, "svd_xt", must_not_rebuild)
+    guarded = dataclasses.replace(TINY_MODELS["svd"], tiny_builder=must_not_rebuild)
     start = time.perf_counter()
-    again = build_tiny_model("svd_xt", tmp_path)
+    again = build_tiny_model(guarded, tmp_path)
     assert time.perf_counter() - start < 0.5
     assert again == path
     assert (path / MARKER_NAME).stat().st_mtime_ns == marker_mtime
-    assert sorted(p.name for p in tmp_path.iterdir()) == [TINY_MODEL_DIRS["svd_xt"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TINY_MODEL_DIRS["svd"]]
 
 
 def test_concurrent_builder_that_loses_the_race_keeps_the_winner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_builder = TINY_MODELS["open_clip_vit_l_14"]
+    real = TINY_MODELS["clip_model"]
     raced = []
 
     def racing_builder(dest: Path) -> None:
         # While "we" build, another builder finishes and renames its copy into place.
-        monkeypatch.setitem(TINY_MODELS, "open_clip_vit_l_14", real_builder)
-        raced.append(build_tiny_model("open_clip_vit_l_14", tmp_path))
-        real_builder(dest)
+        raced.append(build_tiny_model(real, tmp_path))
+        real.tiny_builder(dest)
 
-    monkeypatch.setitem(TINY_MODELS, "open_clip_vit_l_14", racing_builder)
-    path = build_tiny_model("open_clip_vit_l_14", tmp_path)
+    path = build_tiny_model(dataclasses.replace(real, tiny_builder=racing_builder), tmp_path)
 
     assert raced == [path]
     assert is_tiny_model(path)
@@ -360,12 +354,12 @@ def test_concurrent_builder_that_loses_the_race_keeps_the_winner(
 
 
 def test_stale_build_is_replaced(tmp_path: Path) -> None:
-    path = build_tiny_model("open_clip_vit_l_14", tmp_path)
+    path = build_tiny_model(TINY_MODELS["clip_model"], tmp_path)
     marker = json.loads((path / MARKER_NAME).read_text())
     (path / MARKER_NAME).write_text(json.dumps(marker | {"format_version": -1}))
     (path / "leftover.txt").write_text("from an older builder")
 
-    assert build_tiny_model("open_clip_vit_l_14", tmp_path) == path
+    assert build_tiny_model(TINY_MODELS["clip_model"], tmp_path) == path
     assert not (path / "leftover.txt").exists()
     assert json.loads((path / MARKER_NAME).read_text())["format_version"] == (
         tiny_models.FORMAT_VERSION
@@ -374,11 +368,11 @@ def test_stale_build_is_replaced(tmp_path: Path) -> None:
 
 
 def test_unreadable_marker_is_rebuilt(tmp_path: Path) -> None:
-    path = build_tiny_model("open_clip_vit_l_14", tmp_path)
+    path = build_tiny_model(TINY_MODELS["clip_model"], tmp_path)
     (path / MARKER_NAME).write_text("not json")
 
-    assert build_tiny_model("open_clip_vit_l_14", tmp_path) == path
-    assert json.loads((path / MARKER_NAME).read_text())["name"] == "open_clip_vit_l_14"
+    assert build_tiny_model(TINY_MODELS["clip_model"], tmp_path) == path
+    assert json.loads((path / MARKER_NAME).read_text())["name"] == "clip_model"
 
 
 def test_refuses_to_overwrite_a_real_model(tmp_path: Path) -> None:
@@ -388,13 +382,13 @@ def test_refuses_to_overwrite_a_real_model(tmp_path: Path) -> None:
 
     assert not is_tiny_model(real)
     with pytest.raises(FileExistsError):
-        build_tiny_model("flux_schnell", tmp_path)
+        build_tiny_model(TINY_MODELS["flux_schnell"], tmp_path)
     assert (real / "model_index.json").read_text() == "{}"
 
 
 def test_unknown_name_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
-        build_tiny_model("flux_dev", tmp_path)
+        build_tiny_model(TINY_MODELS["flux_dev"], tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -402,8 +396,8 @@ def test_builds_are_deterministic(tmp_path: Path, name: str) -> None:
     def digest(path: Path) -> dict[str, bytes]:
         return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*") if f.is_file()}
 
-    first = build_tiny_model(name, tmp_path / "a")
-    second = build_tiny_model(name, tmp_path / "b")
+    first = build_tiny_model(TINY_MODELS[name], tmp_path / "a")
+    second = build_tiny_model(TINY_MODELS[name], tmp_path / "b")
     assert digest(first) == digest(second)
 
 
@@ -411,5 +405,5 @@ def test_build_leaves_callers_rng_alone(tmp_path: Path) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    build_tiny_model("open_clip_vit_l_14", tmp_path)
+    build_tiny_model(TINY_MODELS["clip_model"], tmp_path)
     assert torch.equal(torch.rand(3), expected)

@@ -10,32 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
+from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
+from imagegen_pipeline.model_spec import ModelSpec
 from imagegen_pipeline.records import ImageStatus
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything about the model that changes the pixels; part of every content address."""
-
-    backend: str
-    model_id: str
-    revision: str
-    steps: int
-    guidance: float
-
-
-@dataclass(frozen=True)
-class ImageTarget:
-    """What a backend's images are planned from, known from its settings alone: a step whose
-    images all exist never creates the backend (nor imports torch for it)."""
-
-    settings: GenerationSettings
-    default_size: tuple[int, int]  # (width, height) of prompt rows that give no size
-    supports_negative_prompt: bool  # else the negative prompt is recorded empty
 
 
 @dataclass(frozen=True)
@@ -77,8 +58,13 @@ class RunSummary:
 class ImageBackend(ABC):
     """Load a model once, generate many requests, free it."""
 
-    name: str
+    spec: ClassVar[ModelSpec]  # everything the project knows about the backend (its SPEC)
     supports_negative_prompt: bool = False
+
+    @property
+    def name(self) -> str:
+        """The backend's name: partition key, CSV value, resource key."""
+        return self.spec.name
 
     @property
     @abstractmethod

@@ -8,12 +8,10 @@
 - ``multiprocess``: Dagster's default, a process per step, forked from a forkserver that has
   the project's modules preloaded.
 - ``celery``: steps become tasks on a broker; GPU steps go to the ``gpu`` queue. Needs the
-  ``[distributed]`` extra, IMAGEGEN_CELERY_BROKER (e.g. redis://host:6379/0) and a Postgres
-  instance (deploy/celery/dagster.yaml).
+  ``[distributed]`` extra, ``celery_broker`` (IMAGEGEN_CELERY_BROKER, e.g. redis://host:6379/0)
+  and a Postgres instance (deploy/celery/dagster.yaml).
 - ``k8s``: each step is a Kubernetes job (dagster-k8s); GPU steps ask for nvidia.com/gpu.
 """
-
-import os
 
 import dagster as dg
 
@@ -24,7 +22,8 @@ EXECUTORS = ("in_process", "multiprocess", "celery", "k8s")
 
 def project_executor() -> dg.ExecutorDefinition:
     """The executor ``executor`` names."""
-    name = load_project_config().executor
+    project = load_project_config()
+    name = project.executor
     if name == "in_process":
         return dg.in_process_executor
     if name == "multiprocess":
@@ -34,9 +33,9 @@ def project_executor() -> dg.ExecutorDefinition:
     if name == "celery":
         from dagster_celery import celery_executor
 
-        broker = os.getenv("IMAGEGEN_CELERY_BROKER", "redis://127.0.0.1:6379/0")
+        broker = project.celery_broker
         return celery_executor.configured(
-            {"broker": broker, "backend": os.getenv("IMAGEGEN_CELERY_BACKEND", broker)}
+            {"broker": broker, "backend": project.celery_backend or broker}
         )
     if name == "k8s":
         from dagster_k8s import k8s_job_executor

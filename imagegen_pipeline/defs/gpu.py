@@ -42,6 +42,17 @@ def gpu_op_tags(gpus: int = 1) -> dict[str, Any]:
     }
 
 
+def refuse_literal_key(resource: object, field: str, variable: str | None) -> None:
+    """Fail on an API key typed into run config: Dagster stores run config in its run database
+    (and shows it in the UI), so a key there is a leaked key. Keys come from the environment."""
+    if getattr(resource, field, None):
+        raise dg.Failure(
+            description=f"{field} is set in run config, where Dagster stores it in its run "
+            f"database: remove it and set {variable or 'the key variable'} in the environment "
+            "of the webserver, daemon and workers instead."
+        )
+
+
 @contextmanager
 def model_for_step(
     context: dg.OpExecutionContext | dg.AssetExecutionContext,
@@ -52,6 +63,7 @@ def model_for_step(
     uses it; missing weights or keys become one clear step failure. The model stays in the
     process's cache for the next step; the cache frees others when the budget is exceeded."""
     resource = getattr(context.resources, spec.name)
+    refuse_literal_key(resource, "api_key", spec.key_env_var)
     try:
         warm = warm_model(spec, settings_of(resource, spec.settings), project)
     except ValueError as error:  # settings a model cannot run with, a missing API key

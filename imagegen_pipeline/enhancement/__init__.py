@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pandas as pd
 
 from imagegen_pipeline.enhancement.base import Enhancement, PromptEnhancer, rate_prompt
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
 from imagegen_pipeline.model_settings import EnhancerSettings
+from imagegen_pipeline.project_config import api_key
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.text_encoders import (
     CLIP_TOKEN_LIMIT,
@@ -73,7 +72,7 @@ def create_enhancer(
     if method == "gemini":
         return GeminiTextEnhancer(
             model=settings.gemini_text_model,
-            api_key=settings.gemini_api_key or os.getenv("GEMINI_API_KEY", ""),
+            api_key=settings.gemini_api_key or api_key("GEMINI_API_KEY") or "",
             base_url=settings.gemini_base_url,
             **calls,
         )

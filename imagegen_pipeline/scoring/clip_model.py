@@ -28,19 +28,21 @@ An image's scores depend on that image alone, never on the batch it was scored i
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from PIL import Image
+from pydantic import Field
 
-from imagegen_pipeline.model_settings import HF_HUB, LOCAL_DIR, ClipModelSettings
-from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.registry import CLIP_MODEL
+from imagegen_pipeline.model_settings import HF_HUB, LOCAL_DIR, ModelSettings
+from imagegen_pipeline.model_spec import ModelSpec, WeightSource
+from imagegen_pipeline.scoring.open_clip_loading import load_aesthetic_head, open_clip_source
+from imagegen_pipeline.tiny_models import CLIP_MEAN, CLIP_STD, write_json
+
+if TYPE_CHECKING:
+    import torch
 from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
 
 TEMPERATURE = 100.0
@@ -75,119 +77,93 @@ ASPECTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 ASPECT_COLUMNS = ["aesthetic" if name == "aesthetic" else f"aesthetic_{name}" for name in ASPECTS]
 
 
-OPEN_CLIP_DEFAULT: tuple[str, str] = CLIP_MODEL.weights.open_clip_tag  # type: ignore[assignment,union-attr]
+class ClipModelSettings(ModelSettings):
+    """The CLIP model (open_clip) that scores images and video clips."""
 
-
-def _cached_tag_file(tag_config: dict[str, Any]) -> str | None:
-    """The local file of an open_clip pretrained tag, if it was pulled; never downloads."""
-    from huggingface_hub import try_to_load_from_cache
-
-    hub = tag_config.get("hf_hub", "")
-    if hub:
-        repo_id, filename = os.path.split(hub)
-        names = [filename] if filename else ["open_clip_model.safetensors"]
-        names += [] if filename else ["open_clip_pytorch_model.bin"]
-        for name in names:
-            found = try_to_load_from_cache(repo_id, name)
-            if isinstance(found, str):
-                return found
-    url = tag_config.get("url", "")
-    if url:  # open_clip's own download folder for URL-only tags
-        local = Path("~/.cache/clip").expanduser() / os.path.basename(url)
-        if local.is_file():
-            return str(local)
-    return None
-
-
-def _missing(model: str, pretrained: str | None, repo_id: str | None) -> ModelWeightsMissingError:
-    what = f"{model}/{pretrained}" if pretrained else model
-    pull = CLIP_MODEL.name if (model, pretrained) == OPEN_CLIP_DEFAULT else (repo_id or model)
-    return ModelWeightsMissingError(
-        f"open_clip weights {what!r} are not on this machine. Run `imagegen models pull {pull}` "
-        "on a machine that can reach the Hugging Face Hub (copy its HF_HOME cache here if this "
-        "machine is offline), or set the scorer's `checkpoint` to a local weights file or its "
-        "`model` to a `local-dir:` folder. Steps never download unless allow_download is set."
+    pretrained: str | None = Field("openai", description="weights tag of an open_clip model name")
+    checkpoint: str | None = Field(None, description="a local weights file for the model name")
+    quick_gelu: bool | None = Field(None, description="None: as the pretrained tag says")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp32 keeps scores comparable"
     )
+    batch_size: int = Field(32, description="images per forward pass; scores do not depend on it")
+    workers: int = Field(4, description="threads decoding and measuring images ahead of the model")
+    aesthetic_head: str | None = Field(None, description="LAION linear head weights file")
+
+    def scorer_label(self, model_id: str | None = None) -> str:
+        """The model as recorded with every score (and part of each score's reuse key)."""
+        if model_id and model_id != self.model:
+            return model_id
+        if self.model.startswith((LOCAL_DIR, HF_HUB)) or not self.pretrained:
+            return self.model
+        return f"{self.model}/{self.pretrained}"
 
 
-def open_clip_source(config: ClipModelSettings) -> tuple[str, dict[str, Any]]:
-    """The open_clip model name and loader arguments for ``config``, from local files only."""
+def build_tiny(dest: Path) -> None:
+    """Build a tiny open_clip CLIP in the hub layout (open_clip_config.json + safetensors).
+
+    The real model is ``open_clip.create_model_and_transforms("ViT-L-14", pretrained="openai")``
+    (weights from the hub repo ``timm/vit_large_patch14_clip_224.openai``, tokenizer
+    ``open_clip.get_tokenizer("ViT-L-14")``). The tiny one loads from its directory through
+    open_clip's ``local-dir:`` schema, which reads ``open_clip_config.json`` and the checkpoint
+    next to it::
+
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+
+    The text tower keeps the real context length (77) and vocabulary size (49408) because the
+    tokenizer is open_clip's own BPE SimpleTokenizer shipped in the package; the image tower
+    keeps the real 224-pixel input, so the returned preprocess matches the real one.
+    """
     import open_clip
+    import torch
+    from safetensors.torch import save_file
 
-    model = config.model
-    folder = Path(model.removeprefix(LOCAL_DIR)).expanduser()
-    if model.startswith(LOCAL_DIR) or folder.is_dir():
-        if not (folder / "open_clip_config.json").is_file():
-            raise ModelWeightsMissingError(
-                f"open_clip folder {str(folder)!r} is missing or has no open_clip_config.json."
-            )
-        return f"{LOCAL_DIR}{folder}", {}
-    if model.startswith(HF_HUB):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo_id = model.removeprefix(HF_HUB)
-        cached = try_to_load_from_cache(repo_id, "open_clip_config.json")
-        if not config.allow_download and not isinstance(cached, str):
-            raise _missing(model, None, repo_id)
-        return model, {}
-    if model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
-
-    pretrained = config.pretrained
-    tag_config = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
-    checkpoint = config.checkpoint
-    if pretrained and not tag_config:
-        if not Path(pretrained).expanduser().is_file():
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            raise ValueError(f"unknown pretrained tag {pretrained!r} for {model}; known: {tags}")
-        checkpoint = checkpoint or pretrained  # a weights file given as `pretrained`
-    quick_gelu = config.quick_gelu
-    if quick_gelu is None:
-        quick_gelu = bool(tag_config.get("quick_gelu", False))
-    # The tag's preprocessing (mean, std, resize) also applies to its weights loaded from a file.
-    kwargs: dict[str, Any] = {"force_quick_gelu": quick_gelu}
-    for key, argument in [
-        ("mean", "image_mean"),
-        ("std", "image_std"),
-        ("interpolation", "image_interpolation"),
-        ("resize_mode", "image_resize_mode"),
-    ]:
-        if key in tag_config:
-            kwargs[argument] = tag_config[key]
-    checkpoint = checkpoint or (_cached_tag_file(tag_config) if tag_config else None)
-    if checkpoint is None:
-        if tag_config and config.allow_download:
-            return model, {**kwargs, "pretrained": pretrained}
-        repo_id = tag_config.get("hf_hub", "").rstrip("/") or None
-        raise _missing(model, pretrained, repo_id)
-    if not Path(checkpoint).expanduser().is_file():
-        raise ModelWeightsMissingError(f"open_clip checkpoint file {checkpoint!r} does not exist.")
-    return model, {**kwargs, "pretrained": str(Path(checkpoint).expanduser())}
+    torch.manual_seed(0)
+    model_cfg = {
+        "embed_dim": 32,
+        # The OpenAI weights were trained with QuickGELU; open_clip sets this for that tag.
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": 224,
+            "layers": 1,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 32,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
+    model = open_clip.CLIP(**model_cfg)
+    dest.mkdir(parents=True, exist_ok=True)
+    write_json(
+        dest / "open_clip_config.json",
+        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}},
+    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, dest / "open_clip_model.safetensors")
 
 
-def load_aesthetic_head(path: str | Path, embed_dim: int) -> torch.nn.Linear:
-    """The LAION linear aesthetic head (``Linear(embed_dim, 1)``) from a weights file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelWeightsMissingError(f"aesthetic head file {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    weights = [v for v in state.values() if isinstance(v, torch.Tensor) and v.ndim == 2]
-    biases = [v for v in state.values() if isinstance(v, torch.Tensor) and v.ndim == 1]
-    if len(weights) != 1 or len(biases) != 1 or tuple(weights[0].shape) != (1, embed_dim):
-        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-        raise ValueError(
-            f"{path} is not a linear aesthetic head Linear({embed_dim}, 1) for this model "
-            f"(tensors {shapes}); the LAION MLP predictor is not supported."
-        )
-    head = torch.nn.Linear(embed_dim, 1)
-    head.load_state_dict({"weight": weights[0].float(), "bias": biases[0].float()})
-    return head.eval()
+SPEC = ModelSpec(
+    name="clip_model",
+    role="scoring",
+    implementation="imagegen_pipeline.scoring.clip_model:ClipModel",
+    settings=ClipModelSettings,
+    # ViT-L-14 with OpenAI's weights: the model CLIPScore and the LAION aesthetic head use.
+    default_model="ViT-L-14",
+    model_env_var="IMAGEGEN_CLIP_MODEL",
+    weights=WeightSource(
+        "timm/vit_large_patch14_clip_224.openai", open_clip_tag=("ViT-L-14", "openai")
+    ),
+    tiny_builder=build_tiny,
+)
+# What `imagegen models pull` calls the default weights, for the missing-weights message.
+PULLED_AS = {SPEC.weights.open_clip_tag: SPEC.name}  # type: ignore[union-attr]
 
 
 def token_count(tokenizer: Any, text: str) -> int:
@@ -230,12 +206,14 @@ class ClipModel:
 
     def load(self) -> float:
         """Load model, tokenizer, optional head and the descriptions' embeddings (once)."""
+        import torch
+
         if self.model is not None:
             return 0.0
         import open_clip
 
         started = time.perf_counter()
-        name, kwargs = open_clip_source(self.config)
+        name, kwargs = open_clip_source(self.config, PULLED_AS)
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, precision=self.config.precision, device=self.device, **kwargs
         )
@@ -268,6 +246,9 @@ class ClipModel:
 
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings of a batch of preprocessed images."""
+        import torch
+        import torch.nn.functional as F
+
         dtype = next(self.model.parameters()).dtype
         with torch.inference_mode():
             features = self.model.encode_image(pixels.to(self.device, dtype=dtype))
@@ -275,6 +256,8 @@ class ClipModel:
 
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised embeddings of ``images``, ``batch_size`` at a time."""
+        import torch
+
         self.load()
         chunks = []
         for start in range(0, len(images), self.config.batch_size):
@@ -285,6 +268,9 @@ class ClipModel:
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised embeddings of ``texts``; each distinct text is encoded once per step."""
+        import torch
+        import torch.nn.functional as F
+
         self.load()
         missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
         for start in range(0, len(missing), self.config.batch_size):
@@ -296,6 +282,8 @@ class ClipModel:
         return torch.stack([self._texts[t] for t in texts])
 
     def _ensemble(self, descriptions: Sequence[str]) -> torch.Tensor:
+        import torch.nn.functional as F
+
         return F.normalize(self.embed_texts(descriptions).mean(dim=0), dim=-1)
 
     def tokens(self, text: str) -> int:
@@ -313,6 +301,8 @@ class ClipModel:
         enhanced_prompts: Sequence[str | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Scores of a batch of preprocessed images, each against its prompt(s)."""
+        import torch
+
         self.load()
         images = self.embed_pixels(pixels)
         rows: list[dict[str, Any]] = [{} for _ in prompts]
@@ -348,6 +338,8 @@ class ClipModel:
         enhanced_prompts: Sequence[str | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Scores of ``images``, ``batch_size`` at a time (see :meth:`score_pixels`)."""
+        import torch
+
         self.load()
         rows: list[dict[str, Any]] = []
         size = self.config.batch_size

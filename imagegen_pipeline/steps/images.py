@@ -15,14 +15,9 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from upath import UPath
 
-from imagegen_pipeline.backends.base import (
-    GenerationSettings,
-    ImageBackend,
-    ImageRequest,
-    ImageResult,
-    ImageTarget,
-)
+from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult
 from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
+from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
 from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
 from imagegen_pipeline.steps.skeleton import (

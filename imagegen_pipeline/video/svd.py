@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Literal
 
-import torch
 from PIL import Image, ImageOps
+from pydantic import Field
 
-from imagegen_pipeline.model_settings import SvdSettings
+from imagegen_pipeline.model_settings import Dtype, ModelSettings
+from imagegen_pipeline.model_spec import ModelSpec, WeightSource
+from imagegen_pipeline.tiny_models import (
+    CLIP_MEAN,
+    CLIP_STD,
+    save_with_fp16_variant,
+    write_json,
+    write_model_index,
+)
 from imagegen_pipeline.torch_runtime import (
     DiffusersModel,
     PeakMemory,
@@ -30,6 +40,184 @@ from imagegen_pipeline.video.video_clip import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class SvdSettings(ModelSettings):
+    """Stable Video Diffusion XT image-to-video; None means the model card's value."""
+
+    dtype: Dtype = Field("auto", description="'auto': float16 on a GPU, float32 on a CPU")
+    offload: Literal["none", "model", "sequential"] = Field("none", description="CPU offload")
+    forward_chunking: bool = Field(False, description="chunked UNet feed-forward: less memory")
+    decode_chunk_size: int | None = Field(None, description="frames decoded at once (8)")
+    width: int | None = Field(None, description="clip width (1024); the source is cropped to it")
+    height: int | None = Field(None, description="clip height (576)")
+    num_frames: int | None = Field(None, description="frames per clip (25 for XT)")
+    steps: int | None = Field(None, description="denoising steps (25)")
+    fps: int = Field(7, description="frame rate the model is conditioned on and the MP4 plays at")
+    motion_bucket_id: int = Field(127, description="higher: more motion")
+    noise_aug_strength: float = Field(0.02, description="noise on the conditioning image")
+    min_guidance_scale: float = Field(1.0, description="guidance on the first frame")
+    max_guidance_scale: float | None = Field(None, description="guidance on the last frame (3)")
+    selection: Literal["all", "first_n", "top_n"] = Field(
+        "first_n", description="which images of a prompt get a clip (top_n: by CLIP score)"
+    )
+    n: int = Field(1, description="clips per prompt for first_n and top_n")
+    preview_side: int = Field(256, description="longest side of the animated WebP preview")
+
+
+def build_tiny(dest: Path) -> None:
+    """Build a tiny SVD-XT (StableVideoDiffusionPipeline) in the stabilityai repo layout."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    # The real svd-xt scheduler config, verbatim: v-prediction, Karras sigmas, continuous t.
+    write_json(
+        dest / "scheduler" / "scheduler_config.json",
+        {
+            "_class_name": "EulerDiscreteScheduler",
+            "_diffusers_version": "0.24.0.dev0",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "clip_sample": False,
+            "interpolation_type": "linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": "v_prediction",
+            "set_alpha_to_one": False,
+            "sigma_max": 700.0,
+            "sigma_min": 0.002,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "timestep_type": "continuous",
+            "trained_betas": None,
+            "use_karras_sigmas": True,
+        },
+    )
+    write_json(
+        dest / "feature_extractor" / "preprocessor_config.json",
+        {
+            "crop_size": {"height": 224, "width": 224},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": CLIP_MEAN,
+            "image_processor_type": "CLIPImageProcessor",
+            "image_std": CLIP_STD,
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": 224},
+        },
+    )
+
+    # The pipeline always resizes the conditioning image to 224x224 before the encoder, so
+    # image_size must stay 224; a 32-pixel patch keeps it to 49 tokens.
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+            projection_dim=32,
+            hidden_act="gelu",
+        )
+    )
+    # Real block types at the minimum width: the spatio-temporal blocks hard-code
+    # GroupNorm(32), so channels cannot go below 32. in_channels 8 = noisy latents (4) +
+    # conditioning-image latents (4); the added time embedding takes fps, motion bucket and
+    # noise augmentation strength, 3 * 8. num_frames 25 keeps the real default.
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=96,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "DownBlockSpatioTemporal",
+        ),
+        up_block_types=(
+            "UpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+        ),
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=3 * 8,
+        cross_attention_dim=32,
+        num_attention_heads=2,
+        transformer_layers_per_block=1,
+        num_frames=25,
+    )
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=768,
+        scaling_factor=0.18215,
+        force_upcast=True,
+    )
+
+    for name, model in [("image_encoder", image_encoder), ("unet", unet), ("vae", vae)]:
+        save_with_fp16_variant(model, dest / name)
+
+    write_model_index(
+        dest,
+        "StableVideoDiffusionPipeline",
+        {
+            "feature_extractor": ("transformers", "CLIPImageProcessor"),
+            "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+            "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+            "unet": ("diffusers", "UNetSpatioTemporalConditionModel"),
+            "vae": ("diffusers", "AutoencoderKLTemporalDecoder"),
+        },
+    )
+
+
+SPEC = ModelSpec(
+    name="svd",
+    role="video",
+    implementation="imagegen_pipeline.video.svd:SvdGenerator",
+    settings=SvdSettings,
+    default_model="stabilityai/stable-video-diffusion-img2vid-xt",
+    model_env_var="IMAGEGEN_SVD_MODEL",
+    weights=WeightSource(
+        "stabilityai/stable-video-diffusion-img2vid-xt",
+        allow_patterns=("*.json", "*.txt", "*.fp16.safetensors"),
+    ),
+    dtype="float16",
+    variant="fp16",  # the repo ships fp16 files; fp32 ones are twice the download
+    defaults={
+        "width": 1024,
+        "height": 576,
+        "num_frames": 25,
+        "steps": 25,
+        "decode_chunk_size": 8,
+        "max_guidance_scale": 3.0,
+    },
+    # 64 px is the tiny SVD's smallest side; without guidance the UNet runs once per step.
+    tiny_defaults={
+        "width": 64,
+        "height": 64,
+        "num_frames": 4,
+        "steps": 2,
+        "decode_chunk_size": 4,
+        "max_guidance_scale": 1.0,
+    },
+    tiny_builder=build_tiny,
+)
 
 
 def check_settings(settings: SvdSettings) -> None:
@@ -54,15 +242,12 @@ def conditioning_image(image: Image.Image, width: int, height: int) -> Image.Ima
 class SvdGenerator(DiffusersModel):
     """StableVideoDiffusionPipeline, loaded once, called once per clip."""
 
-    preferred_dtype = "float16"  # a torch_runtime.DTYPES name, as resolve_dtype expects
-    variant = "fp16"  # the repo ships fp16 files; fp32 ones are twice the download
-
     def __init__(self, config: SvdSettings, model_id: str | None = None) -> None:
         check_settings(config)
         self.config = config
         self.model_id = model_id or config.model
         self._device = resolve_device(config.device)
-        self._dtype = resolve_dtype(config.dtype, self.preferred_dtype, self._device)
+        self._dtype = resolve_dtype(config.dtype, SPEC.dtype, self._device)
         # The out-of-memory ladder lowers these; they stay lowered for the rest of the step,
         # as the next clip of the same size would run out of memory the same way.
         self.decode_chunk_size = config.decode_chunk_size
@@ -92,7 +277,7 @@ class SvdGenerator(DiffusersModel):
             StableVideoDiffusionPipeline,
             self.config,
             dtype=self._dtype,
-            variant=self.variant,
+            variant=SPEC.variant,
             offload=self.offload,
             device=self._device,
         )
@@ -159,6 +344,8 @@ class SvdGenerator(DiffusersModel):
         return None
 
     def _call(self, image: Image.Image, seed: int) -> tuple[list[Image.Image], float, float | None]:
+        import torch
+
         config = self.config
         started = time.perf_counter()
         with PeakMemory(self._device) as peak, torch.inference_mode():

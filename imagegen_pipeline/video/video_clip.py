@@ -9,11 +9,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from imagegen_pipeline.model_settings import SvdSettings
 from imagegen_pipeline.records import VideoClipStatus
+
+if TYPE_CHECKING:  # svd.py imports this module; the settings are only read here
+    from imagegen_pipeline.video.svd import SvdSettings
 
 SEED_MODULUS = 2**31  # int32-safe, like image seeds
 

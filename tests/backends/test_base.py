@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from imagegen_pipeline.backends.base import GenerationSettings, ImageRequest
+from imagegen_pipeline.backends.base import ImageRequest
+from imagegen_pipeline.model_settings import GenerationSettings
 from imagegen_pipeline.steps.images import SEED_MODULUS, content_address, derive_seed
 
 SETTINGS = GenerationSettings("flux_schnell", "black-forest-labs/FLUX.1-schnell", "main", 4, 0.0)

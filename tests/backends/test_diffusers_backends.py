@@ -18,11 +18,10 @@ from upath import UPath
 
 from imagegen_pipeline.backends.base import ImageRequest
 from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToImage
-from imagegen_pipeline.backends.flux_schnell import FluxSchnellBackend
-from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend
+from imagegen_pipeline.backends.flux_schnell import FluxSchnellBackend, FluxSchnellSettings
+from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend, SdxlTurboSettings
 from imagegen_pipeline.image_files import read_png_record
 from imagegen_pipeline.model_resolution import resolve_settings
-from imagegen_pipeline.model_settings import FluxSchnellSettings, SdxlTurboSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import backend_spec

@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagegen_pipeline.backends.base import GenerationSettings, ImageRequest
-from imagegen_pipeline.backends.gemini import (
-    DAILY_QUOTA_WARNING,
-    MISSING_KEY_MESSAGE,
-    GeminiBackend,
-    GeminiKeyMissingError,
-    aspect_ratio_for,
-)
-from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.backends.base import ImageRequest
+from imagegen_pipeline.backends.gemini.backend import DAILY_QUOTA_WARNING, GeminiBackend
+from imagegen_pipeline.backends.gemini.content import aspect_ratio_for
+from imagegen_pipeline.backends.gemini.errors import MISSING_KEY_MESSAGE, GeminiKeyMissingError
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
+from imagegen_pipeline.model_settings import GenerationSettings
 from imagegen_pipeline.steps.images import (
     ImagesStepContext,
     PlannedImage,

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.defs.images.assets import images
 from imagegen_pipeline.defs.model_resources import settings_resource
 from imagegen_pipeline.defs.prompts.assets import enhanced_prompts, prompts
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
 from imagegen_pipeline.defs.resources import default_resources
 from imagegen_pipeline.defs.storage import StepOutputIOManager, StorageResource, TableIOManager
-from imagegen_pipeline.model_settings import GeminiSettings
 from imagegen_pipeline.run_metadata import load_run_metadata
 from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini
 

@@ -14,7 +14,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from imagegen_pipeline.model_resolution import resolve_settings
-from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import CLIP_MODEL
@@ -22,6 +21,7 @@ from imagegen_pipeline.scoring.clip_model import (
     ASPECT_COLUMNS,
     ASPECTS,
     ClipModel,
+    ClipModelSettings,
     token_count,
 )
 

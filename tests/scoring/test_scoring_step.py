@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imagegen_pipeline.model_settings import ClipModelSettings
-from imagegen_pipeline.scoring.clip_model import ClipModel
+from imagegen_pipeline.scoring.clip_model import ClipModel, ClipModelSettings
 from imagegen_pipeline.steps.scores import (
     Scorer,
     prefetched,

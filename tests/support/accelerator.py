@@ -31,17 +31,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagegen_pipeline.backends.base import (
-    GenerationSettings,
-    ImageBackend,
-    ImageRequest,
-    ImageResult,
-    RunSummary,
-)
-from imagegen_pipeline.model_settings import ClipModelSettings
+from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
+from imagegen_pipeline.model_settings import GenerationSettings
 from imagegen_pipeline.records import utc_now
 from imagegen_pipeline.registry import MODELS
-from imagegen_pipeline.scoring.clip_model import ASPECTS, ClipModel
+from imagegen_pipeline.scoring.clip_model import ASPECTS, ClipModel, ClipModelSettings
 
 # Published per-image device times on one H100, as (side in px, seconds per image): SDXL-Turbo
 # makes a 512 px image in about 28 ms (35 images/s); FLUX.1-schnell a 1024 px image in about
@@ -209,7 +203,7 @@ class AcceleratorStandIn(ImageBackend):
             raise KeyError(f"no device time for {stands_in_for!r}; known: {sorted(device_times)}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.name = stands_in_for
+        self._name = stands_in_for
         table_side, table_seconds = device_times[stands_in_for]
         self.side = side or table_side
         if seconds_per_image is None:  # the published figure, scaled to this side
@@ -234,6 +228,10 @@ class AcceleratorStandIn(ImageBackend):
         self.generate_seconds = 0.0
         self.generate_started: float | None = None  # time.perf_counter() of the first batch
         self.batches = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def settings(self) -> GenerationSettings:

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from imagegen_pipeline.backends.base import ImageRequest
-from imagegen_pipeline.model_settings import ClipModelSettings
 from imagegen_pipeline.registry import IMAGE_BACKENDS
 from imagegen_pipeline.run_metadata import load_run_metadata
-from imagegen_pipeline.scoring.clip_model import ClipModel
+from imagegen_pipeline.scoring.clip_model import ClipModel, ClipModelSettings
 from imagegen_pipeline.steps.images import ImagesStepContext, plan_images, run_images_step
 from imagegen_pipeline.steps.scores import Scorer, score_image_table
 from imagegen_pipeline.storage import Storage

@@ -12,12 +12,11 @@ import torch
 from PIL import Image
 
 from imagegen_pipeline.model_resolution import resolve_settings
-from imagegen_pipeline.model_settings import SvdSettings
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.torch_runtime import resolve_dtype
-from imagegen_pipeline.video.svd import SvdGenerator, conditioning_image
+from imagegen_pipeline.video.svd import SvdGenerator, SvdSettings, conditioning_image
 from imagegen_pipeline.video.video_clip import video_clip_seed
 
 SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"

@@ -22,8 +22,10 @@ addresses honest.
 The API key is never logged, printed or recorded: it is left out of reprs and redacted from
 every error text, warning and metadata value this package produces.
 
-The modules, one concern each:
+The modules, one concern each (this package's ``__init__`` only declares the spec, so that
+listing the backends never imports google-genai):
 
+- ``settings``: :class:`GeminiSettings`, every knob of the backend;
 - ``backend``: :class:`GeminiBackend`, the concurrent request loop and its run summary;
 - ``content``: what a call sends (aspect ratio, seed) and what its answer means (image/blocked);
 - ``errors``: what a failed call means (retry, give up, daily quota) and the backend's errors;
@@ -31,43 +33,15 @@ The modules, one concern each:
 - ``pricing``: tokens and cost of an answer.
 """
 
-from imagegen_pipeline.backends.gemini.backend import (
-    BUDGET_WARNING,
-    DAILY_QUOTA_WARNING,
-    GeminiBackend,
-    GeminiRunStats,
-    checked_settings,
-)
-from imagegen_pipeline.backends.gemini.content import ASPECT_RATIOS, aspect_ratio_for
-from imagegen_pipeline.backends.gemini.errors import (
-    MISSING_KEY_MESSAGE,
-    CallFailure,
-    GeminiBackendError,
-    GeminiKeyMissingError,
-    classify_error,
-)
-from imagegen_pipeline.backends.gemini.pacing import TokenBucket
-from imagegen_pipeline.backends.gemini.pricing import TOKENS_PER_IMAGE, usage_cost
-from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
+from imagegen_pipeline.model_spec import ModelSpec
 
-# The model GeminiSettings defaults to; declared there, once.
-DEFAULT_MODEL: str = GeminiSettings.model_fields["model"].default
-
-__all__ = [
-    "ASPECT_RATIOS",
-    "BUDGET_WARNING",
-    "DAILY_QUOTA_WARNING",
-    "DEFAULT_MODEL",
-    "MISSING_KEY_MESSAGE",
-    "TOKENS_PER_IMAGE",
-    "CallFailure",
-    "GeminiBackend",
-    "GeminiBackendError",
-    "GeminiKeyMissingError",
-    "GeminiRunStats",
-    "TokenBucket",
-    "aspect_ratio_for",
-    "checked_settings",
-    "classify_error",
-    "usage_cost",
-]
+SPEC = ModelSpec(
+    name="gemini",
+    role="image",
+    implementation="imagegen_pipeline.backends.gemini.backend:GeminiBackend",
+    settings=GeminiSettings,
+    default_model=GeminiSettings.model_fields["model"].default,
+    key_env_var="GEMINI_API_KEY",
+    runs_on="api",
+)

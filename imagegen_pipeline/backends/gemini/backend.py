@@ -32,14 +32,8 @@ from google import genai
 from google.genai import types
 from PIL import Image
 
-from imagegen_pipeline.backends.base import (
-    GenerationSettings,
-    ImageBackend,
-    ImageRequest,
-    ImageResult,
-    ImageTarget,
-    RunSummary,
-)
+from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
+from imagegen_pipeline.backends.gemini import SPEC
 from imagegen_pipeline.backends.gemini.content import image_call_config, read_answer
 from imagegen_pipeline.backends.gemini.errors import (
     MISSING_KEY_MESSAGE,
@@ -50,8 +44,9 @@ from imagegen_pipeline.backends.gemini.errors import (
     clip,
 )
 from imagegen_pipeline.backends.gemini.pacing import TokenBucket, backoff_seconds
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.gemini_client import make_gemini_client, redact
-from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.records import utc_now
 
 logger = logging.getLogger(__name__)
@@ -132,7 +127,7 @@ class _RunState:
 class GeminiBackend(ImageBackend):
     """Images from the Gemini API, many requests in flight, paced, retried and budgeted."""
 
-    name = "gemini"
+    spec = SPEC
 
     def __init__(self, settings: GeminiSettings) -> None:
         self.config = checked_settings(settings)  # frozen; its repr leaves the key out

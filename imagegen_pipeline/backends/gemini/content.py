@@ -19,8 +19,8 @@ from google.genai import types
 from imagegen_pipeline.backends.base import ImageRequest
 from imagegen_pipeline.backends.gemini.errors import clip
 from imagegen_pipeline.backends.gemini.pricing import enum_name, usage_cost
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.gemini_client import redact
-from imagegen_pipeline.model_settings import GeminiSettings
 
 # Aspect ratios gemini-2.5-flash-image accepts in imageConfig.aspectRatio.
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")

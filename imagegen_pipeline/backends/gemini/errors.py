@@ -20,6 +20,7 @@ from typing import Any
 
 from google.genai import errors as genai_errors
 
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.gemini_client import (
     RETRYABLE_STATUS_CODES,
     TRANSPORT_ERRORS,
@@ -28,7 +29,6 @@ from imagegen_pipeline.gemini_client import (
     error_details,
     redact,
 )
-from imagegen_pipeline.model_settings import GeminiSettings
 
 MISSING_KEY_MESSAGE = (
     "GEMINI_API_KEY is not set: export GEMINI_API_KEY=... "

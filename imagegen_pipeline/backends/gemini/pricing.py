@@ -12,7 +12,7 @@ from typing import Any
 
 from google.genai import types
 
-from imagegen_pipeline.model_settings import GeminiSettings
+from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 
 # Output tokens of one image up to 1024x1024 px: at $30 per 1M tokens, about $0.039 an image
 # (the default of GeminiSettings.price_per_image_usd, which the budget reserves per request).

@@ -21,7 +21,7 @@ from imagegen_pipeline.defs.partitions import (
     prompt_set_x_backend_partitions,
 )
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.registry import enabled_backends
+from imagegen_pipeline.registry import project_backends
 
 ENHANCED_PROMPTS = dg.AssetKey("enhanced_prompts")
 IN_FLIGHT = [
@@ -89,7 +89,7 @@ def generate_after_prompts_sensor(context: dg.SensorEvaluationContext) -> dg.Sen
     prompt_sets = {
         record.partition_key for record in result.records if record.partition_key is not None
     }
-    backends = enabled_backends(load_project_config().backends)
+    backends = project_backends(load_project_config())
     wanted = dict.fromkeys(backends, prompt_sets)
     requests = generation_requests(context.instance, wanted, "enhanced")
     return dg.SensorResult(run_requests=requests, cursor=result.cursor or context.cursor)
@@ -125,7 +125,7 @@ def bulk_generation_schedule(context: dg.ScheduleEvaluationContext):
 
     Off until turned on (the toggle in the UI, or ``dagster schedule start``); the cron is
     ``bulk_cron`` in imagegen.toml or IMAGEGEN_BULK_CRON."""
-    backends = enabled_backends(load_project_config().backends)
+    backends = project_backends(load_project_config())
     todo = unfinished_partitions(context.instance, backends)
     if not todo:
         return dg.SkipReason("Every prompt set is generated, scored and compared.")

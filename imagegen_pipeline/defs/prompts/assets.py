@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
+from imagegen_pipeline.defs.gpu import refuse_literal_key
 from imagegen_pipeline.defs.metadata import markdown_table
 from imagegen_pipeline.defs.model_resources import settings_of
 from imagegen_pipeline.defs.partitions import prompt_set_partitions, single_run
@@ -150,6 +151,7 @@ def enhanced_prompts(
     storage: StorageResource,
 ) -> dict[str, pd.DataFrame]:
     """Each prompt made detailed for image models, with a rating and token counts."""
+    refuse_literal_key(enhancer, "gemini_api_key", "GEMINI_API_KEY")
     tables = {}
     for prompt_set, valid in prompts.items():
         settings = settings_of(enhancer, EnhancerSettings)
