@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from imagegen_pipeline.enhancement.base import Enhancement, PromptEnhancer, rate_prompt
+from imagegen_pipeline.enhancement.cache import EnhancementCache
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
 from imagegen_pipeline.model_settings import EnhancerSettings
 from imagegen_pipeline.project_config import api_key
@@ -52,7 +53,7 @@ def create_enhancer(
         return TemplateEnhancer()
     # Only now: the SDK clients take a second to import, and most sets use the template.
     from imagegen_pipeline.enhancement.llm import (
-        EnhancementCache,
+        INSTRUCTION_VERSION,
         GeminiTextEnhancer,
         OllamaEnhancer,
     )
@@ -63,7 +64,7 @@ def create_enhancer(
         else storage.path("cache", "enhancements")
     )
     calls = {
-        "cache": EnhancementCache(cache_folder),
+        "cache": EnhancementCache(cache_folder, INSTRUCTION_VERSION),
         "timeout_seconds": settings.timeout_seconds,
         "max_attempts": settings.max_attempts,
         "initial_backoff_seconds": settings.initial_backoff_seconds,

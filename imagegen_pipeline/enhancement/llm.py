@@ -26,9 +26,7 @@ Failures, in three tiers:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
 import time
@@ -41,9 +39,9 @@ from typing import Any
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
-from upath import UPath
 
 from imagegen_pipeline.enhancement.base import Enhancement
+from imagegen_pipeline.enhancement.cache import EnhancementCache
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
 from imagegen_pipeline.gemini_client import (
     CONNECT_ERRORS,
@@ -56,7 +54,6 @@ from imagegen_pipeline.gemini_client import (
     redact,
 )
 from imagegen_pipeline.model_settings import EnhancerSettings
-from imagegen_pipeline.storage import Storage
 
 # The defaults are declared once, in EnhancerSettings (model_settings.py).
 _DEFAULTS = EnhancerSettings.model_fields
@@ -171,47 +168,16 @@ def clean_answer(answer: str | None, prompt: str) -> str:
 
 
 @dataclass
-class EnhancementCache:
-    """Enhanced prompts in storage, one JSON file per (method, model, prompt, style)."""
-
-    folder: str | os.PathLike[str]  # a local folder or an object-store URL (see storage.py)
-    _storage: Storage = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._storage = Storage(self.folder)
-
-    def _path(self, method: str, model: str, prompt: str, style: str) -> UPath:
-        key = json.dumps([INSTRUCTION_VERSION, method, model, prompt, style])
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        return self._storage.path(digest[:2], f"{digest}.json")
-
-    def get(self, method: str, model: str, prompt: str, style: str) -> str | None:
-        """The cached text, or None (a missing or unreadable entry is a miss)."""
-        path = self._path(method, model, prompt, style)
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        text = entry.get("text") if isinstance(entry, dict) else None
-        return text if isinstance(text, str) and text else None
-
-    def put(self, method: str, model: str, prompt: str, style: str, text: str) -> None:
-        """Store ``text`` atomically: a reader never sees half an entry."""
-        entry = {"method": method, "model": model, "prompt": prompt, "style": style, "text": text}
-        data = json.dumps(entry, ensure_ascii=False).encode()
-        self._storage.write_bytes(self._path(method, model, prompt, style), data)
-
-
-@dataclass
 class LLMEnhancer(ABC):
     """What the LLM enhancers share: cache, cleaning, retry policy, fallback and the breaker."""
 
     model: str
     cache: EnhancementCache | None = None
-    timeout_seconds: float = 60.0  # one HTTP attempt
-    max_attempts: int = 5  # calls per prompt on transient failures, the first one included
-    initial_backoff_seconds: float = 1.0  # the wait before the first retry (plus jitter)
-    max_backoff_seconds: float = 60.0  # ceiling of the doubling wait
+    # The retry policy; defaults and meaning declared once, in EnhancerSettings.
+    timeout_seconds: float = _DEFAULTS["timeout_seconds"].default
+    max_attempts: int = _DEFAULTS["max_attempts"].default
+    initial_backoff_seconds: float = _DEFAULTS["initial_backoff_seconds"].default
+    max_backoff_seconds: float = _DEFAULTS["max_backoff_seconds"].default
     method: str = field(default="llm", init=False)
     fallback: TemplateEnhancer = field(default_factory=TemplateEnhancer, init=False)
     calls: int = field(default=0, init=False)  # prompts sent to the LLM (retries not counted)

@@ -265,10 +265,10 @@ def test_defaults_match_the_model_cards(tiny_flux):
 
     # The models' own precision on a GPU, float32 on a CPU.
     cuda = torch.device("cuda")
-    assert resolve_dtype("auto", FluxSchnellBackend.preferred_dtype, cuda) is torch.bfloat16
-    assert resolve_dtype("auto", SdxlTurboBackend.preferred_dtype, cuda) is torch.float16
+    assert resolve_dtype("auto", FluxSchnellBackend.spec.dtype, cuda) is torch.bfloat16
+    assert resolve_dtype("auto", SdxlTurboBackend.spec.dtype, cuda) is torch.float16
     assert FluxSchnellBackend(real_flux).dtype is torch.float32
-    assert SdxlTurboBackend.variant == "fp16" and FluxSchnellBackend.variant is None
+    assert SdxlTurboBackend.spec.variant == "fp16" and FluxSchnellBackend.spec.variant is None
 
 
 # --- the images step's writers (overlapped output writing) ----------------------------------

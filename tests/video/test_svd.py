@@ -85,10 +85,10 @@ def test_defaults_match_the_model_card():
     assert (settings.fps, settings.motion_bucket_id, settings.noise_aug_strength) == (7, 127, 0.02)
     assert (settings.decode_chunk_size, settings.min_guidance_scale) == (8, 1.0)
     assert settings.max_guidance_scale == 3.0
-    assert SvdGenerator.variant == "fp16"
+    assert SVD.variant == "fp16"
     # fp16 only where it is fast; float32 on the CPU.
     cuda = torch.device("cuda")
-    assert resolve_dtype("auto", SvdGenerator.preferred_dtype, cuda) is torch.float16
+    assert resolve_dtype("auto", SVD.dtype, cuda) is torch.float16
     assert SvdGenerator(settings)._dtype is torch.float32
 
 
