@@ -110,12 +110,17 @@ def models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "pull":
         names = args.names or [name for name, spec in MODELS.items() if spec.weights]
+        failed = 0
         for name in names:
             # A registered model pulls its own files; anything else is a whole hub repo.
             spec = MODELS.get(name)
             source = spec.weights if spec and spec.weights else WeightSource(name)
-            print(f"{name}: {pull(source, args.revision)}")
-        return 0
+            try:
+                print(f"{name}: {pull(source, args.revision)}")
+            except Exception as error:  # offline, unknown repo, gated: say which and go on
+                print(f"{name}: could not pull {source.repo_id}: {type(error).__name__}: {error}")
+                failed += 1
+        return 1 if failed else 0
     from imagegen_pipeline.project_config import load_project_config
     from imagegen_pipeline.tiny_models import build_tiny_model
 
