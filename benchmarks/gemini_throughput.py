@@ -89,7 +89,7 @@ def run_scenario(name: str, prompts: int, random_429_rate: float) -> Figures:
             base_url=server.url,
             requests_per_minute=QUOTA_RPM,
             max_concurrent_requests=4,  # 2 calls/s x 0.5 s latency needs 1; room for retries
-            max_retries=8,  # 0.2**9 x 300 prompts: a prompt lost once in ~6000 runs
+            max_attempts=9,  # 0.2**9 x 300 prompts: a prompt lost once in ~6000 runs
             timeout_seconds=30.0,
         )
         backend = GeminiBackend(settings)

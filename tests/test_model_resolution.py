@@ -267,5 +267,5 @@ def test_warm_gemini_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert first.resolved is None
     assert first.model is again.model  # first asks first
     assert (first.cache_hit, again.cache_hit) == (False, True)
-    other = warm_model(GEMINI, GeminiSettings(max_retries=1), project(tmp_path))
+    other = warm_model(GEMINI, GeminiSettings(max_attempts=2), project(tmp_path))
     assert other.model is not first.model and other.cache_hit is False

@@ -113,7 +113,7 @@ def test_run_config_of_one_field_leaves_the_others_at_their_defaults(
         {
             "resources": {
                 "flux_schnell": {"config": {"width": 320}},
-                "gemini": {"config": {"max_retries": 2}},
+                "gemini": {"config": {"max_attempts": 3}},
             }
         }
     )
@@ -122,7 +122,7 @@ def test_run_config_of_one_field_leaves_the_others_at_their_defaults(
     gemini_defaults = GeminiSettings().model_dump()
     assert unconfigured == {"flux_schnell": flux_defaults, "gemini": gemini_defaults}
     assert configured["flux_schnell"] == {**flux_defaults, "width": 320}
-    assert configured["gemini"] == {**gemini_defaults, "max_retries": 2}
+    assert configured["gemini"] == {**gemini_defaults, "max_attempts": 3}
     # In particular:
     assert configured["flux_schnell"]["model"] == "auto"
     assert configured["flux_schnell"]["height"] is None

@@ -19,6 +19,7 @@ from upath import UPath
 from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.run_metadata import parquet_bytes
+from imagegen_pipeline.steps.skeleton import DEFAULT_WRITER_THREADS
 from imagegen_pipeline.storage import Storage
 
 
@@ -28,7 +29,7 @@ class StorageResource(dg.ConfigurableResource):
     base: str = ""  # a folder or URL (s3://bucket/prefix); "" = imagegen.toml / IMAGEGEN_STORAGE
     prompts_dir: str = ""  # the folder users drop CSVs into; "" = the project's (prompts/)
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL  # zlib 0-9: 1 is fast, 9 small
-    writer_threads: int = 2  # threads encoding and writing outputs while the model works
+    writer_threads: int = DEFAULT_WRITER_THREADS  # threads encoding outputs while the model works
 
     def storage(self) -> Storage:
         """The output store."""

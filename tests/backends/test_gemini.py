@@ -150,7 +150,7 @@ def test_the_server_retry_delay_is_honoured(fault: str):
 
 def test_retries_stop_at_the_limit(fake_gemini: FakeGemini):
     fake_gemini.script("quarry", *["server_error"] * 10)
-    backend = make_backend(fake_gemini, max_retries=2)
+    backend = make_backend(fake_gemini, max_attempts=3)
 
     [result] = list(backend.generate([request("quarry", "an old quarry lake")]))
 
@@ -162,7 +162,7 @@ def test_retries_stop_at_the_limit(fake_gemini: FakeGemini):
 
 def test_timeouts_fail_after_the_retries(fake_gemini: FakeGemini):
     fake_gemini.script("glacier", "hang", "hang")
-    backend = make_backend(fake_gemini, timeout_seconds=0.3, max_retries=1)
+    backend = make_backend(fake_gemini, timeout_seconds=0.3, max_attempts=2)
 
     [result] = list(backend.generate([request("glacier", "a blue glacier cave")]))
 
@@ -212,7 +212,7 @@ def test_unreachable_server_fails_with_a_network_error():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     settings = GeminiSettings(
-        api_key=FAKE_GEMINI_KEY, base_url=f"http://127.0.0.1:{port}", max_retries=1, **FAST
+        api_key=FAKE_GEMINI_KEY, base_url=f"http://127.0.0.1:{port}", max_attempts=2, **FAST
     )
 
     [result] = list(GeminiBackend(settings).generate([request("moon")]))
@@ -241,7 +241,7 @@ def test_a_mix_of_faults_loses_nothing_and_writes_no_placeholder(
     for prompt_id, script in faults.items():
         if script:
             fake_gemini.script(f"[{prompt_id}/0]", *script)  # the first image of each prompt
-    backend = make_backend(fake_gemini, timeout_seconds=0.5, max_retries=2)
+    backend = make_backend(fake_gemini, timeout_seconds=0.5, max_attempts=3)
     settings = backend.settings
     planned = []
     for prompt_id in faults:
@@ -378,7 +378,7 @@ def test_a_missing_key_is_a_clear_error(key: str | None):
         ("timeout_seconds", 0, "must be positive"),
         ("max_concurrent_requests", 0, "must be positive"),
         ("requests_per_minute", -1, "must be positive"),
-        ("max_retries", -1, "must be >= 0"),
+        ("max_attempts", 0, "must be >= 1"),
         ("budget_usd", -0.01, "must be >= 0"),
     ],
 )

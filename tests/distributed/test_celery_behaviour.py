@@ -78,7 +78,7 @@ ACKS_LATE_CONFIG: dict[str, Any] = {
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
         # dagster-celery's defaults, which a broker_transport_options setting replaces
-        "max_retries": 3,
+        "max_attempts": 4,
         "interval_start": 0,
         "interval_step": 0.2,
         "interval_max": 0.5,

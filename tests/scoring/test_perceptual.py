@@ -139,8 +139,8 @@ def test_blank_detection_at_1024_px_is_unchanged_by_the_block_averages():
 
 
 def test_a_new_metrics_version_invalidates_earlier_scores(monkeypatch):
-    from imagegen_pipeline.steps import scores as scoring_step
     from imagegen_pipeline.scoring.perceptual import DEFAULT_BLANK_THRESHOLDS
+    from imagegen_pipeline.steps import scores as scoring_step
 
     row = {"sha256": "abc", "original_prompt": "a cat", "prompt": "a cat, detailed"}
     now = scoring_step.score_key(row, "ViT-L-14/openai", DEFAULT_BLANK_THRESHOLDS)

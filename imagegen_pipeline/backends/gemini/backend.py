@@ -74,8 +74,8 @@ def checked_settings(settings: GeminiSettings) -> GeminiSettings:
             raise ValueError(
                 f"GeminiSettings.{name} must be positive, got {getattr(settings, name)}"
             )
-    if settings.max_retries < 0:
-        raise ValueError(f"GeminiSettings.max_retries must be >= 0, got {settings.max_retries}")
+    if settings.max_attempts < 1:
+        raise ValueError(f"GeminiSettings.max_attempts must be >= 1, got {settings.max_attempts}")
     if settings.budget_usd is not None and settings.budget_usd < 0:
         raise ValueError(f"GeminiSettings.budget_usd must be >= 0, got {settings.budget_usd}")
     return settings.model_copy(update={"api_key": key})
@@ -390,7 +390,7 @@ class GeminiBackend(ImageBackend):
                     )
                 state.daily_quota_error = failure.message
                 stats.daily_quota_exhausted = True
-            if failure.daily_quota or not failure.retryable or retries >= config.max_retries:
+            if failure.daily_quota or not failure.retryable or retries + 1 >= config.max_attempts:
                 state.reserved_usd -= config.price_per_image_usd
                 after = f" (after {retries} retries)" if retries else ""
                 details["http_status"] = failure.kind

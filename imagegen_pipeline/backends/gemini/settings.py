@@ -20,7 +20,9 @@ class GeminiSettings(BaseModel):
     timeout_seconds: float = Field(120.0, description="one HTTP call; a timed-out call is retried")
     max_concurrent_requests: int = Field(8, description="HTTP calls in flight at once")
     requests_per_minute: float = Field(60.0, description="pacing of every call: your RPM quota")
-    max_retries: int = Field(6, description="per image, on 408/429/5xx, timeouts, network errors")
+    max_attempts: int = Field(
+        7, description="calls per image, the first included, on 408/429/5xx, timeouts, network"
+    )
     initial_backoff_seconds: float = Field(1.0, description="first retry waits up to this")
     max_backoff_seconds: float = Field(60.0, description="ceiling of the exponential backoff")
     # Google's list prices for gemini-2.5-flash-image: input $0.30 per 1M tokens, image output

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from imagegen_pipeline.scoring.perceptual import BlankThresholds
+from imagegen_pipeline.scoring.perceptual import DEFAULT_BLANK_THRESHOLDS, BlankThresholds
 
 
 class QualityThresholds(dg.ConfigurableResource):
@@ -11,8 +11,10 @@ class QualityThresholds(dg.ConfigurableResource):
 
     min_clip_score: float = 20.0  # an image below this does not show its prompt
     max_low_score_share: float = 0.25  # WARN when more images than this score below the minimum
-    blank_max_luminance_std: float = 0.02  # blank: luminance std (0-1) below this ...
-    blank_max_dominant_share: float = 0.98  # ... or one colour covering more than this share
+    # Blank: luminance std (0-1) below the first, or one colour covering more than the second
+    # share of the pixels; the defaults (and why) are the detector's own, in perceptual.py.
+    blank_max_luminance_std: float = DEFAULT_BLANK_THRESHOLDS.max_luminance_std
+    blank_max_dominant_share: float = DEFAULT_BLANK_THRESHOLDS.max_dominant_share
 
     def blank_thresholds(self) -> BlankThresholds:
         """The blank-image detector's settings."""
