@@ -82,6 +82,8 @@ def resolve_settings(
     if spec.is_local:  # a hosted model (Gemini) is named, not loaded
         resolved = resolve_model(spec, values["model"], project)
         values["model"] = resolved.model
+        if resolved.model == spec.default_model and values.get("revision") is None:
+            values["revision"] = spec.revision  # the real weights, at the spec's pinned revision
     if values.get("device") == "auto":
         values["device"] = project.device
     defaults = spec.tiny_defaults if resolved and resolved.is_tiny else spec.defaults

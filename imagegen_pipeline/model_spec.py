@@ -61,6 +61,7 @@ class ModelSpec:
     implementation: str  # "module:Class", imported only when a step needs the model
     settings: type[BaseModel]  # its knobs; the Dagster resource is derived from this class
     default_model: str  # what "auto" means when real weights are present (or the API model)
+    revision: str | None = None  # the default model's pinned branch, tag or commit; None: main
     model_env_var: str | None = None  # IMAGEGEN_<NAME>_MODEL: a repo id or a folder for "auto"
     weights: WeightSource | None = None  # None: nothing to download (a hosted API)
     key_env_var: str | None = None  # an API key the backend cannot run without
