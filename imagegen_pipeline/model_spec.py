@@ -75,6 +75,8 @@ class ModelSpec:
     # Writes the tiny stand-in into an empty folder, in the real repo's layout.
     tiny_builder: Callable[[Path], None] | None = None
     memory: MemoryHooks | None = None  # None: offload and batch size are set by hand
+    # Pipeline components a LoRA may adapt; empty: the model takes no LoRA (a hosted API).
+    lora_components: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", _frozen(self.defaults))

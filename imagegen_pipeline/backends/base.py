@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from imagegen_pipeline.lora import LoraAdapter
 from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.model_spec import ModelSpec
 from imagegen_pipeline.records import ImageStatus
@@ -30,6 +31,7 @@ class ImageRequest:
     seed: int
     width: int
     height: int
+    loras: tuple[LoraAdapter, ...] = ()  # adapters to apply, with their scales
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from imagegen_pipeline.backends.adapters import AdapterSwitcher
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
 from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
 from imagegen_pipeline.model_settings import DiffusersImageSettings, GenerationSettings, ImageTarget
@@ -50,6 +51,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.memory_plan: MemoryPlan | None = None
         self.batch_size = settings.batch_size or 1
         self.offload = "none" if settings.offload == "auto" else settings.offload
+        self.adapters: AdapterSwitcher | None = None  # created with the pipeline
 
     @property
     def target(self) -> ImageTarget:
@@ -134,6 +136,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         if self.config.vae_tiling:
             pipeline.vae.enable_tiling()
         self.pipeline = pipeline
+        self.adapters = AdapterSwitcher(pipeline)
         self.offload = offload
         return time.perf_counter() - started
 
@@ -144,6 +147,9 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 "offload": self.offload,
                 "batch_size": self.batch_size,
                 "memory_plan": plan.reason if plan else "offload and batch size set by hand",
+                "adapter_loads": self.adapters.loads if self.adapters else 0,
+                "adapter_switches": self.adapters.switches if self.adapters else 0,
+                "adapter_switch_seconds": self.adapters.switch_seconds if self.adapters else 0.0,
             }
         )
 
@@ -152,57 +158,69 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         return {}
 
     def generate(self, requests: Sequence[ImageRequest]) -> Iterator[ImageResult]:
-        """Batches of up to ``batch_size`` same-size requests, one pipeline call per batch,
-        results in request order.
+        """Batches of up to ``batch_size`` requests of one size and adapter set, one pipeline
+        call per batch, results grouped by adapter set (no adapters first), then request order.
 
         Out of memory halves the batch and retries, down to one image; any other failure of a
         batch retries its images one by one, so one bad prompt fails alone.
         """
         self.load()
-        by_size: dict[tuple[int, int], list[ImageRequest]] = {}
+        # One group per adapter set and size: the base model stays loaded and the adapters
+        # switch between groups (each group's last use frees its adapters).
+        groups: dict[tuple[Any, ...], list[ImageRequest]] = {}
         for request in requests:
-            by_size.setdefault((request.width, request.height), []).append(request)
-        for same_size in by_size.values():
-            pending = deque(self._batches(same_size))
-            while pending:
-                batch = pending.popleft()
-                if len(batch) > self.batch_size:  # planned before an out-of-memory halving
-                    pending.extendleft(reversed(self._batches(batch)))
-                    continue
-                started_at = utc_now()
-                try:
-                    images, seconds, peak_mb = self._call(batch)
-                except Exception as exc:
-                    if len(batch) > 1:
-                        if is_out_of_memory(exc):
-                            free_accelerator_memory()
-                            self.batch_size = max(1, len(batch) // 2)
-                            logger.warning(
-                                "Out of memory at batch %d; retrying at %d.",
-                                len(batch),
-                                self.batch_size,
-                            )
-                            halves = [batch[: self.batch_size], batch[self.batch_size :]]
-                        else:
-                            halves = [[request] for request in batch]
-                        pending.extendleft(reversed(halves))
-                        continue
+            adapters = tuple((a.adapter_name, a.scale) for a in request.loras)
+            groups.setdefault((adapters, request.width, request.height), []).append(request)
+        order = sorted(groups, key=lambda key: (len(key[0]), key[0]))
+        for position, key in enumerate(order):
+            same_group = groups[key]
+            self.adapters.activate(same_group[0].loras)
+            later = {name for k in order[position + 1 :] for name, _ in k[0]}
+            yield from self._generate_group(same_group)
+            self.adapters.release(still_needed=later)
+
+    def _generate_group(self, same_size: list[ImageRequest]) -> Iterator[ImageResult]:
+        """The requests of one adapter set and size, batched (see ``generate``)."""
+        pending = deque(self._batches(same_size))
+        while pending:
+            batch = pending.popleft()
+            if len(batch) > self.batch_size:  # planned before an out-of-memory halving
+                pending.extendleft(reversed(self._batches(batch)))
+                continue
+            started_at = utc_now()
+            try:
+                images, seconds, peak_mb = self._call(batch)
+            except Exception as exc:
+                if len(batch) > 1:
                     if is_out_of_memory(exc):
                         free_accelerator_memory()
-                    yield ImageResult(batch[0], "failed", error=f"{type(exc).__name__}: {exc}")
+                        self.batch_size = max(1, len(batch) // 2)
+                        logger.warning(
+                            "Out of memory at batch %d; retrying at %d.",
+                            len(batch),
+                            self.batch_size,
+                        )
+                        halves = [batch[: self.batch_size], batch[self.batch_size :]]
+                    else:
+                        halves = [[request] for request in batch]
+                    pending.extendleft(reversed(halves))
                     continue
-                for request, image in zip(batch, images, strict=True):
-                    yield ImageResult(
-                        request,
-                        "ok",
-                        image=image,
-                        seconds=seconds / len(batch),
-                        details={
-                            "peak_gpu_memory_mb": peak_mb,
-                            "batch_size": len(batch),
-                            "started_at": started_at,
-                        },
-                    )
+                if is_out_of_memory(exc):
+                    free_accelerator_memory()
+                yield ImageResult(batch[0], "failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            for request, image in zip(batch, images, strict=True):
+                yield ImageResult(
+                    request,
+                    "ok",
+                    image=image,
+                    seconds=seconds / len(batch),
+                    details={
+                        "peak_gpu_memory_mb": peak_mb,
+                        "batch_size": len(batch),
+                        "started_at": started_at,
+                    },
+                )
 
     def _batches(self, requests: Sequence[ImageRequest]) -> list[list[ImageRequest]]:
         size = self.batch_size

@@ -150,6 +150,7 @@ SPEC = ModelSpec(
         },
         text_tokens_setting="max_sequence_length",
     ),
+    lora_components=("transformer", "text_encoder"),
 )
 
 

@@ -147,6 +147,7 @@ SPEC = ModelSpec(
         },
         upcast_vae=True,
     ),
+    lora_components=("unet", "text_encoder", "text_encoder_2"),
 )
 
 

@@ -112,6 +112,7 @@ SPEC = ModelSpec(
             "text_encoder": memory_estimates.text_encoder,
         }
     ),
+    lora_components=("unet", "text_encoder"),
 )
 
 

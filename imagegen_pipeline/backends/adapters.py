@@ -1,0 +1,65 @@
+"""LoRA adapters on a loaded diffusers pipeline: load each once, switch between them, free them.
+
+A step's work is ordered by adapter set, so the base model stays loaded and only the adapters
+change between groups: ``load_lora_weights(..., adapter_name=...)`` the first time an adapter
+is needed, ``set_adapters`` to switch (a switch costs milliseconds; reloading FLUX costs tens of
+seconds), ``delete_adapters`` once no later group needs it, so the warm base model is left as
+it was loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagegen_pipeline.lora import LoraAdapter
+
+
+@dataclass
+class AdapterSwitcher:
+    """The adapters of one pipeline: what is loaded, what is active, and what it cost."""
+
+    pipeline: Any
+    loaded: dict[str, LoraAdapter] = field(default_factory=dict)  # by adapter name
+    active: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) in use now
+    loads: int = 0  # adapter files loaded
+    switches: int = 0  # changes of the active set
+    switch_seconds: float = 0.0  # loading and switching, together
+
+    def activate(self, loras: Sequence[LoraAdapter]) -> None:
+        """Make ``loras`` (at their scales) the active adapters; none: the base model."""
+        wanted = tuple((adapter.adapter_name, adapter.scale) for adapter in loras)
+        if wanted == self.active:
+            return
+        started = time.perf_counter()
+        for adapter in loras:
+            if adapter.adapter_name not in self.loaded:
+                self.pipeline.load_lora_weights(
+                    str(adapter.path.parent),
+                    weight_name=adapter.path.name,
+                    adapter_name=adapter.adapter_name,
+                )
+                self.loaded[adapter.adapter_name] = adapter
+                self.loads += 1
+        if loras:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters(
+                [name for name, _ in wanted], adapter_weights=[scale for _, scale in wanted]
+            )
+        elif self.loaded:
+            self.pipeline.disable_lora()
+        self.active = wanted
+        self.switches += 1
+        self.switch_seconds += time.perf_counter() - started
+
+    def release(self, still_needed: Iterable[str] = ()) -> None:
+        """Delete the loaded adapters that no later group needs."""
+        keep = set(still_needed)
+        done = [name for name in self.loaded if name not in keep]
+        if done:
+            self.pipeline.delete_adapters(done)
+            for name in done:
+                del self.loaded[name]
+            self.active = tuple(item for item in self.active if item[0] in keep)

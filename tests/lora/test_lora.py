@@ -1,0 +1,155 @@
+"""LoRA adapters: made with PEFT and saved with diffusers' own save_lora_weights (the layout
+users download), read from a CSV cell, checked against the backend, switched without reloading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imagegen_pipeline.backends.base import ImageRequest
+from imagegen_pipeline.backends.flux_schnell import FluxSchnellBackend, FluxSchnellSettings
+from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend, SdxlTurboSettings
+from imagegen_pipeline.lora import (
+    LoraRef,
+    check_fits,
+    lora_targets,
+    parse_lora_cell,
+    resolve_lora,
+)
+from imagegen_pipeline.registry import MODELS
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def make_lora(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on ``model``'s attention, random A and B (PEFT's test init) so it acts."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=ATTENTION),
+        adapter_name=f"train{seed}",
+    )
+    state = get_peft_model_state_dict(model, adapter_name=f"train{seed}")
+    # Big enough to move a tiny random model's pixels visibly.
+    return {k: v * 8 for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+@pytest.fixture(scope="module")
+def sdxl_loras(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("sdxl-loras")
+    paths = []
+    for seed in (1, 2):
+        unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder / f"style{seed}", unet_lora_layers=make_lora(unet, seed)
+        )
+        paths.append(folder / f"style{seed}" / "pytorch_lora_weights.safetensors")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def flux_lora(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    folder = tmp_path_factory.mktemp("flux-lora")
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux / "transformer")
+    state = make_lora(transformer, 3)
+    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=state)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_a_cell_names_adapters_with_optional_scales() -> None:
+    cell = "styles/brand.safetensors:0.8; detail-org/detail-lora:0.4 ;/abs/x.safetensors"
+    assert parse_lora_cell(cell) == (
+        LoraRef("styles/brand.safetensors", 0.8),
+        LoraRef("detail-org/detail-lora", 0.4),
+        LoraRef("/abs/x.safetensors", 1.0),
+    )
+    assert parse_lora_cell("") == ()
+    with pytest.raises(ValueError, match="scale after ':' must be a number"):
+        parse_lora_cell("brand.safetensors:strong")
+    with pytest.raises(ValueError, match="outside"):
+        parse_lora_cell("brand.safetensors:9")
+    with pytest.raises(ValueError, match="named twice"):
+        parse_lora_cell("a.safetensors;a.safetensors:0.5")
+
+
+def test_adapters_resolve_relative_to_the_csv_and_know_their_targets(
+    sdxl_loras: list[Path], flux_lora: Path, tmp_path: Path
+) -> None:
+    csv_folder = sdxl_loras[0].parent.parent
+    by_folder = resolve_lora(LoraRef("style1", 0.5), csv_folder)  # a diffusers folder
+    by_file = resolve_lora(LoraRef(str(sdxl_loras[0])), tmp_path)  # an absolute file
+    assert by_folder.path == by_file.path == sdxl_loras[0].resolve()
+    assert by_folder.sha256 == by_file.sha256 and by_folder.adapter_name == by_file.adapter_name
+    assert by_folder.scale == 0.5
+    assert lora_targets(sdxl_loras[0]) == {"unet"}
+    assert lora_targets(flux_lora) == {"transformer"}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_lora(LoraRef("missing.safetensors"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="imagegen models pull someone/never-pulled"):
+        resolve_lora(LoraRef("someone/never-pulled"), tmp_path)
+
+
+def test_a_lora_for_another_model_is_refused(sdxl_loras: list[Path], flux_lora: Path) -> None:
+    sdxl_lora = resolve_lora(LoraRef(str(sdxl_loras[0])), Path("."))
+    flux = MODELS["flux_schnell"]
+    with pytest.raises(ValueError, match="adapts unet, which flux_schnell does not have"):
+        check_fits(sdxl_lora, flux.lora_components, flux.name)
+    check_fits(sdxl_lora, MODELS["sdxl_turbo"].lora_components, "sdxl_turbo")
+    flux_adapter = resolve_lora(LoraRef(str(flux_lora)), Path("."))
+    check_fits(flux_adapter, flux.lora_components, flux.name)
+    with pytest.raises(ValueError, match="gemini"):
+        check_fits(flux_adapter, MODELS["gemini"].lora_components, "gemini")
+
+
+def pixels(result) -> np.ndarray:
+    assert result.status == "ok", result.error
+    return np.asarray(result.image, dtype=np.float32)
+
+
+def request(index: int, loras=()) -> ImageRequest:
+    return ImageRequest("p", index, "a cat on a windowsill", "", 7, 64, 64, tuple(loras))
+
+
+def test_adapters_change_the_image_and_switch_without_reloading(
+    tiny_sdxl: Path, sdxl_loras: list[Path]
+) -> None:
+    one = resolve_lora(LoraRef(str(sdxl_loras[0])), Path("."))
+    two = resolve_lora(LoraRef(str(sdxl_loras[1])), Path("."))
+    off = resolve_lora(LoraRef(str(sdxl_loras[0]), 0.0), Path("."))
+    settings = SdxlTurboSettings(model=str(tiny_sdxl), device="cpu", width=64, height=64)
+    backend = SdxlTurboBackend(settings.model_copy(update={"batch_size": 2}))
+    # Interleaved as a CSV would have them; the backend groups them by adapter set.
+    requests = [request(0), request(1, [one]), request(2, [two]), request(3, [off]), request(4)]
+    results = {r.request.image_index: pixels(r) for r in backend.generate(requests)}
+
+    base = results[0]
+    np.testing.assert_array_equal(results[4], base)  # the adapters left no trace
+    assert np.abs(results[1] - base).mean() > 1.0  # a LoRA changes the image
+    assert np.abs(results[2] - results[1]).mean() > 1.0  # two LoRAs, two images
+    np.testing.assert_allclose(results[3], base, atol=1.0)  # scale 0: the base image
+    assert backend.pipeline is not None and backend.model_loads == 1
+    assert backend.adapters.loads == 2  # `one` at 1.0 and at 0.0 is one file, loaded once
+    assert backend.adapters.loaded == {}  # every adapter freed once its group was done
+    summary = backend.run_summary().metadata
+    assert summary["adapter_loads"] == 2 and summary["adapter_switches"] >= 3
+
+
+def test_a_flux_lora_changes_flux_images(tiny_flux: Path, flux_lora: Path) -> None:
+    adapter = resolve_lora(LoraRef(str(flux_lora)), Path("."))
+    settings = FluxSchnellSettings(model=str(tiny_flux), device="cpu", width=64, height=64)
+    backend = FluxSchnellBackend(settings.model_copy(update={"batch_size": 1}))
+    results = {
+        r.request.image_index: pixels(r)
+        for r in backend.generate([request(0), request(1, [adapter])])
+    }
+    assert np.abs(results[1] - results[0]).mean() > 1.0
