@@ -1,6 +1,7 @@
 """``imagegen``: the demo run, and getting model weights.
 
 imagegen demo                      # the whole graph on every CSV of the prompts folder
+imagegen home                      # create and migrate DAGSTER_HOME (`make ui` runs it first)
 imagegen models pull flux_schnell  # download weights on a machine that reaches the hub
 imagegen models tiny               # build the tiny random-weight test models
 """
@@ -14,20 +15,53 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
 from imagegen_pipeline.model_weights import pull
 from imagegen_pipeline.registry import BACKEND_NAMES, MODELS, enabled_backends
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+HOME_LOCK = ".imagegen-home.lock"
+
+
 def ensure_dagster_home() -> Path:
-    """A project-local DAGSTER_HOME using the top-level dagster.yaml, unless one is set."""
+    """A project-local DAGSTER_HOME using the top-level dagster.yaml unless one is set, its
+    databases created and migrated.
+
+    Dagster's SQLite set-up is not safe across processes: two first starts on a fresh home can
+    each stamp a migration head, and every later command then fails on "more than one head".
+    So the home is set up under a file lock, by every entry point (`imagegen`, `make ui`).
+    """
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", config)
+    with FileLock(home / HOME_LOCK):
+        _install_config(home / "dagster.yaml")
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            instance.get_runs(limit=1)  # run, event-log and schedule storages now exist
     return home
+
+
+def _install_config(config: Path) -> None:
+    """Copy the project's dagster.yaml into the home when it is missing there or older (what
+    make did), through a rename so no process reads half a file."""
+    source = PROJECT_ROOT / "dagster.yaml"
+    if not source.exists():
+        return
+    if config.exists() and config.stat().st_mtime >= source.stat().st_mtime:
+        return
+    temp = config.with_name(f".{config.name}.tmp")
+    shutil.copyfile(source, temp)
+    os.replace(temp, config)
+
+
+def setup_home(args: argparse.Namespace) -> int:
+    """Create and migrate the Dagster home, so `dagster dev` starts on a ready one."""
+    print(f"Dagster home: {ensure_dagster_home()}")
+    return 0
 
 
 def announce_models() -> bool:
@@ -133,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         help="backends to run (gemini only when GEMINI_API_KEY is set)",
     )
     demo_parser.set_defaults(func=demo)
+    home_parser = commands.add_parser(
+        "home", help="create and migrate DAGSTER_HOME (safe to run alongside other commands)"
+    )
+    home_parser.set_defaults(func=setup_home)
     models_parser = commands.add_parser("models", help="get model weights")
     models_parser.add_argument("action", choices=["pull", "tiny"])
     models_parser.add_argument(
