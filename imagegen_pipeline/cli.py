@@ -93,13 +93,16 @@ def demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from imagegen_pipeline.definitions import defs
-    from imagegen_pipeline.defs.prompts.assets import prompt_csv_files
     from imagegen_pipeline.local_runner import materialize_prompt_sets, release_interrupted_runs
     from imagegen_pipeline.project_config import load_project_config
+    from imagegen_pipeline.prompt_csv import find_prompt_csvs
 
     project = load_project_config()
     started = time.perf_counter()
-    prompt_sets = sorted(prompt_csv_files(project.prompts_dir))
+    found = find_prompt_csvs(project.prompts_dir)
+    for problem in found.problems.values():
+        print(f"! {problem}; left out.")
+    prompt_sets = sorted(found.files)
     if not prompt_sets:
         print(f"No prompt CSV in {project.prompts_dir}/: add one (see README, Prompt CSV format).")
         return 1
