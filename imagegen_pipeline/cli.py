@@ -87,8 +87,12 @@ def announce_models() -> bool:
 def demo(args: argparse.Namespace) -> int:
     """Run the whole graph on the prompt CSVs and say where everything landed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    only = None  # --prompts FILE: that file's set alone, read from its folder
     if args.prompts:
-        os.environ["IMAGEGEN_PROMPTS_DIR"] = str(Path(args.prompts).resolve())
+        given = Path(args.prompts).resolve()
+        if given.is_file():
+            only, given = given, given.parent
+        os.environ["IMAGEGEN_PROMPTS_DIR"] = str(given)
     home = ensure_dagster_home()
     import dagster as dg
 
@@ -100,11 +104,18 @@ def demo(args: argparse.Namespace) -> int:
     project = load_project_config()
     started = time.perf_counter()
     found = find_prompt_csvs(project.prompts_dir)
-    for problem in found.problems.values():
-        print(f"! {problem}; left out.")
-    prompt_sets = sorted(found.files)
+    chosen = {name for name, paths in found.paths.items() if only is None or only in paths}
+    for name, problem in found.problems.items():
+        if name in chosen:
+            print(f"! {problem}; left out.")
+    prompt_sets = sorted(chosen & set(found.files))
     if not prompt_sets:
-        print(f"No prompt CSV in {project.prompts_dir}/: add one (see README, Prompt CSV format).")
+        if only is not None:
+            print(f"{only}: not a usable prompt CSV (see README, Prompt CSV format).")
+        else:
+            print(
+                f"No prompt CSV in {project.prompts_dir}/: add one (see README, Prompt CSV format)."
+            )
         return 1
     announce_models()
     backends = [name for name in enabled_backends(args.backends) if name in args.backends]
@@ -162,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="run the whole graph on the prompt CSVs")
-    demo_parser.add_argument("--prompts", help="a folder of prompt CSVs (default: the project's)")
+    demo_parser.add_argument(
+        "--prompts", help="a prompt CSV, or a folder of them (default: the project's folder)"
+    )
     demo_parser.add_argument(
         "--backends",
         nargs="+",
