@@ -15,16 +15,15 @@ demo: $(VENV)/.installed  ## run the whole graph on every CSV in prompts/
 test: $(VENV)/.installed  ## run the test suite
 	$(BIN)/pytest -q
 
-# dagster dev runs from DAGSTER_HOME, where the project's dagster.yaml was copied, so that it
-# does not warn about the (unused) copy in the project folder.
-ui: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI (and daemon) on PORT
+# `imagegen home` copies the project's dagster.yaml into DAGSTER_HOME and creates its databases
+# under a file lock (two first starts at once could corrupt them). dagster dev runs from
+# DAGSTER_HOME so that it does not warn about the (unused) copy in the project folder.
+ui: $(VENV)/.installed  ## the Dagster UI (and daemon) on PORT
+	$(BIN)/imagegen home
 	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -p $(PORT)
 
 lint: $(VENV)/.installed  ## ruff, and the import layers of pyproject.toml's [tool.importlinter]
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
-
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

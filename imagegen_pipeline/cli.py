@@ -1,6 +1,7 @@
 """``imagegen``: the demo run, and getting model weights.
 
 imagegen demo                      # the whole graph on every CSV of the prompts folder
+imagegen home                      # create and migrate DAGSTER_HOME (`make ui` runs it first)
 imagegen models list               # every model, its weights and where they come from
 imagegen models pull flux_schnell  # download weights on a machine that reaches the hub
 imagegen models tiny               # build the tiny random-weight test models
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
 from imagegen_pipeline.model_spec import WeightSource
 from imagegen_pipeline.model_weights import pull
 from imagegen_pipeline.registry import MODELS, configured_backends, enabled_backends
@@ -22,14 +25,45 @@ from imagegen_pipeline.registry import MODELS, configured_backends, enabled_back
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+HOME_LOCK = ".imagegen-home.lock"
+
+
 def ensure_dagster_home() -> Path:
-    """A project-local DAGSTER_HOME using the top-level dagster.yaml, unless one is set."""
+    """A project-local DAGSTER_HOME using the top-level dagster.yaml unless one is set, its
+    databases created and migrated.
+
+    Dagster's SQLite set-up is not safe across processes: two first starts on a fresh home can
+    each stamp a migration head, and every later command then fails on "more than one head".
+    So the home is set up under a file lock, by every entry point (`imagegen`, `make ui`).
+    """
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", config)
+    with FileLock(home / HOME_LOCK):
+        _install_config(home / "dagster.yaml")
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            instance.get_runs(limit=1)  # run, event-log and schedule storages now exist
     return home
+
+
+def _install_config(config: Path) -> None:
+    """Copy the project's dagster.yaml into the home when it is missing there or older (what
+    make did), through a rename so no process reads half a file."""
+    source = PROJECT_ROOT / "dagster.yaml"
+    if not source.exists():
+        return
+    if config.exists() and config.stat().st_mtime >= source.stat().st_mtime:
+        return
+    temp = config.with_name(f".{config.name}.tmp")
+    shutil.copyfile(source, temp)
+    os.replace(temp, config)
+
+
+def setup_home(args: argparse.Namespace) -> int:
+    """Create and migrate the Dagster home, so `dagster dev` starts on a ready one."""
+    print(f"Dagster home: {ensure_dagster_home()}")
+    return 0
 
 
 def announce_models() -> bool:
@@ -55,21 +89,35 @@ def announce_models() -> bool:
 def demo(args: argparse.Namespace) -> int:
     """Run the whole graph on the prompt CSVs and say where everything landed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    only = None  # --prompts FILE: that file's set alone, read from its folder
     if args.prompts:
-        os.environ["IMAGEGEN_PROMPTS_DIR"] = str(Path(args.prompts).resolve())
+        given = Path(args.prompts).resolve()
+        if given.is_file():
+            only, given = given, given.parent
+        os.environ["IMAGEGEN_PROMPTS_DIR"] = str(given)
     home = ensure_dagster_home()
     import dagster as dg
 
     from imagegen_pipeline.definitions import defs
-    from imagegen_pipeline.defs.prompts.assets import prompt_csv_files
     from imagegen_pipeline.local_runner import materialize_prompt_sets, release_interrupted_runs
     from imagegen_pipeline.project_config import load_project_config
+    from imagegen_pipeline.prompt_csv import find_prompt_csvs
 
     project = load_project_config()
     started = time.perf_counter()
-    prompt_sets = sorted(prompt_csv_files(project.prompts_dir))
+    found = find_prompt_csvs(project.prompts_dir)
+    chosen = {name for name, paths in found.paths.items() if only is None or only in paths}
+    for name, problem in found.problems.items():
+        if name in chosen:
+            print(f"! {problem}; left out.")
+    prompt_sets = sorted(chosen & set(found.files))
     if not prompt_sets:
-        print(f"No prompt CSV in {project.prompts_dir}/: add one (see README, Prompt CSV format).")
+        if only is not None:
+            print(f"{only}: not a usable prompt CSV (see README, Prompt CSV format).")
+        else:
+            print(
+                f"No prompt CSV in {project.prompts_dir}/: add one (see README, Prompt CSV format)."
+            )
         return 1
     announce_models()
     wanted = args.backends or configured_backends(project)
@@ -141,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="run the whole graph on the prompt CSVs")
-    demo_parser.add_argument("--prompts", help="a folder of prompt CSVs (default: the project's)")
+    demo_parser.add_argument(
+        "--prompts", help="a prompt CSV, or a folder of them (default: the project's folder)"
+    )
     demo_parser.add_argument(
         "--backends",
         nargs="+",
@@ -149,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         help="backends to run (default: the project's; an API backend only when its key is set)",
     )
     demo_parser.set_defaults(func=demo)
+    home_parser = commands.add_parser(
+        "home", help="create and migrate DAGSTER_HOME (safe to run alongside other commands)"
+    )
+    home_parser.set_defaults(func=setup_home)
     models_parser = commands.add_parser("models", help="get model weights")
     models_parser.add_argument("action", choices=["list", "pull", "tiny"])
     models_parser.add_argument(

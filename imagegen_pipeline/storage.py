@@ -12,9 +12,11 @@ would cost one request per image.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +44,24 @@ def _write_local_atomic(path: Path, data: bytes) -> None:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+class StorageFullError(OSError):
+    """A write refused for lack of space (or quota); the message says what to free."""
+
+
+def _full_disk_error(path: Path, size: int, cause: OSError) -> StorageFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    reason = "disk quota exceeded" if cause.errno == errno.EDQUOT else "no space left on device"
+    return StorageFullError(
+        cause.errno,
+        f"{path}: {reason} writing {size:,} bytes ({free} there). This file was not written "
+        "(its temporary file was removed); files already written are unchanged. Free some "
+        "space and run again: finished files are skipped.",
+    )
 
 
 class Storage:
@@ -77,8 +97,13 @@ class Storage:
         """Write ``data`` to ``path`` whole or not at all."""
         if is_local(path):
             local = Path(path.path)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            _write_local_atomic(local, data)
+            try:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                _write_local_atomic(local, data)
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _full_disk_error(local, len(data), error) from error
+                raise
         else:
             path.fs.pipe_file(path.path, data)  # one PUT: the object appears whole
 

@@ -43,3 +43,23 @@ def test_definitions_load_without_model_libraries() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_every_module_has_a_layer() -> None:
+    # A module left out of the contract could import anything: each must be placed.
+    import tomllib
+
+    config = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    layers = config["tool"]["importlinter"]["contracts"][0]["layers"]
+    placed = {
+        name.strip().removeprefix("imagegen_pipeline.")
+        for layer in layers
+        for name in layer.replace("|", ":").split(":")
+    }
+    modules = {
+        path.stem if path.is_file() else path.name
+        for path in PACKAGE.iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__")
+        or (path.is_dir() and (path / "__init__.py").is_file())
+    }
+    assert modules - placed == set()

@@ -1,15 +1,23 @@
 """Prompt CSV validation: every rejection reason, and whole-file failures."""
 
+import re
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
+import dagster as dg
 import pytest
+from dagster._core.definitions.partitions.utils.base import (  # the check Dagster applies to keys
+    raise_error_on_invalid_partition_key_substring,
+)
 
 from imagegen_pipeline.prompt_csv import (
     MAX_PROMPT_CHARS,
+    MAX_SET_NAME_BYTES,
     PromptFileError,
     derived_prompt_id,
+    find_prompt_csvs,
     prompt_set_name,
     read_prompt_csv,
 )
@@ -216,6 +224,60 @@ def test_file_without_any_valid_row_fails_and_keeps_the_rejections(tmp_path):
     assert sorted(error.value.rejected["line"]) == [2, 3]
 
 
-def test_prompt_set_names_are_safe():
-    assert prompt_set_name(Path("prompts/My Set (v2).csv")) == "My_Set__v2_"
-    assert prompt_set_name(Path("prompts/..csv")) == "prompts"
+STEMS = [
+    "cats",
+    "set-1.v2_x",
+    "My Set (v2)",
+    "a,b",
+    "a|b",
+    "a b",
+    "a_b",
+    "çà",
+    "éè",
+    "中文",
+    "١٢",
+    "नमस्ते",
+    "..",
+    "...hidden",
+    "a...b",
+    "x" * 300,
+    "x" * 299 + "y",
+    "é" * 300,
+    "tab\there",
+    "new\nline",
+    "🙂🙂",
+]
+
+
+def test_prompt_set_names_are_distinct_readable_and_safe(tmp_path):
+    names = [prompt_set_name(Path(f"{stem}.csv")) for stem in STEMS]
+    assert len(set(names)) == len(STEMS), list(zip(STEMS, names, strict=True))
+    # Names that were safe as they were stay as they were.
+    for stem in ("cats", "set-1.v2_x", "çà", "éè", "中文", "١٢", "नमस्ते"):
+        assert prompt_set_name(Path(f"{stem}.csv")) == stem
+    # Changed or cut names keep what was readable and end in a hash.
+    assert re.fullmatch(r"My_Set__v2_-[0-9a-f]{8}", prompt_set_name(Path("My Set (v2).csv")))
+    assert prompt_set_name(Path("x" * 300 + ".csv")).startswith("x" * 80)
+    for name in names:
+        assert len(name.encode()) <= MAX_SET_NAME_BYTES and not name.startswith(".")
+        assert "|" not in name and "..." not in name and name not in (".", "..")
+        raise_error_on_invalid_partition_key_substring([name])
+        dg.MultiPartitionKey({"prompt_set": name, "backend": "sdxl_turbo"})
+        # A temporary Parquet file of the longest kind the storage writes.
+        temp = tmp_path / name / f".{name}.parquet.{'0' * 8}.tmp"
+        temp.parent.mkdir()
+        temp.write_bytes(b"")
+    # One name in any Unicode normal form (macOS file names come decomposed).
+    decomposed = unicodedata.normalize("NFD", "çà")
+    assert prompt_set_name(Path(f"{decomposed}.csv")) == "çà"
+
+
+def test_files_mapping_to_one_set_are_refused_by_name(tmp_path):
+    for name in ("x.csv", "x.CSV", "Y.csv", "y.csv", "ok.csv", "notes.txt"):
+        (tmp_path / name).write_text("prompt\nhello\n")
+    found = find_prompt_csvs(tmp_path)
+    assert found.files == {"ok": tmp_path / "ok.csv"}
+    assert sorted(found.problems) == ["Y", "x"]
+    for name, files in (("x", ("x.csv", "x.CSV")), ("Y", ("Y.csv", "y.csv"))):
+        message = found.problems[name]
+        assert all(str(tmp_path / file) in message for file in files), message

@@ -5,9 +5,13 @@ Ports every test of the old ``test_atomic_files.py`` to the ``Storage`` API.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,3 +237,53 @@ def test_object_store_round_trip(memory_store: Storage) -> None:
     # A rewrite replaces the object whole.
     store.write_bytes(store.path("set", "flux", "a.png"), b"A2")
     assert store.read_bytes(store.path("set", "flux", "a.png")) == b"A2"
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+def test_full_disk_says_which_file_how_much_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Storage(tmp_path)
+    target = store.path("images", "cat.png")
+    store.write_bytes(target, b"the old image")
+    store.write_bytes(store.path("images", "dog.png"), b"another image")
+
+    def disk_full(fd: int) -> None:  # delayed allocation: the disk fills when data is flushed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage_module.os, "fsync", disk_full)
+    with pytest.raises(storage_module.StorageFullError) as error:
+        store.write_bytes(target, b"x" * 123_456)
+    monkeypatch.undo()
+
+    message = str(error.value)
+    free = shutil.disk_usage(tmp_path).free
+    assert error.value.errno == errno.ENOSPC
+    assert str(tmp_path / "images" / "cat.png") in message and "123,456 bytes" in message
+    free_figure = int(re.search(r"([\d,]+) bytes free", message).group(1).replace(",", ""))
+    assert abs(free_figure - free) < 100 * 2**20
+    assert "files already written are unchanged" in message
+    assert names_in(tmp_path / "images") == ["cat.png", "dog.png"]  # temporary file removed
+    assert (tmp_path / "images" / "cat.png").read_bytes() == b"the old image"
+
+
+def test_a_really_full_file_system(tmp_path: Path) -> None:
+    """The same on a 1 MB tmpfs (where this machine lets tests mount one)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store = Storage(mount)
+        store.write_bytes(store.path("kept.bin"), b"k" * 300_000)
+        with pytest.raises(storage_module.StorageFullError, match=r"writing 2,000,000 bytes"):
+            store.write_bytes(store.path("big.bin"), b"b" * 2_000_000)
+        assert names_in(mount) == ["kept.bin"]
+        assert (mount / "kept.bin").read_bytes() == b"k" * 300_000
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from imagegen_pipeline.backends.gemini.settings import GeminiSettings
 from imagegen_pipeline.defs.images.assets import images
+from imagegen_pipeline.defs.images.checks import images_checks
 from imagegen_pipeline.defs.model_resources import settings_resource
 from imagegen_pipeline.defs.prompts.assets import enhanced_prompts, prompts
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
@@ -372,3 +373,61 @@ def test_a_launchpad_run_config_with_one_field_keeps_the_model_and_the_key(
     assert set(flux["steps"]) == {4}
     assert all(r.headers["x-goog-api-key"] == FAKE_GEMINI_KEY for r in fake_gemini.requests)
     assert not [text for text in stored if FAKE_GEMINI_KEY in text]
+
+
+def test_a_daily_quota_stops_sending_and_the_step_ends_with_a_warn_check(
+    tmp_path: Path,
+    prompts_folder: Path,
+    fake_gemini: FakeGemini,
+    text_gemini: FakeGemini,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """What README "Gemini" says: the step stops sending, finishes, and warns."""
+    monkeypatch.setenv("GEMINI_API_KEY", FAKE_GEMINI_KEY)
+    fake_gemini.script("volcano", "daily_quota")
+    resources = make_resources(tmp_path, prompts_folder, fake_gemini, text_gemini)
+    resources["gemini"] = GeminiResource(base_url=fake_gemini.url, max_concurrent_requests=1)
+
+    with dg.instance_for_test(temp_dir=home(tmp_path)) as instance:
+        instance.add_dynamic_partitions("prompt_sets", [PROMPT_SET])
+        assert dg.materialize(
+            [prompts, enhanced_prompts],
+            partition_key=PROMPT_SET,
+            resources=resources,
+            instance=instance,
+        ).success
+        result = dg.materialize(
+            [prompts, enhanced_prompts, images, images_checks],
+            selection=dg.AssetSelection.assets(images),
+            partition_key=GEMINI_PARTITION,
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
+        logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+        table, metadata = images_output(instance, result)
+
+    assert result.success  # the step ends normally
+    status = dict(
+        zip(
+            table["prompt_id"] + "/" + table["image_index"].astype(str),
+            table["status"],
+            strict=True,
+        )
+    )
+    assert status == {
+        "fox/0": "ok",
+        "fox/1": "ok",
+        "harbour/0": "ok",
+        "volcano/0": "failed",
+        "garden/0": "failed",
+        "canyon/0": "failed",
+    }
+    errors = table.set_index("prompt_id")["error"]
+    assert errors["volcano"].startswith("daily quota exhausted")
+    assert errors["garden"].startswith("not sent") and errors["canyon"].startswith("not sent")
+    assert len(fake_gemini.requests) == 4  # nothing sent after the quota answer
+    assert metadata["daily_quota_exhausted"] is True
+    assert any("daily quota is exhausted" in message for message in logs)
+    [check] = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN

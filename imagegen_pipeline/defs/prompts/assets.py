@@ -19,16 +19,15 @@ from imagegen_pipeline.prompt_csv import (
     REJECTED_COLUMNS,
     VALID_COLUMNS,
     PromptFileError,
-    prompt_set_name,
+    find_prompt_csvs,
     read_prompt_csv,
 )
 
 
 def prompt_csv_files(prompts_dir: str | Path) -> dict[str, Path]:
-    """Every CSV file of the prompts folder, by prompt-set name."""
-    folder = Path(prompts_dir)
-    files = sorted(folder.glob("*.csv")) + sorted(folder.glob("*.CSV"))
-    return {prompt_set_name(path): path for path in files}
+    """Every usable CSV file of the prompts folder, by prompt-set name (sets that two files
+    map to are left out: see ``find_prompt_csvs``)."""
+    return find_prompt_csvs(prompts_dir).files
 
 
 @dg.multi_asset(
@@ -54,14 +53,16 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
     many-set run go on; the step fails when no file of the run could be used.
     """
     folder = storage.prompts_folder()
-    files = prompt_csv_files(folder)
+    found = find_prompt_csvs(folder)
+    files, problems = found.files, found.problems
     valid: dict[str, pd.DataFrame] = {}
     rejected: dict[str, pd.DataFrame] = {}
     unusable: list[str] = []
     for prompt_set in context.partition_keys:
         path = files.get(prompt_set)
         if path is None:
-            message = f"No CSV file for prompt set {prompt_set!r} in {folder}/"
+            message = problems.get(prompt_set, f"No CSV file for prompt set {prompt_set!r}")
+            message += f" in {folder}/"
             context.log.error(message)
             unusable.append(message)
             valid[prompt_set], rejected[prompt_set] = _no_rows(), _file_problem(folder, message)
