@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export IMAGEGEN_CONFIG ?= $(CURDIR)/imagegen.toml
 export HF_HUB_OFFLINE ?= 1
+# Test processes: the suite's tests are independent, except those sharing a module-scoped
+# fixture, which run together on one worker (tests/conftest.py groups them).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test ui lint
 
@@ -13,7 +16,7 @@ demo: $(VENV)/.installed  ## run the whole graph on every CSV in prompts/
 	$(BIN)/imagegen demo
 
 test: $(VENV)/.installed  ## run the test suite
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # `imagegen home` copies the project's dagster.yaml into DAGSTER_HOME and creates its databases
 # under a file lock (two first starts at once could corrupt them). dagster dev runs from

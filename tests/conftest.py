@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ import yaml
 from imagegen_pipeline.registry import MODELS
 from imagegen_pipeline.tiny_models import build_tiny_model
 from tests.support.fake_servers import FAKE_GEMINI_KEY, FakeGemini, FakeOllama
+from tests.support.xdist_groups import (  # noqa: F401 (hooks: which tests share a worker)
+    pytest_collection_modifyitems,
+    pytest_configure_node,
+    pytest_xdist_make_scheduler,
+)
 
 # Tests never reach a model hub: every model is built locally in the real repos' layout.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -93,23 +99,71 @@ def tiny_model_variables(
 # --- Dagster --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def dagster_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    """A Dagster instance in a temporary DAGSTER_HOME with the project's dagster.yaml."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
+@contextmanager
+def temporary_instance(home: Path) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance in ``home`` (created) with the project's dagster.yaml."""
+    home.mkdir(parents=True)
     overrides = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
     with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as instance:
         yield instance
 
 
 @pytest.fixture
-def prompts_dir(tmp_path: Path) -> Path:
-    """A prompts folder holding ``example.csv`` (three prompts, four images per backend max)."""
-    folder = tmp_path / "prompts"
+def dagster_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance in a temporary DAGSTER_HOME with the project's dagster.yaml."""
+    with temporary_instance(tmp_path / "dagster_home") as instance:
+        yield instance
+
+
+def write_prompts(root: Path) -> Path:
+    """``root``/prompts holding ``example.csv`` (three prompts, four images per backend max)."""
+    folder = root / "prompts"
     folder.mkdir()
     (folder / "example.csv").write_text(EXAMPLE_CSV)
     return folder
+
+
+@pytest.fixture
+def prompts_dir(tmp_path: Path) -> Path:
+    """A prompts folder holding ``example.csv`` (three prompts, four images per backend max)."""
+    return write_prompts(tmp_path)
+
+
+def resources_maker(
+    root: Path, prompts: Path, flux: Path, sdxl: Path, svd: Path, open_clip: Path
+) -> Callable[..., dict[str, Any]]:
+    """The project's resources on the tiny models (paths given), storage in ``root``/storage.
+
+    Keyword arguments replace whole resources, e.g. ``make(flux_schnell=...)``."""
+    from imagegen_pipeline.defs.model_resources import settings_resource
+    from imagegen_pipeline.defs.resources import default_resources
+    from imagegen_pipeline.defs.storage import (
+        StepOutputIOManager,
+        StorageResource,
+        TableIOManager,
+    )
+    from imagegen_pipeline.registry import MODELS
+
+    def model(name: str, **values: Any) -> dg.ConfigurableResource:
+        return settings_resource(MODELS[name].settings)(**values)
+
+    def make(**overrides: Any) -> dict[str, Any]:
+        storage = StorageResource(base=str(root / "storage"), prompts_dir=str(prompts))
+        size = {"width": TEST_IMAGE_SIDE, "height": TEST_IMAGE_SIDE, "batch_size": 2}
+        resources = {
+            **default_resources(),
+            "storage": storage,
+            "io_manager": TableIOManager(storage=storage),
+            "step_io_manager": StepOutputIOManager(storage=storage),
+            "flux_schnell": model("flux_schnell", model=str(flux), **size),
+            "sdxl_turbo": model("sdxl_turbo", model=str(sdxl), **size),
+            "svd": model("svd", model=str(svd)),
+            "clip_model": model("clip_model", model=f"local-dir:{open_clip}", batch_size=4),
+        }
+        resources.update(overrides)
+        return resources
+
+    return make
 
 
 @pytest.fixture
@@ -125,35 +179,7 @@ def make_resources(
 
     Keyword arguments replace whole resources, e.g. ``make_resources(flux_schnell=...)``.
     """
-    from imagegen_pipeline.defs.model_resources import settings_resource
-    from imagegen_pipeline.defs.resources import default_resources
-    from imagegen_pipeline.defs.storage import (
-        StepOutputIOManager,
-        StorageResource,
-        TableIOManager,
-    )
-    from imagegen_pipeline.registry import MODELS
-
-    def model(name: str, **values: Any) -> dg.ConfigurableResource:
-        return settings_resource(MODELS[name].settings)(**values)
-
-    def make(**overrides: Any) -> dict[str, Any]:
-        storage = StorageResource(base=str(tmp_path / "storage"), prompts_dir=str(prompts_dir))
-        size = {"width": TEST_IMAGE_SIDE, "height": TEST_IMAGE_SIDE, "batch_size": 2}
-        resources = {
-            **default_resources(),
-            "storage": storage,
-            "io_manager": TableIOManager(storage=storage),
-            "step_io_manager": StepOutputIOManager(storage=storage),
-            "flux_schnell": model("flux_schnell", model=str(tiny_flux), **size),
-            "sdxl_turbo": model("sdxl_turbo", model=str(tiny_sdxl), **size),
-            "svd": model("svd", model=str(tiny_svd)),
-            "clip_model": model("clip_model", model=f"local-dir:{tiny_open_clip}", batch_size=4),
-        }
-        resources.update(overrides)
-        return resources
-
-    return make
+    return resources_maker(tmp_path, prompts_dir, tiny_flux, tiny_sdxl, tiny_svd, tiny_open_clip)
 
 
 @pytest.fixture(autouse=True)

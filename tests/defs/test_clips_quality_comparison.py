@@ -19,7 +19,14 @@ from imagegen_pipeline.local_runner import materialize_prompt_sets
 from imagegen_pipeline.registry import SVD
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.video.video_files import read_mp4_frames
-from tests.conftest import ARTIFACTS, chromium_screenshot, needs_chromium
+from tests.conftest import (
+    ARTIFACTS,
+    chromium_screenshot,
+    needs_chromium,
+    resources_maker,
+    temporary_instance,
+    write_prompts,
+)
 
 # The tiny SVD's settings come from the registry, wherever the tiny models are used.
 TINY_SVD = SVD.tiny_defaults
@@ -55,17 +62,24 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def first_run(dagster_instance, make_resources, tmp_path):
-    resources = make_resources()
-    results = materialize_prompt_sets(
-        defs, ["example"], BACKENDS, instance=dagster_instance, resources=resources
-    )
-    return results, resources, tmp_path / "storage"
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_flux, tiny_sdxl, tiny_svd, tiny_open_clip):
+    """The whole graph materialized once for the module: (results, resources, storage,
+    instance). The tests below read it in file order; the one that damages an image and
+    re-runs with strict checks comes last."""
+    root = tmp_path_factory.mktemp("first-run")
+    resources = resources_maker(
+        root, write_prompts(root), tiny_flux, tiny_sdxl, tiny_svd, tiny_open_clip
+    )()
+    with temporary_instance(root / "dagster_home") as instance:
+        results = materialize_prompt_sets(
+            defs, ["example"], BACKENDS, instance=instance, resources=resources
+        )
+        yield results, resources, root / "storage", instance
 
 
-def test_the_whole_graph_on_tiny_models(first_run, dagster_instance):
-    results, resources, storage = first_run
+def test_the_whole_graph_on_tiny_models(first_run):
+    results, resources, storage, dagster_instance = first_run
     assert [r.success for r in results] == [True] * 4  # prompts, 2 backends, comparison
     checks = check_results(results)
     assert len(checks) == 3 * len(BACKENDS)
@@ -125,8 +139,26 @@ def test_the_whole_graph_on_tiny_models(first_run, dagster_instance):
     assert list(clip_steps["generated"]) == [3, 2, 0, 0]
 
 
-def test_checks_fail_on_a_blank_image_and_a_high_threshold(first_run, dagster_instance):
-    _, resources, storage = first_run
+@needs_chromium
+def test_the_gallery_renders_in_headless_chromium(first_run, tmp_path):
+    _, _, storage, _ = first_run
+    gallery = storage / "reports" / "example" / "gallery.html"
+    screenshot = chromium_screenshot(
+        gallery.resolve().as_uri(), "gallery.png", tmp_path / "chromium"
+    )
+    shutil.copyfile(gallery, ARTIFACTS / "gallery.html")
+    with Image.open(screenshot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[:2] == (900, 1280)
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    # A white page with text has a few hundred colours; the noise thumbnails bring thousands.
+    assert len(colours) > 5000, f"only {len(colours)} colours: were the thumbnails drawn?"
+    assert pixels.std() > 20
+
+
+def test_checks_fail_on_a_blank_image_and_a_high_threshold(first_run):
+    # Changes the module's outputs (a blank image, a strict re-run): it runs last.
+    _, resources, storage, dagster_instance = first_run
     report = table(storage, "quality", "example", "flux_schnell")
     blank_path = Path(report.loc[report["prompt_id"] == "cat", "path"].iloc[0])
     Image.new("RGB", (64, 64), (128, 128, 128)).save(blank_path)  # a "safety filter" grey
@@ -143,23 +175,6 @@ def test_checks_fail_on_a_blank_image_and_a_high_threshold(first_run, dagster_in
     # The blank image is not animated: the cat's clip moves on to its next image.
     clips = table(storage, "clips", "example", "flux_schnell")
     assert clips.loc[clips["prompt_id"] == "cat", "image_index"].tolist() == [1]
-
-
-@needs_chromium
-def test_the_gallery_renders_in_headless_chromium(first_run, tmp_path):
-    _, _, storage = first_run
-    gallery = storage / "reports" / "example" / "gallery.html"
-    screenshot = chromium_screenshot(
-        gallery.resolve().as_uri(), "gallery.png", tmp_path / "chromium"
-    )
-    shutil.copyfile(gallery, ARTIFACTS / "gallery.html")
-    with Image.open(screenshot) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    assert pixels.shape[:2] == (900, 1280)
-    colours = np.unique(pixels.reshape(-1, 3), axis=0)
-    # A white page with text has a few hundred colours; the noise thumbnails bring thousands.
-    assert len(colours) > 5000, f"only {len(colours)} colours: were the thumbnails drawn?"
-    assert pixels.std() > 20
 
 
 def test_backends_keep_the_registry_order_whatever_order_dagster_loads_them_in() -> None:

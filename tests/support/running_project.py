@@ -94,8 +94,20 @@ class RunningProject:
                 return time.monotonic() - started
             time.sleep(1)
         tail = self.log.read_text(errors="replace")[-6000:]
-        summary = [(r.job_name, r.status.value, partitions_of(r)) for r in self.runs()]
-        raise ProjectTimeout(f"timed out waiting for {what}; runs: {summary}\n--- log ---\n{tail}")
+        raise ProjectTimeout(
+            f"timed out waiting for {what}; runs: {self.run_summary()}\n--- log ---\n{tail}"
+        )
+
+    def run_summary(self) -> str:
+        """The runs so far as (job, status, partitions), or why they cannot be read.
+
+        A project that never started (the webserver never answered) may have no instance in
+        its DAGSTER_HOME yet: the summary says so instead of hiding the `make ui` log behind
+        an instance error."""
+        try:
+            return str([(r.job_name, r.status.value, partitions_of(r)) for r in self.runs()])
+        except Exception as exc:
+            return f"unreadable ({type(exc).__name__}: {exc})"
 
     def graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         """One GraphQL call through the dagster-graphql client."""
