@@ -69,7 +69,7 @@ def clips(
             for key, prompt_set in entries:
                 started_at = utc_now()
                 sources = select_sources(quality[key], settings.selection, settings.n)
-                planned = plan_video_clips(sources, clip_settings, storage)
+                planned = plan_video_clips(sources, clip_settings)
                 step = VideoStepContext(
                     storage=storage,
                     prompt_set=prompt_set,
