@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
+import pyarrow as pa
 from upath import UPath
 
-from imagegen_pipeline.image_files import DECODE_ERRORS
-from imagegen_pipeline.records import utc_now
-from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.image_files import DECODE_ERRORS, verify_png
+from imagegen_pipeline.records import RECORD_TYPES, TABLE_SCHEMAS, utc_now
+from imagegen_pipeline.run_metadata import load_run_metadata, write_records
 from imagegen_pipeline.storage import Storage
 
 if TYPE_CHECKING:
@@ -171,3 +172,123 @@ class PartitionFiles:
         extra = f", and {len(derived)} file(s) made from it" if derived else ""
         log(f"{'/'.join(self.parts)}/{names[0]} is damaged: moved to {moved[0]}{extra}.")
         return str(moved[0])
+
+
+def _check_mp4(data: bytes) -> None:
+    from imagegen_pipeline.video.video_files import read_mp4_frames
+
+    if not read_mp4_frames(data):
+        raise ValueError("no frame decodes")
+
+
+# How ``imagegen verify`` decodes a file it finds by its row alone, by suffix.
+FILE_CHECKS: dict[str, Callable[[bytes], None]] = {".png": verify_png, ".mp4": _check_mp4}
+# The folder of each verified run-metadata table, and its content-address column.
+VERIFIED_TABLES = {"images": "image_id", "clips": "clip_id"}
+
+
+def _clips_of(storage: Storage, prompt_set: str, backend: str, name: str) -> list[str]:
+    """The clip files made from image ``<prompt>/<index>_<address>.png``: ``<prompt>/<index>_*``."""
+    prefix = name.rsplit("_", 1)[0] + "_"
+    listed = storage.list_files(storage.path("clips", prompt_set, backend))
+    return sorted(other for other in listed if other.startswith(prefix))
+
+
+def verify_partition(
+    storage: Storage, table: str, prompt_set: str, backend: str, log: Callable[[str], None]
+) -> int:
+    """Check the sha256, size and decoding of every file the rows of one partition say was
+    made; move each damaged one (and an image's clips) aside with a ``damaged`` row. Returns
+    how many were damaged. A missing file is not damage: the next run makes it."""
+    id_column = VERIFIED_TABLES[table]
+    parts = (table, prompt_set, backend)
+    rows = load_run_metadata(storage, table, prompt_set=prompt_set, backend=backend)
+    current = rows[rows["status"].isin(["ok", "damaged"])].drop_duplicates(id_column, keep="last")
+    made = current[current["status"] == "ok"]
+    folder = str(storage.path(*parts)).rstrip("/") + "/"
+    damaged_rows = []
+    for row in made.to_dict("records"):
+        path = str(row["path"])
+        if not path.startswith(folder):
+            continue  # written under another storage base
+        name = path[len(folder) :]
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            continue
+        size = None if pd.isna(row["bytes"]) else int(row["bytes"])
+        check = FILE_CHECKS.get("." + name.rsplit(".", 1)[-1], lambda _: None)
+        reason = damage_of(data, check, size, row["sha256"], "hash")
+        if reason is None:
+            continue
+        if table == "clips" and isinstance(row.get("preview_path"), str):
+            preview = str(row["preview_path"])[len(folder) :]
+            if storage.exists(storage.path(*parts, preview)):
+                quarantine(storage, parts, preview)
+        moved = quarantine(storage, parts, name)
+        derived = _clips_of(storage, prompt_set, backend, name) if table == "images" else []
+        for clip in derived:
+            quarantine(storage, ("clips", prompt_set, backend), clip)
+        log(
+            f"{path}: {reason}; moved to {moved}"
+            + (f" with {len(derived)} clip file(s)" if derived else "")
+        )
+        stamp = utc_now()
+        damaged_rows.append(
+            {
+                **row,
+                "status": "damaged",
+                "error": reason,
+                "path": str(moved),
+                "bytes": len(data),
+                "run_id": "imagegen-verify",
+                "started_at": stamp,
+                "finished_at": stamp,
+            }
+        )
+    if damaged_rows:
+        record_type = RECORD_TYPES[table]
+        ints = {f.name for f in TABLE_SCHEMAS[table] if pa.types.is_integer(f.type)}
+        records = [record_type(**_plain(row, ints)) for row in damaged_rows]
+        write_records(
+            storage,
+            table,
+            records,
+            run_id="imagegen-verify",
+            prompt_set=prompt_set,
+            backend=backend,
+        )
+    return len(damaged_rows)
+
+
+def _plain(row: dict[str, Any], ints: set[str]) -> dict[str, Any]:
+    """A pandas row as record fields: NaN as None, integer columns as ints, plain datetimes."""
+    plain = {}
+    for name, value in row.items():
+        if pd.api.types.is_scalar(value) and pd.isna(value):
+            value = None
+        elif name in ints:
+            value = int(value)
+        elif isinstance(value, pd.Timestamp):
+            value = value.to_pydatetime()
+        plain[name] = value
+    return plain
+
+
+def verify_stored_outputs(
+    storage: Storage, prompt_set: str | None = None, log: Callable[[str], None] = print
+) -> dict[tuple[str, str, str], int]:
+    """``verify_partition`` over every partition (of one prompt set) with run metadata;
+    returns the damaged count of each (table, prompt set, backend)."""
+    found: dict[tuple[str, str, str], int] = {}
+    for table in VERIFIED_TABLES:
+        root = storage.path("run_metadata", table)
+        partitions = {
+            tuple(name.split("/")[:2]) for name in storage.list_files(root) if name.count("/") == 2
+        }
+        for set_name, backend in sorted(partitions):
+            if prompt_set is None or set_name == prompt_set:
+                found[(table, set_name, backend)] = verify_partition(
+                    storage, table, set_name, backend, log
+                )
+    return found

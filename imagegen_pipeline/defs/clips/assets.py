@@ -77,6 +77,7 @@ def clips(
                     run_id=context.run.run_id,
                     preview_side=settings.preview_side,
                     writer_threads=storage_resource.writer_threads,
+                    verify=storage_resource.verify,
                 )
                 outcome = run_video_step(
                     clip_settings, lambda: warm.model, planned, step, log=context.log.info
@@ -107,6 +108,7 @@ def clips(
                     {
                         "rows": len(table),
                         **{status: counts.get(status, 0) for status in VIDEO_CLIP_STATUSES},
+                        "damaged": len(outcome.damaged),
                         "model_id": record.model_id,
                         **({"device": record.device} if record.device else {}),
                         "worker": record.worker,

@@ -79,6 +79,7 @@ def make_images(
                     run_id=context.run.run_id,
                     png_compress_level=storage_resource.png_compress_level,
                     writer_threads=storage_resource.writer_threads,
+                    verify=storage_resource.verify,
                 )
                 outcome = run_images_step(
                     target, lambda: warm.model, planned, step, log=context.log.info
@@ -121,6 +122,7 @@ def make_images(
                     {
                         "rows": len(table),
                         **{status: counts.get(status, 0) for status in IMAGE_STATUSES},
+                        "damaged": len(outcome.damaged),
                         **{k: v for k, v in summary.metadata.items() if v is not None},
                         "model_id": target.settings.model_id,
                         **({"device": record.device} if record.device else {}),
