@@ -258,3 +258,25 @@ def test_a_lost_metadata_row_is_recovered_from_the_preview(tiny_svd, sources, st
     # Recovered once: a later run finds the row and adds no second generation row.
     run(small_generator(tiny_svd), sources, storage, "run-3")
     assert ok_rows_per_clip(storage) == {made.clip_id: 1 for made in first.records}
+
+
+def test_a_truncated_clip_is_moved_aside_and_made_again(tiny_svd, sources, storage):
+    first = run(small_generator(tiny_svd), sources, storage)
+    damaged = Path(first.records[0].path)
+    damaged.write_bytes(damaged.read_bytes()[:300])
+
+    second = run(small_generator(tiny_svd), sources, storage, "run-2")
+    assert [r.status for r in second.records] == ["ok", "skipped_existing"]
+    assert "size" in second.records[0].damage
+    assert len(read_mp4_frames(damaged.read_bytes())) == SMALL["num_frames"]
+    quarantine = Path(storage.base.path) / "quarantine" / "clips" / "set" / "flux_schnell" / "a"
+    assert sorted(p.suffix for p in quarantine.iterdir()) == [".mp4", ".webp"]
+    rows = clip_rows(storage)
+    assert rows[rows["status"] == "damaged"]["clip_id"].tolist() == [first.records[0].clip_id]
+
+
+def test_an_unreadable_source_image_fails_its_clip_alone(tiny_svd, sources, storage):
+    Path(sources.loc[0, "path"]).write_bytes(b"not a png any more")
+    outcome = run(small_generator(tiny_svd), sources, storage)
+    assert [r.status for r in outcome.records] == ["failed", "ok"]
+    assert "UnidentifiedImageError" in outcome.records[0].error
