@@ -89,7 +89,7 @@ def materialize_prompt_sets(
         )
 
     def run(job: Any, first: str, last: str) -> dg.ExecuteInProcessResult:
-        return defs.get_job_def(job.name).execute_in_process(
+        return defs.resolve_job_def(job.name).execute_in_process(
             instance=instance,
             raise_on_error=raise_on_error,
             # Step events at INFO: the DEBUG stream of every event drowns the step logs.

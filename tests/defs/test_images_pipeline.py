@@ -277,7 +277,7 @@ from imagegen_pipeline.local_runner import range_tags
 first, last, *backends = sys.argv[1:]
 with dg.DagsterInstance.get() as instance:
     for backend in backends:
-        result = defs.get_job_def("generate_images").execute_in_process(
+        result = defs.resolve_job_def("generate_images").execute_in_process(
             instance=instance,
             tags=range_tags(f"{backend}|{first}", f"{backend}|{last}"),
         )
