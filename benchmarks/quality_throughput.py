@@ -160,9 +160,9 @@ def main() -> int:
         sources = table.head(args.clips)
         warm = VideoStepContext(storage, "warm", "x", "warm")
         clip_settings = generator.settings
-        warm_up = plan_video_clips(table.tail(1), clip_settings, storage)
+        warm_up = plan_video_clips(table.tail(1), clip_settings)
         run_video_step(clip_settings, lambda: generator, warm_up, warm, QUIET)
-        planned = plan_video_clips(sources, clip_settings, storage)
+        planned = plan_video_clips(sources, clip_settings)
         started = time.perf_counter()
         outcome = run_video_step(
             clip_settings,

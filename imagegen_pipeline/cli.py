@@ -5,6 +5,7 @@ imagegen home                      # create and migrate DAGSTER_HOME (`make ui` 
 imagegen models list               # every model, its weights and where they come from
 imagegen models pull flux_schnell  # download weights on a machine that reaches the hub
 imagegen models tiny               # build the tiny random-weight test models
+imagegen verify [SET]              # sha256-check every stored image and clip; quarantine damage
 """
 
 from __future__ import annotations
@@ -182,6 +183,20 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    """Check every stored image and clip against its row; 1 when something was damaged."""
+    from imagegen_pipeline.project_config import load_project_config
+    from imagegen_pipeline.steps.verify import verify_stored_outputs
+    from imagegen_pipeline.storage import Storage
+
+    found = verify_stored_outputs(Storage(load_project_config().storage), args.prompt_set)
+    for (table, prompt_set, backend), damaged in found.items():
+        print(f"  {table} {prompt_set}/{backend}: {damaged} damaged")
+    total = sum(found.values())
+    print(f"{total} damaged file(s) moved to the quarantine; the next run makes them again.")
+    return 1 if total else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imagegen`` command."""
     parser = argparse.ArgumentParser(
@@ -211,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     models_parser.add_argument("--revision", default=None)
     models_parser.add_argument("--root", default=None, help="folder for tiny models")
     models_parser.set_defaults(func=models)
+    verify_parser = commands.add_parser("verify", help="check stored files against their rows")
+    verify_parser.add_argument("prompt_set", nargs="?", help="one prompt set (default: all)")
+    verify_parser.set_defaults(func=verify)
     args = parser.parse_args(argv)
     return args.func(args)
 

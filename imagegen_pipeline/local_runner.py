@@ -1,7 +1,7 @@
 """Run the whole graph for prompt sets in this process, on the embedded Dagster instance.
 
-The demo, integration tests and benchmarks use this; the UI, the sensors and the schedule run
-the same assets through the jobs of ``defs/jobs.py``. Every asset takes whole partition ranges
+The demo, integration tests and benchmarks use this; it runs the jobs of ``defs/jobs.py``, the
+ones the UI, the sensors and the schedule launch. Every asset takes whole partition ranges
 (single-run backfill policy), so any number of prompt sets costs one run for the prompts, one
 per backend, and one for the comparison, and each model loads once per run.
 """
@@ -18,12 +18,14 @@ from dagster._core.storage.tags import (  # the tags Dagster itself uses for par
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from imagegen_pipeline.defs.jobs import (
+    compare_backends_job,
+    generate_images_job,
+    prepare_prompts_job,
+)
 from imagegen_pipeline.defs.partitions import partition_key, prompt_set_partitions
 
 RUNNER_PID_TAG = "imagegen/runner_pid"
-PER_PROMPT_SET_GROUPS = ("prompts",)
-PER_BACKEND_GROUPS = ("images", "quality", "clips")  # the generate_images job
-AFTER_BACKENDS_GROUPS = ("comparison",)
 
 
 def _process_alive(pid: int) -> bool:
@@ -78,15 +80,17 @@ def materialize_prompt_sets(
     ordered = [
         s for s in instance.get_dynamic_partitions(prompt_set_partitions.name) if s in prompt_sets
     ]
-    assets = [*defs.assets, *(defs.asset_checks or [])]
-    resources = dict(resources if resources is not None else defs.resources or {})
+    if resources is not None:  # the same assets, checks and jobs over other resources
+        defs = dg.Definitions(
+            assets=defs.assets,
+            asset_checks=defs.asset_checks,
+            jobs=defs.jobs,
+            resources=dict(resources),
+        )
 
-    def run(groups: Sequence[str], first: str, last: str) -> dg.ExecuteInProcessResult:
-        return dg.materialize(
-            assets,
-            selection=dg.AssetSelection.groups(*groups),
+    def run(job: Any, first: str, last: str) -> dg.ExecuteInProcessResult:
+        return defs.resolve_job_def(job.name).execute_in_process(
             instance=instance,
-            resources=resources,
             raise_on_error=raise_on_error,
             # Step events at INFO: the DEBUG stream of every event drowns the step logs.
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
@@ -94,11 +98,11 @@ def materialize_prompt_sets(
         )
 
     first, last = ordered[0], ordered[-1]
-    results = [run(PER_PROMPT_SET_GROUPS, first, last)]
+    results = [run(prepare_prompts_job, first, last)]
     if not results[0].success:
         return results
     for backend in backends:
         start, end = str(partition_key(first, backend)), str(partition_key(last, backend))
-        results.append(run(PER_BACKEND_GROUPS, start, end))
-    results.append(run(AFTER_BACKENDS_GROUPS, first, last))
+        results.append(run(generate_images_job, start, end))
+    results.append(run(compare_backends_job, first, last))
     return results

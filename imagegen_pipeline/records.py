@@ -16,8 +16,10 @@ from typing import Any, Literal, get_args
 
 import pyarrow as pa
 
-ImageStatus = Literal["ok", "failed", "blocked", "skipped_budget", "skipped_existing"]
-VideoClipStatus = Literal["ok", "failed", "skipped_existing"]
+# "damaged": a file found but not trusted (size, decoding or sha256 against its row), moved to
+# the quarantine; the run metadata keeps that row, the output is made again.
+ImageStatus = Literal["ok", "failed", "blocked", "skipped_budget", "skipped_existing", "damaged"]
+VideoClipStatus = Literal["ok", "failed", "skipped_existing", "damaged"]
 IMAGE_STATUSES: tuple[str, ...] = get_args(ImageStatus)
 VIDEO_CLIP_STATUSES: tuple[str, ...] = get_args(VideoClipStatus)
 # Rows whose output file exists: made by this run, or found from an earlier one.
@@ -63,6 +65,7 @@ class ImageRecord:
     output_tokens: int | None = None
     cost_usd: float | None = None
     recovered: bool = False  # rebuilt from the PNG's own record after a run was killed
+    damage: str | None = None  # why the earlier file of this image was moved to the quarantine
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -100,6 +103,7 @@ class VideoClipRecord:
     device: str | None = None
     peak_gpu_memory_mb: float | None = None
     recovered: bool = False
+    damage: str | None = None  # why the earlier file of this clip was moved to the quarantine
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

@@ -123,6 +123,15 @@ class Storage:
         """A file's bytes as a seekable buffer (decoders want one; S3 streams are not)."""
         return io.BytesIO(self.read_bytes(path))
 
+    def move(self, source: UPath, target: UPath) -> None:
+        """Move a file (a rename on a disk; copy then delete on an object store)."""
+        if is_local(source) and is_local(target):
+            Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source.path, target.path)
+        else:
+            self.write_bytes(target, self.read_bytes(source))
+            source.fs.rm_file(source.path)
+
     def exists(self, path: UPath) -> bool:
         """True when ``path`` exists."""
         return path.exists()

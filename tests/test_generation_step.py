@@ -125,7 +125,6 @@ def test_a_failing_job_raises_in_the_caller() -> None:
 class Row:
     item: str
     status: str
-    note: str = ""
 
 
 class FakeMetadata:
@@ -159,7 +158,10 @@ class Step:
         self.loads += 1
         return 0.25
 
-    def generate(self, items: list[str]) -> Iterator[tuple[str, str]]:
+    def key(self, item: str) -> str:
+        return item
+
+    def produce(self, items: list[str]) -> Iterator[tuple[str, str]]:
         self.generated_batches.append(list(items))
         order = self.order if self.order is not None else list(reversed(items))
         for count, item in enumerate(order):
@@ -173,22 +175,15 @@ class Step:
         assert result == f"pixels of {item}"
         return Row(item, "ok")
 
-    def describe_existing(self, item: str) -> Iterator[Row]:
-        yield Row(item, "ok", note="rebuilt")
-        yield Row(item, "skipped_existing")
-
     def run(self, metadata: object, **kwargs: object):
+        found = {item: Row(item, "skipped_existing") for item in self.planned if item in self.done}
         return run_generation_step(
+            self,
+            self.planned,
+            found,
+            metadata,  # type: ignore[arg-type]
+            self.logs.append,
             what="images",
-            planned=self.planned,
-            key=lambda item: item,
-            is_done=lambda item: item in self.done,
-            describe_existing=self.describe_existing,
-            load=self.load,
-            generate=self.generate,
-            write=self.write,
-            metadata=metadata,  # type: ignore[arg-type]
-            log=self.logs.append,
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -207,13 +202,8 @@ def test_everything_done_skips_and_never_loads() -> None:
     assert outcome.generated == 0
     assert outcome.load_seconds == 0.0
     assert outcome.counts == {"skipped_existing": 2}
-    # The rebuilt rows go to the metadata too, before each item's skipped_existing row.
-    assert [(r.item, r.note or r.status) for r in metadata.flushed] == [
-        ("a", "rebuilt"),
-        ("a", "skipped_existing"),
-        ("b", "rebuilt"),
-        ("b", "skipped_existing"),
-    ]
+    # A run that makes nothing writes no row per existing item: the step row counts them.
+    assert metadata.flushed == []
     # A set with nothing to make logs nothing: the Dagster step logs its totals once.
     assert step.logs == []
 
@@ -233,9 +223,8 @@ def test_makes_only_the_missing_items(threads: int) -> None:
     assert [r.status for r in outcome.records] == [
         "skipped_existing" if item in {"i1", "i4", "i5"} else "ok" for item in planned
     ]
-    # Generated rows reach the metadata in generation order (after the existing ones).
-    generated_rows = [r.item for r in metadata.flushed if r.status == "ok" and not r.note]
-    assert generated_rows == list(reversed(todo))
+    # Generated rows, and only they, reach the metadata, in generation order.
+    assert [r.item for r in metadata.flushed] == list(reversed(todo))
     assert metadata.flushed == metadata.appended
     assert outcome.generated == 7
     assert outcome.load_seconds == 0.25
@@ -262,8 +251,7 @@ def test_a_crash_midway_still_flushes_the_finished_rows() -> None:
     metadata = FakeMetadata()
     with pytest.raises(RuntimeError, match="model crashed"):
         step.run(metadata, writer_threads=2, max_in_flight=4)
-    assert [(r.item, r.status) for r in metadata.flushed if not r.note] == [
-        ("a", "skipped_existing"),
+    assert [(r.item, r.status) for r in metadata.flushed] == [
         ("b", "ok"),
         ("c", "ok"),
     ]
@@ -303,27 +291,26 @@ def test_a_crash_midway_leaves_the_finished_rows_on_disk(tmp_path: Path) -> None
         flush_rows=1000,
     )
 
-    def generate(items: list[str]) -> Iterator[tuple[str, None]]:
-        yield items[0], None
-        yield items[1], None
-        raise RuntimeError("killed by the out-of-memory killer")
+    class Maker:
+        def key(self, item: str) -> str:
+            return item
 
+        def load(self) -> float:
+            return 0.0
+
+        def produce(self, items: list[str]) -> Iterator[tuple[str, None]]:
+            yield items[0], None
+            yield items[1], None
+            raise RuntimeError("killed by the out-of-memory killer")
+
+        def write(self, item: str, _: None) -> ImageRecord:
+            return image_row(item)
+
+    found = {"x": image_row("x", "skipped_existing")}
     with pytest.raises(RuntimeError, match="out-of-memory"):
-        run_generation_step(
-            what="images",
-            planned=["x", "y", "z", "w"],
-            key=lambda item: item,
-            is_done=lambda item: item == "x",
-            describe_existing=lambda item: [image_row(item, "skipped_existing")],
-            load=lambda: 0.0,
-            generate=generate,
-            write=lambda item, _: image_row(item),
-            metadata=metadata,
-            log=lambda line: None,
-        )
+        run_generation_step(Maker(), ["x", "y", "z", "w"], found, metadata, print, what="images")
     frame = load_run_metadata(storage, "images")
     assert list(zip(frame["image_id"], frame["status"], strict=True)) == [
-        ("x", "skipped_existing"),
         ("y", "ok"),
         ("z", "ok"),
     ]

@@ -94,5 +94,6 @@ def test_killed_run_resumes_without_corrupt_or_duplicate_outputs(tmp_path, tiny_
     assert Counter(made["path"]) == Counter(str(png) for png in pngs)
     assert made["seconds"].gt(0).all() and made["seed"].notna().all()
     assert made["started_at"].notna().all()
-    rerun_ids = set(images.loc[images.status == "skipped_existing", "run_id"])
+    steps = load_run_metadata(storage, "steps")
+    rerun_ids = set(steps.loc[steps.skipped_existing > 0, "run_id"])
     assert len(made[~made.run_id.isin(rerun_ids)]) >= written_before_kill

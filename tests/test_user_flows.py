@@ -115,11 +115,12 @@ def test_the_readme_cli_materializes_a_partition(project: RunningProject):
         "flux_schnell|alpha",
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    images = load_run_metadata(
-        project.storage, "images", prompt_set="alpha", backend="flux_schnell"
-    )
-    latest = images[images.run_id == images.sort_values("finished_at").run_id.iloc[-1]]
-    assert set(latest["status"]) == {"skipped_existing"} and len(latest) == 4
+    # It made nothing: its step row counts the 4 images it found, with no row for each.
+    steps = load_run_metadata(project.storage, "steps", prompt_set="alpha", backend="flux_schnell")
+    latest = steps.sort_values("finished_at").iloc[-1]
+    assert (latest["asset"], latest["generated"], latest["skipped_existing"]) == ("images", 0, 4)
+    images = load_run_metadata(project.storage, "images", prompt_set="alpha")
+    assert latest["run_id"] not in set(images["run_id"])
 
 
 def test_a_graphql_backfill_over_every_set_loads_each_model_once(project: RunningProject):

@@ -10,7 +10,7 @@ gets back one table per partition key, always as a dict, so asset code has one s
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import pandas as pd
@@ -30,6 +30,9 @@ class StorageResource(dg.ConfigurableResource):
     prompts_dir: str = ""  # the folder users drop CSVs into; "" = the project's (prompts/)
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL  # zlib 0-9: 1 is fast, 9 small
     writer_threads: int = DEFAULT_WRITER_THREADS  # threads encoding outputs while the model works
+    # What a step checks of an output it finds before skipping it: "size" (its size against its
+    # row, and that it decodes) or "hash" (its sha256 too, which reads every byte).
+    verify: Literal["size", "hash"] = "size"
 
     def storage(self) -> Storage:
         """The output store."""

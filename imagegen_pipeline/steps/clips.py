@@ -2,7 +2,7 @@
 clips, make the rest (on the same skeleton as the images step).
 
 Video clips are content-addressed like images: a clip's file name carries the sha256 of its
-source image's bytes and id, the SVD model and revision, size, frames, steps, fps, motion bucket,
+source image's content address, the SVD model and revision, size, frames, steps, fps, motion bucket,
 noise augmentation, guidance and seed, so a re-run finds finished clips by name.
 """
 
@@ -12,25 +12,27 @@ import hashlib
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 from PIL import Image
 from upath import UPath
 
+from imagegen_pipeline.image_files import DECODE_ERRORS
 from imagegen_pipeline.records import (
     EXISTING_STATUSES,
     VideoClipRecord,
     facts_from_json,
     utc_now,
 )
-from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
 from imagegen_pipeline.steps.images import ADDRESS_CHARS
 from imagegen_pipeline.steps.skeleton import (
     DEFAULT_WRITER_THREADS,
     StepOutcome,
-    run_generation_step,
+    StepPlace,
+    run_step,
 )
+from imagegen_pipeline.steps.verify import VerifyMode
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.video.video_clip import (
     VideoClipResult,
@@ -38,7 +40,12 @@ from imagegen_pipeline.video.video_clip import (
     video_clip_address,
     video_clip_seed,
 )
-from imagegen_pipeline.video.video_files import mp4_bytes, read_preview_facts, webp_preview_bytes
+from imagegen_pipeline.video.video_files import (
+    mp4_bytes,
+    read_mp4_frames,
+    read_preview_facts,
+    webp_preview_bytes,
+)
 
 if TYPE_CHECKING:
     from imagegen_pipeline.video.svd import SvdGenerator
@@ -52,7 +59,6 @@ class PlannedVideoClip:
 
     source_image_id: str
     source_path: str
-    source_sha256: str
     prompt_id: str
     image_index: int
     seed: int
@@ -98,27 +104,18 @@ def clips_folder(storage: Storage, prompt_set: str, backend: str) -> UPath:
     return storage.path("clips", prompt_set, backend)
 
 
-def plan_video_clips(
-    sources: pd.DataFrame, settings: VideoClipSettings, storage: Storage
-) -> list[PlannedVideoClip]:
+def plan_video_clips(sources: pd.DataFrame, settings: VideoClipSettings) -> list[PlannedVideoClip]:
     """One planned clip per source image row (``settings``: the generator's, or
     ``video_clip_settings`` before any generator exists)."""
     planned = []
     for row in sources.to_dict("records"):
-        recorded = row.get("sha256")
-        source_sha256 = (
-            recorded
-            if isinstance(recorded, str)
-            else hashlib.sha256(storage.read_bytes(row["path"])).hexdigest()
-        )
         seed = video_clip_seed(row["image_id"])
-        clip_id = video_clip_address(settings, source_sha256, row["image_id"], seed)
+        clip_id = video_clip_address(settings, row["image_id"], seed)
         stem = f"{row['prompt_id']}/{int(row['image_index']):02d}_{clip_id[:ADDRESS_CHARS]}"
         planned.append(
             PlannedVideoClip(
                 source_image_id=row["image_id"],
                 source_path=str(row["path"]),
-                source_sha256=source_sha256,
                 prompt_id=row["prompt_id"],
                 image_index=int(row["image_index"]),
                 seed=seed,
@@ -139,44 +136,62 @@ class VideoStepContext:
     run_id: str
     preview_side: int = 256
     writer_threads: int = DEFAULT_WRITER_THREADS
+    verify: VerifyMode = "size"
 
 
-def run_video_step(
-    settings: VideoClipSettings,
-    generator: Callable[[], SvdGenerator],
-    planned: list[PlannedVideoClip],
-    step: VideoStepContext,
-    log: Callable[[str], None] = print,
-) -> StepOutcome[VideoClipRecord]:
-    """Make the clips that are missing, write MP4 and preview atomically, describe every clip.
+@dataclass
+class VideoClipsKind:
+    """Video clips as an output kind of the step skeleton: an MP4 and its preview each."""
 
-    ``generator()`` gives the generator ``settings`` describe; it is called only when some
-    clip is missing, so a step with nothing to make never creates (or imports) it.
-    """
-    storage = step.storage
-    folder = clips_folder(storage, step.prompt_set, step.backend)
-    swept = storage.sweep_temp_files(folder)
-    if swept:
-        log(f"Removed {swept} temporary file(s) left by an interrupted run.")
-    on_disk = storage.list_files(folder)
-    made_before = (
-        finished_outputs(
-            storage, "clips", "clip_id", prompt_set=step.prompt_set, backend=step.backend
-        )
-        if on_disk
-        else FinishedOutputs({})
-    )
-    metadata = RunMetadataWriter(
-        storage, "clips", run_id=step.run_id, prompt_set=step.prompt_set, backend=step.backend
-    )
+    settings: VideoClipSettings
+    generator: Callable[[], SvdGenerator]
+    step: VideoStepContext
+    log: Callable[[str], None]
+    table: str = "clips"
+    id_column: str = "clip_id"
+
+    @property
+    def folder_parts(self) -> tuple[str, ...]:
+        return ("clips", self.step.prompt_set, self.step.backend)
+
+    @property
+    def what(self) -> str:
+        return f"clips {self.step.prompt_set}/{self.step.backend}"
+
+    def key(self, item: PlannedVideoClip) -> str:
+        return item.clip_id
+
+    def files(self, item: PlannedVideoClip) -> tuple[str, ...]:
+        # The MP4 first (its sha256 and size are in the rows), the preview second.
+        return f"{item.stem}.mp4", f"{item.stem}.webp"
+
+    def output_id(self, item: PlannedVideoClip) -> str:
+        return item.clip_id
+
+    def check(self, item: PlannedVideoClip, data: bytes) -> None:
+        frames = len(read_mp4_frames(data))
+        if frames != self.settings.frames:
+            raise ValueError(f"{frames} frames decode, {self.settings.frames} were made")
+
+    def recover(self, item: PlannedVideoClip) -> dict[str, Any]:
+        storage = self.step.storage
+        preview = storage.read_bytes(storage.path(*self.folder_parts, self.files(item)[1]))
+        return facts_from_json(read_preview_facts(preview))
+
+    def derived(self, item: PlannedVideoClip) -> list[tuple[tuple[str, ...], str]]:
+        return []  # video_quality rescoring follows the new clip's sha256
 
     def record(
-        item: PlannedVideoClip, status: str, run_id: str, **facts: object
+        self, item: PlannedVideoClip, status: str, run_id: str, **facts: Any
     ) -> VideoClipRecord:
+        settings = self.settings
+        if status in EXISTING_STATUSES:
+            preview = self.step.storage.path(*self.folder_parts, self.files(item)[1])
+            facts.setdefault("preview_path", str(preview))
         return VideoClipRecord(
             run_id=run_id,
-            prompt_set=step.prompt_set,
-            backend=step.backend,
+            prompt_set=self.step.prompt_set,
+            backend=self.step.backend,
             clip_id=item.clip_id,
             source_image_id=item.source_image_id,
             source_path=item.source_path,
@@ -193,86 +208,59 @@ def run_video_step(
             motion_bucket_id=settings.motion_bucket_id,
             noise_aug_strength=settings.noise_aug_strength,
             status=status,
-            **facts,  # type: ignore[arg-type]
+            **facts,
         )
 
-    def files(item: PlannedVideoClip) -> tuple[UPath, UPath]:
-        return folder / f"{item.stem}.mp4", folder / f"{item.stem}.webp"
+    def load(self) -> float:
+        return self.generator().load()
 
-    def describe_existing(item: PlannedVideoClip) -> Iterator[VideoClipRecord]:
-        path, preview = files(item)
-        size = on_disk[f"{item.stem}.mp4"]
-        if item.clip_id not in made_before:
-            # Made by a run killed before its row was flushed: the preview carries that row.
-            facts = facts_from_json(read_preview_facts(storage.read_bytes(preview)))
-            made_by = facts.pop("run_id", step.run_id)
-            video = storage.read_bytes(path)
-            sha256 = hashlib.sha256(video).hexdigest()
-            yield record(
-                item,
-                "ok",
-                made_by,
-                **facts,
-                path=str(path),
-                preview_path=str(preview),
-                sha256=sha256,
-                bytes=len(video),
-                recovered=True,
-            )
-        else:
-            sha256 = made_before.sha256_now(storage, path, item.clip_id, size, log)
-        yield record(
-            item,
-            "skipped_existing",
-            step.run_id,
-            path=str(path),
-            preview_path=str(preview),
-            sha256=sha256,
-            bytes=size,
-            started_at=utc_now(),
-            finished_at=utc_now(),
-        )
-
-    def generate(
-        items: list[PlannedVideoClip],
+    def produce(
+        self, items: list[PlannedVideoClip]
     ) -> Iterator[tuple[PlannedVideoClip, VideoClipResult]]:
         for item in items:
             started_at = utc_now()
-            source = Image.open(io.BytesIO(storage.read_bytes(item.source_path)))
-            result = generator().generate(source, item.seed)
+            try:
+                data = self.step.storage.read_bytes(item.source_path)
+                with Image.open(io.BytesIO(data)) as opened:
+                    source = opened.convert("RGB")
+            except DECODE_ERRORS as error:  # an unreadable source fails its clip alone
+                result = VideoClipResult("failed", error=f"{type(error).__name__}: {error}")
+            else:
+                result = self.generator().generate(source, item.seed)
             result.started_at = started_at
             if result.status != "ok":
-                log(f"Clip of {item.prompt_id}[{item.image_index}] failed: {result.error}")
+                self.log(f"Clip of {item.prompt_id}[{item.image_index}] failed: {result.error}")
             yield item, result
 
-    def write(item: PlannedVideoClip, result: VideoClipResult) -> VideoClipRecord:
+    def write(self, item: PlannedVideoClip, result: VideoClipResult) -> VideoClipRecord:
         facts = {
             "error": result.error,
             "memory_fallback": result.memory_fallback,
             "seconds": result.seconds,
-            "device": generator().device,
+            "device": self.generator().device,
             "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
             "started_at": result.started_at,
             "finished_at": utc_now(),
         }
+        run_id = self.step.run_id
         if result.status != "ok":
-            return record(item, result.status, step.run_id, **facts)
-        path, preview = files(item)
-        video = mp4_bytes(result.frames, settings.fps)
+            return self.record(item, result.status, run_id, **facts)
+        storage = self.step.storage
+        path, preview = (storage.path(*self.folder_parts, name) for name in self.files(item))
+        video = mp4_bytes(result.frames, self.settings.fps)
         # The MP4 first, the preview (which carries the row) second: a clip is done when both
         # exist, and a done clip always has its facts.
         storage.write_bytes(path, video)
+        facts_of_run = {**facts, "run_id": run_id}
+        side = self.step.preview_side
         storage.write_bytes(
-            preview,
-            webp_preview_bytes(
-                result.frames, settings.fps, step.preview_side, {**facts, "run_id": step.run_id}
-            ),
+            preview, webp_preview_bytes(result.frames, self.settings.fps, side, facts_of_run)
         )
         sha256 = hashlib.sha256(video).hexdigest()
-        return record(
+        return self.record(
             item,
             "ok",
-            step.run_id,
+            run_id,
             **facts,
             path=str(path),
             preview_path=str(preview),
@@ -280,16 +268,26 @@ def run_video_step(
             bytes=len(video),
         )
 
-    return run_generation_step(
-        what=f"clips {step.prompt_set}/{step.backend}",
-        planned=planned,
-        key=lambda item: item.clip_id,
-        is_done=lambda item: f"{item.stem}.mp4" in on_disk and f"{item.stem}.webp" in on_disk,
-        describe_existing=describe_existing,
-        load=lambda: generator().load(),
-        generate=generate,
-        write=write,
-        metadata=metadata,
-        log=log,
+
+def run_video_step(
+    settings: VideoClipSettings,
+    generator: Callable[[], SvdGenerator],
+    planned: list[PlannedVideoClip],
+    step: VideoStepContext,
+    log: Callable[[str], None] = print,
+) -> StepOutcome[VideoClipRecord]:
+    """Make the clips that are missing or damaged, write MP4 and preview atomically, describe
+    every clip.
+
+    ``generator()`` gives the generator ``settings`` describe; it is called only when some
+    clip is missing, so a step with nothing to make never creates (or imports) it.
+    """
+    place = StepPlace(
+        step.storage,
+        step.prompt_set,
+        step.backend,
+        step.run_id,
         writer_threads=step.writer_threads,
+        verify=step.verify,
     )
+    return run_step(VideoClipsKind(settings, generator, step, log), planned, place, log)

@@ -21,6 +21,7 @@ import jinja2
 import pandas as pd
 from PIL import Image
 
+from imagegen_pipeline.image_files import DECODE_ERRORS
 from imagegen_pipeline.records import EXISTING_STATUSES
 
 CHART_METRICS = [
@@ -164,12 +165,20 @@ def _image_figure(
             "status": _text(row.get("status"), "missing"),
             "detail": _text(row.get("error"), row.get("score_error"))[:DETAIL_CHARS],
         }
+    try:
+        src = _jpeg_thumbnail_uri(read_bytes(str(row["path"])), side)
+    except DECODE_ERRORS as error:  # damaged or removed since it was scored: shown as such
+        return {
+            "kind": "missing",
+            "status": "unreadable",
+            "detail": f"{type(error).__name__}: {error}"[:DETAIL_CHARS],
+        }
     laion = row.get("laion_aesthetic")
     # Local backends record no cost: they cost nothing per image.
     cost = row.get("generation_cost_usd")
     return {
         "kind": "image",
-        "src": _jpeg_thumbnail_uri(read_bytes(str(row["path"])), side),
+        "src": src,
         "alt": str(row["prompt_id"]),
         "title": f"seed {row.get('seed')} · {row.get('path')}",
         "index": int(row["image_index"]),
@@ -226,8 +235,8 @@ def gallery_html(
 ) -> str:
     """A self-contained HTML contact sheet: per prompt, each backend's images side by side.
 
-    Every image and video clip preview is read with ``read_bytes(path)``; a preview it cannot
-    read (``OSError``) is left out.
+    Every image and video clip preview is read with ``read_bytes(path)``; an image it cannot
+    read or decode shows as "unreadable" with the error, a preview it cannot read is left out.
     """
     backends = list(quality)
     frames = [table.assign(backend=backend) for backend, table in quality.items() if len(table)]

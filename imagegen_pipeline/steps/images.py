@@ -10,21 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pandas as pd
 from upath import UPath
 
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult
-from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
+from imagegen_pipeline.image_files import (
+    DEFAULT_PNG_COMPRESS_LEVEL,
+    encode_png,
+    read_png_record,
+    verify_png,
+)
 from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
-from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
 from imagegen_pipeline.steps.skeleton import (
     DEFAULT_WRITER_THREADS,
     StepOutcome,
-    run_generation_step,
+    StepPlace,
+    run_step,
 )
+from imagegen_pipeline.steps.verify import VerifyMode
 from imagegen_pipeline.storage import Storage
 
 ADDRESS_CHARS = 16  # 64 bits of the sha256 in file names: collisions need ~4 billion images
@@ -118,49 +125,63 @@ class ImagesStepContext:
     run_id: str
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL
     writer_threads: int = DEFAULT_WRITER_THREADS
+    verify: VerifyMode = "size"
 
 
-def run_images_step(
-    target: ImageTarget,
-    backend: Callable[[], ImageBackend],
-    planned: list[PlannedImage],
-    step: ImagesStepContext,
-    log: Callable[[str], None] = print,
-) -> StepOutcome[ImageRecord]:
-    """Generate what is missing, write each PNG atomically, and describe every image.
+@dataclass
+class ImagesKind:
+    """Images as an output kind of the step skeleton: one PNG per planned image."""
 
-    ``backend()`` gives the backend that ``target`` describes; it is called only when some
-    image is missing, so a step with nothing to make never creates (or imports) it.
-    """
-    settings = target.settings
-    storage, folder = step.storage, images_folder(step.storage, step.prompt_set, settings.backend)
-    swept = storage.sweep_temp_files(folder)
-    if swept:
-        log(f"Removed {swept} temporary file(s) left by an interrupted run.")
-    on_disk = storage.list_files(folder)  # one listing, not one probe per image
-    made_before = (
-        finished_outputs(
-            storage, "images", "image_id", prompt_set=step.prompt_set, backend=settings.backend
-        )
-        if on_disk
-        else FinishedOutputs({})
-    )
-    metadata = RunMetadataWriter(
-        storage, "images", run_id=step.run_id, prompt_set=step.prompt_set, backend=settings.backend
-    )
-    base = {
-        "prompt_set": step.prompt_set,
-        "backend": settings.backend,
-        "model_id": settings.model_id,
-        "revision": settings.revision,
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-    }
+    target: ImageTarget
+    backend: Callable[[], ImageBackend]
+    step: ImagesStepContext
+    log: Callable[[str], None]
+    table: str = "images"
+    id_column: str = "image_id"
+    _clip_files: dict[str, int] | None = field(default=None, repr=False)
 
-    def record(item: PlannedImage, status: str, run_id: str, **facts: object) -> ImageRecord:
-        request = item.request
+    @property
+    def folder_parts(self) -> tuple[str, ...]:
+        return ("images", self.step.prompt_set, self.target.settings.backend)
+
+    @property
+    def what(self) -> str:
+        return f"images {self.step.prompt_set}/{self.target.settings.backend}"
+
+    def key(self, item: PlannedImage) -> str:
+        return item.relative_path
+
+    def files(self, item: PlannedImage) -> tuple[str, ...]:
+        return (item.relative_path,)
+
+    def output_id(self, item: PlannedImage) -> str:
+        return item.image_id
+
+    def check(self, item: PlannedImage, data: bytes) -> None:
+        verify_png(data)
+
+    def recover(self, item: PlannedImage) -> dict[str, Any]:
+        storage = self.step.storage
+        png = storage.read_bytes(storage.path(*self.folder_parts, item.relative_path))
+        return facts_from_json(read_png_record(png)[1])
+
+    def derived(self, item: PlannedImage) -> list[tuple[tuple[str, ...], str]]:
+        """The video clips made from the image (any clip settings): ``<prompt>/<index>_*``."""
+        parts = ("clips", *self.folder_parts[1:])
+        if self._clip_files is None:
+            self._clip_files = self.step.storage.list_files(self.step.storage.path(*parts))
+        prefix = f"{item.request.prompt_id}/{item.request.image_index:02d}_"
+        return [(parts, name) for name in sorted(self._clip_files) if name.startswith(prefix)]
+
+    def record(self, item: PlannedImage, status: str, run_id: str, **facts: Any) -> ImageRecord:
+        settings, request = self.target.settings, item.request
         return ImageRecord(
-            **base,
+            prompt_set=self.step.prompt_set,
+            backend=settings.backend,
+            model_id=settings.model_id,
+            revision=settings.revision,
+            steps=settings.steps,
+            guidance=settings.guidance,
             run_id=run_id,
             image_id=item.image_id,
             prompt_id=request.prompt_id,
@@ -171,92 +192,81 @@ def run_images_step(
             width=request.width,
             height=request.height,
             status=status,
-            **facts,  # type: ignore[arg-type]
+            **facts,
         )
 
-    def describe_existing(item: PlannedImage) -> Iterator[ImageRecord]:
-        path = folder / item.relative_path
-        size = on_disk[item.relative_path]
-        if item.image_id not in made_before:
-            # Made by a run killed before its row was flushed: the PNG carries that row.
-            png = storage.read_bytes(path)
-            _, facts = read_png_record(png)
-            facts = facts_from_json(facts)
-            made_by = facts.pop("run_id", step.run_id)
-            sha256 = hashlib.sha256(png).hexdigest()
-            yield record(
-                item,
-                "ok",
-                made_by,
-                **facts,
-                path=str(path),
-                sha256=sha256,
-                bytes=len(png),
-                recovered=True,
-            )
-        else:
-            sha256 = made_before.sha256_now(storage, path, item.image_id, size, log)
-        yield record(
-            item,
-            "skipped_existing",
-            step.run_id,
-            path=str(path),
-            sha256=sha256,
-            bytes=size,
-            started_at=utc_now(),
-            finished_at=utc_now(),
-        )
+    def load(self) -> float:
+        return self.backend().load()
 
-    def generate(items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
+    def produce(self, items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
         by_key = {item.key: item for item in items}
-        for result in backend().generate([item.request for item in items]):
+        for result in self.backend().generate([item.request for item in items]):
             item = by_key[(result.request.prompt_id, result.request.image_index)]
             if result.status == "failed":
-                log(f"{item.request.prompt_id}[{item.request.image_index}] failed: {result.error}")
+                request = item.request
+                self.log(f"{request.prompt_id}[{request.image_index}] failed: {result.error}")
             yield item, result
 
-    def write(item: PlannedImage, result: ImageResult) -> ImageRecord:
+    def write(self, item: PlannedImage, result: ImageResult) -> ImageRecord:
         details = result.details
         facts = {
             "error": result.error,
             "seconds": result.seconds,
-            "device": backend().device,
-            "batch_size": details.get("batch_size"),
-            "peak_gpu_memory_mb": details.get("peak_gpu_memory_mb"),
-            "finish_reason": details.get("finish_reason"),
-            "retries": details.get("retries"),
-            "prompt_tokens": details.get("prompt_tokens"),
-            "output_tokens": details.get("output_tokens"),
-            "cost_usd": details.get("cost_usd"),
+            "device": self.backend().device,
+            **{
+                name: details.get(name)
+                for name in (
+                    "batch_size",
+                    "peak_gpu_memory_mb",
+                    "finish_reason",
+                    "retries",
+                    "prompt_tokens",
+                    "output_tokens",
+                    "cost_usd",
+                )
+            },
             "started_at": details.get("started_at") or utc_now(),
             "finished_at": utc_now(),
         }
+        run_id = self.step.run_id
         if result.status != "ok" or result.image is None:
-            return record(item, result.status, step.run_id, **facts)
-        parameters = {**asdict(settings), **asdict(item.request), "image_id": item.image_id}
+            return self.record(item, result.status, run_id, **facts)
+        parameters = {
+            **asdict(self.target.settings),
+            **asdict(item.request),
+            "image_id": item.image_id,
+        }
         png = encode_png(
             result.image,
             parameters,
-            {**facts, "run_id": step.run_id},
-            compress_level=step.png_compress_level,
+            {**facts, "run_id": run_id},
+            compress_level=self.step.png_compress_level,
         )
-        path = folder / item.relative_path
-        storage.write_bytes(path, png)
+        path = self.step.storage.path(*self.folder_parts, item.relative_path)
+        self.step.storage.write_bytes(path, png)
         sha256 = hashlib.sha256(png).hexdigest()
-        return record(
-            item, "ok", step.run_id, **facts, path=str(path), sha256=sha256, bytes=len(png)
-        )
+        files = {"path": str(path), "sha256": sha256, "bytes": len(png)}
+        return self.record(item, "ok", run_id, **facts, **files)
 
-    return run_generation_step(
-        what=f"images {step.prompt_set}/{settings.backend}",
-        planned=planned,
-        key=lambda item: item.key,
-        is_done=lambda item: item.relative_path in on_disk,
-        describe_existing=describe_existing,
-        load=lambda: backend().load(),
-        generate=generate,
-        write=write,
-        metadata=metadata,
-        log=log,
+
+def run_images_step(
+    target: ImageTarget,
+    backend: Callable[[], ImageBackend],
+    planned: list[PlannedImage],
+    step: ImagesStepContext,
+    log: Callable[[str], None] = print,
+) -> StepOutcome[ImageRecord]:
+    """Generate what is missing or damaged, write each PNG atomically, describe every image.
+
+    ``backend()`` gives the backend that ``target`` describes; it is called only when some
+    image is missing, so a step with nothing to make never creates (or imports) it.
+    """
+    place = StepPlace(
+        step.storage,
+        step.prompt_set,
+        target.settings.backend,
+        step.run_id,
         writer_threads=step.writer_threads,
+        verify=step.verify,
     )
+    return run_step(ImagesKind(target, backend, step, log), planned, place, log)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pandas as pd
 from PIL import Image
 
+from imagegen_pipeline.image_files import DECODE_ERRORS
 from imagegen_pipeline.progress import Progress
 from imagegen_pipeline.records import EXISTING_STATUSES
 from imagegen_pipeline.scoring.perceptual import (
@@ -181,7 +182,7 @@ def score_image_table(
             with Image.open(storage.open_binary(rows[index]["path"])) as image:
                 image = image.convert("RGB")
             return index, model.preprocess(image), perceptual_metrics(image, thresholds)
-        except (OSError, ValueError) as error:  # a missing or corrupt file fails alone
+        except DECODE_ERRORS as error:  # a missing or corrupt file fails alone
             return index, None, {"score_error": f"{type(error).__name__}: {error}"}
 
     batch: list[tuple[int, torch.Tensor]] = []
@@ -261,7 +262,7 @@ def score_video_clip_table(
             frames = read_mp4_frames(storage.read_bytes(row["path"]))
             source = Image.open(io.BytesIO(storage.read_bytes(row["source_path"]))).convert("RGB")
             return index, (source, frames)
-        except (OSError, ValueError) as error:
+        except DECODE_ERRORS as error:
             return index, error
 
     for index, decoded in prefetched(decode, todo, workers, window=2 * max(workers, 1)):

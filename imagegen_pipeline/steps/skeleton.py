@@ -1,7 +1,9 @@
 """The skeleton every generating step shares (images, video clips), Dagster-free.
 
-plan -> sweep what killed runs left -> list the outputs once -> describe what exists -> load the
-model only if something is missing -> generate -> write. Writing (encoding, hashing, the atomic
+A step is an ``OutputKind`` (what its files are, how to check, recover, produce, write and
+record one output) run by ``run_step``: sweep what killed runs left -> list the outputs once ->
+verify what exists (``steps.verify``: a damaged file is moved aside and made again) -> load the
+model only if something is missing -> produce -> write. Writing (encoding, hashing, the atomic
 write, building the row) runs on a few writer threads while the model makes the next batch; the
 encoders release the GIL, so an accelerator is not left idle while PNGs or MP4s are encoded.
 At most ``max_in_flight`` results wait for a writer, so memory stays flat however long the step.
@@ -12,17 +14,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from imagegen_pipeline.progress import Progress
+from imagegen_pipeline.records import utc_now
 from imagegen_pipeline.run_metadata import RunMetadataWriter
+from imagegen_pipeline.steps.verify import PartitionFiles, VerifyMode
+from imagegen_pipeline.storage import Storage
 
 P = TypeVar("P")  # a planned item
 R = TypeVar("R")  # its record
 T = TypeVar("T")
+P_contra = TypeVar("P_contra", contravariant=True)
 
 DEFAULT_WRITER_THREADS = 2
 DEFAULT_MAX_IN_FLIGHT = 16
@@ -76,40 +82,139 @@ class StepOutcome(Generic[R]):
     seconds: float = 0.0
     load_seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)  # why each damaged file was moved aside
+
+
+class Maker(Protocol[P_contra]):
+    """What makes missing outputs: ``load`` the model (returns seconds spent), ``produce``
+    yields ``(item, result)`` in any order, ``write`` (on a writer thread) returns the record."""
+
+    def key(self, item: P_contra) -> Hashable: ...
+    def load(self) -> float: ...
+    def produce(self, items: list[Any]) -> Iterator[tuple[Any, Any]]: ...
+    def write(self, item: Any, result: Any) -> Any: ...
+
+
+class OutputKind(Maker[P_contra], Protocol):
+    """One kind of output file set (images, video clips) and how to handle one of them.
+
+    ``files(item)`` are its paths under the partition folder, the first the main file (whose
+    sha256 and size rows record); an item is done when all exist. ``check(item, data)`` raises
+    one of ``image_files.DECODE_ERRORS`` when the main file's bytes do not decode.
+    ``recover(item)`` reads the facts a file carries (its run id among them) to rebuild a row
+    lost when a run was killed; ``record`` builds a row; ``derived(item)`` lists files made from
+    the item elsewhere, invalidated with it when it is damaged."""
+
+    table: str  # its run-metadata table
+    id_column: str  # the content address column of that table
+    folder_parts: tuple[str, ...]  # the partition folder under the storage base
+    what: str  # for log lines
+
+    def files(self, item: P_contra) -> tuple[str, ...]: ...
+    def output_id(self, item: P_contra) -> str: ...
+    def check(self, item: P_contra, data: bytes) -> None: ...
+    def recover(self, item: P_contra) -> dict[str, Any]: ...
+    def record(self, item: P_contra, status: str, run_id: str, **facts: Any) -> Any: ...
+    def derived(self, item: P_contra) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class StepPlace:
+    """Where a step runs: its store, partition and run, and how it writes and verifies."""
+
+    storage: Storage
+    prompt_set: str
+    backend: str
+    run_id: str
+    writer_threads: int = DEFAULT_WRITER_THREADS
+    verify: VerifyMode = "size"
+
+
+def run_step(
+    kind: OutputKind[P],
+    planned: Sequence[P],
+    place: StepPlace,
+    log: Callable[[str], None],
+) -> StepOutcome[Any]:
+    """Make every planned output that is not there whole, and describe every one.
+
+    What exists is verified first (size against its row, decoding, and under ``verify="hash"``
+    its sha256): a damaged file, and what was made from it, is moved to the quarantine with a
+    ``damaged`` row, then made again like a missing one. Existing outputs get a
+    ``skipped_existing`` record in the outcome but no run-metadata row: a run that makes
+    nothing writes only its step row. A row lost by a killed run is rebuilt from the file.
+    """
+    started = time.perf_counter()
+    storage = place.storage
+    metadata = RunMetadataWriter(
+        storage, kind.table, run_id=place.run_id, prompt_set=place.prompt_set, backend=place.backend
+    )
+    files = PartitionFiles.survey(storage, kind.folder_parts, kind.table, kind.id_column, place)
+    if files.swept:
+        log(f"Removed {files.swept} temporary file(s) left by an interrupted run.")
+    found: dict[Hashable, Any] = {}
+    damage: dict[Hashable, str] = {}
+    for item in planned:
+        names = kind.files(item)
+        if not files.all_listed(names):
+            note = files.pending_damage(kind.output_id(item))
+            if note:
+                damage[kind.key(item)] = note
+            continue
+        state = files.inspect(kind, item, names, place.verify)
+        if state.recovered is not None:
+            metadata.append(state.recovered)
+        if state.damage is None:
+            found[kind.key(item)] = state.existing
+            continue
+        moved = files.quarantine(kind, item, names, log)
+        metadata.append(
+            kind.record(
+                item,
+                "damaged",
+                place.run_id,
+                error=state.damage,
+                path=moved,
+                sha256=state.recorded_sha256,
+                bytes=state.size,
+                started_at=utc_now(),
+                finished_at=utc_now(),
+            )
+        )
+        damage[kind.key(item)] = state.damage
+    outcome = run_generation_step(
+        kind,
+        planned,
+        found,
+        metadata,
+        log,
+        what=kind.what,
+        writer_threads=place.writer_threads,
+        notes=damage,
+    )
+    outcome.seconds = time.perf_counter() - started
+    outcome.damaged = [f"{key}: {note}" for key, note in damage.items()]
+    return outcome
 
 
 def run_generation_step(
-    *,
-    what: str,
+    maker: Maker[P],
     planned: Sequence[P],
-    key: Callable[[P], Hashable],
-    is_done: Callable[[P], bool],
-    describe_existing: Callable[[P], Iterable[R]],
-    load: Callable[[], float],
-    generate: Callable[[list[P]], Iterator[tuple[P, Any]]],
-    write: Callable[[P, Any], R],
+    found: dict[Hashable, R],
     metadata: RunMetadataWriter,
     log: Callable[[str], None],
+    *,
+    what: str,
     writer_threads: int = DEFAULT_WRITER_THREADS,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    notes: dict[Hashable, str] | None = None,
 ) -> StepOutcome[R]:
-    """Make every planned item that is not done yet; see the module docstring.
-
-    ``describe_existing(item)`` yields the rows of an item found done: its ``skipped_existing``
-    row last (earlier ones, e.g. a generation row rebuilt after a kill, go to the metadata only).
-    ``generate(items)`` drives the model and yields ``(item, result)`` in any order; ``write``
-    runs on a writer thread and returns the item's record.
-    """
+    """Make the planned items not in ``found`` (records of what exists, by key); see the
+    module docstring. ``notes`` (by key) become the ``damage`` of the records made."""
     started = time.perf_counter()
-    by_key: dict[Hashable, R] = {}
-    todo: list[P] = []
-    for item in planned:
-        if not is_done(item):
-            todo.append(item)
-            continue
-        for record in describe_existing(item):
-            metadata.append(record)
-            by_key[key(item)] = record
+    by_key: dict[Hashable, R] = dict(found)
+    todo = [item for item in planned if maker.key(item) not in found]
+    notes = notes or {}
     load_seconds = 0.0
     if todo:
         # Only sets with work get a line: every line is an event-log write, and a backfill
@@ -117,8 +222,15 @@ def run_generation_step(
         # logs its totals once).
         existing = len(planned) - len(todo)
         log(f"{what}: {len(planned)} planned, {existing} exist, {len(todo)} to make.")
-        load_seconds = load()
+        load_seconds = maker.load()
         progress = Progress(what, len(todo), log)
+
+        def made(item: P, result: Any) -> tuple[Hashable, R]:
+            record = maker.write(item, result)
+            note = notes.get(maker.key(item))
+            if note:
+                record.damage = note  # type: ignore[attr-defined]
+            return maker.key(item), record
 
         def keep(pair: tuple[Hashable, R]) -> None:
             item_key, record = pair
@@ -130,8 +242,8 @@ def run_generation_step(
             writer_threads, max_in_flight, keep
         )
         try:
-            for item, result in generate(todo):
-                writer.submit(lambda i, r: (key(i), write(i, r)), item, result)
+            for item, result in maker.produce(todo):
+                writer.submit(made, item, result)
         finally:
             # Whatever stopped the step, the rows of everything already written are kept.
             try:
@@ -140,7 +252,7 @@ def run_generation_step(
                 metadata.flush()
         progress.finish()
     metadata.flush()
-    records = [by_key[key(item)] for item in planned]
+    records = [by_key[maker.key(item)] for item in planned]
     counts: dict[str, int] = {}
     for record in records:
         status = getattr(record, "status", "")

@@ -74,14 +74,11 @@ def video_clip_seed(source_image_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % SEED_MODULUS
 
 
-def video_clip_address(
-    settings: VideoClipSettings, source_sha256: str, source_image_id: str, seed: int
-) -> str:
-    """A sha256 over every input that changes the clip; equal addresses mean equal work."""
-    key = {
-        **asdict(settings),
-        "source_sha256": source_sha256,
-        "source_image_id": source_image_id,
-        "seed": seed,
-    }
+def video_clip_address(settings: VideoClipSettings, source_image_id: str, seed: int) -> str:
+    """A sha256 over every input that changes the clip; equal addresses mean equal work.
+
+    The source enters by its content address, not its bytes: a PNG's bytes also carry the run
+    id and times of the run that wrote it, so the same picture made again would otherwise
+    orphan every clip of it. A damaged source's clips are moved aside with it instead."""
+    key = {**asdict(settings), "source_image_id": source_image_id, "seed": seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -87,6 +87,13 @@ def test_many_prompt_sets_run_as_one_run_per_backend_with_one_load(
 
     assert all(result.success for result in results)
     assert len(results) == 4  # prompts, one per backend, comparison
+    # The runs are those of the project's jobs, the ones the UI and the sensors launch.
+    assert [r.dagster_run.job_name for r in results] == [
+        "prepare_prompts",
+        "generate_images",
+        "generate_images",
+        "compare_backends",
+    ]
     steps = load_run_metadata(storage_base(resources), "steps")
     images_steps = steps[steps.asset == "images"]
     assert len(images_steps) == 6  # a step row per partition, as if each ran alone
@@ -137,12 +144,15 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     assert all(result.success for result in results)
     after = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
     assert after == before
+    # A run that makes nothing writes counts, not one row per existing image.
     images = load_run_metadata(base, "images")
-    second_run = images[images.run_id.isin([r.run_id for r in results])]
-    assert len(second_run) == sum(EXPECTED_IMAGES.values())
-    assert set(second_run["status"]) == {"skipped_existing"}
+    assert not images.run_id.isin([r.run_id for r in results]).any()
     steps = load_run_metadata(base, "steps")
-    assert (steps[steps.run_id.isin([r.run_id for r in results])]["model_loads"] == 0).all()
+    rerun = steps[steps.run_id.isin([r.run_id for r in results])]
+    assert (rerun["model_loads"] == 0).all()
+    made = rerun[rerun["asset"] == "images"]
+    assert made["skipped_existing"].sum() == sum(EXPECTED_IMAGES.values())
+    assert (made["generated"] == 0).all()
     quality = pd.read_parquet(base / "tables/quality/flux_schnell/example.parquet")
     assert quality["scored"].all() and not quality["newly_scored"].any()
 
@@ -157,8 +167,13 @@ def test_changed_prompt_generates_only_the_changed_images(
     results = run(["example"], ["sdxl_turbo"], dagster_instance, resources)
     images = load_run_metadata(storage_base(resources), "images")
     latest = images[images.run_id == results[1].run_id]
-    assert dict(latest.groupby("status").size()) == {"ok": 1, "skipped_existing": 2}
-    assert latest[latest.status == "ok"]["prompt_id"].tolist() == ["city"]
+    assert latest["status"].tolist() == ["ok"]  # no rows for the two images it found
+    assert latest["prompt_id"].tolist() == ["city"]
+    steps = load_run_metadata(storage_base(resources), "steps")
+    (step,) = steps[(steps.run_id == results[1].run_id) & (steps.asset == "images")].to_dict(
+        "records"
+    )
+    assert (step["generated"], step["skipped_existing"]) == (1, 2)
 
 
 def test_rejected_rows_are_kept_counted_and_flagged(dagster_instance, make_resources, prompts_dir):
@@ -257,16 +272,13 @@ BACKFILL_REPORTING_TORCH = """
 import sys
 import dagster as dg
 from imagegen_pipeline.definitions import defs
-from imagegen_pipeline.local_runner import PER_BACKEND_GROUPS, range_tags
+from imagegen_pipeline.local_runner import range_tags
 
 first, last, *backends = sys.argv[1:]
 with dg.DagsterInstance.get() as instance:
     for backend in backends:
-        result = dg.materialize(
-            [*defs.assets, *defs.asset_checks],
-            selection=dg.AssetSelection.groups(*PER_BACKEND_GROUPS),
+        result = defs.resolve_job_def("generate_images").execute_in_process(
             instance=instance,
-            resources=defs.resources,
             tags=range_tags(f"{backend}|{first}", f"{backend}|{last}"),
         )
         assert result.success

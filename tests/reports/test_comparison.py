@@ -155,6 +155,16 @@ def test_an_unreadable_preview_is_left_out(tables):
     assert "data:image/webp" not in page and page.count("data:image/jpeg") == 5
 
 
+def test_a_truncated_image_shows_as_unreadable_and_the_rest_render(tables):
+    quality, video_quality = tables
+    damaged = Path(quality["flux_schnell"].loc[1, "path"])
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    summary = backend_summary(quality, video_quality)
+    page = gallery_html("x", summary, quality, video_quality, b"", read_bytes=read_bytes)
+    assert page.count("data:image/jpeg") == 4  # the other four scored images
+    assert "unreadable" in page and "OSError" in page
+
+
 def test_flags_and_optional_scores_are_captioned(tables):
     quality, video_quality = tables
     quality["flux_schnell"].loc[0, ["is_blank", "clip_truncated"]] = [True, True]

@@ -68,18 +68,25 @@ def test_missing_unscored_and_blank_images_are_never_animated():
 
 def test_every_setting_and_the_source_change_the_address():
     base = SvdGenerator(svd_settings(SVD_XT)).settings
-    address = video_clip_address(base, "sha", "image", 1)
+    address = video_clip_address(base, "image", 1)
     changed = [
-        video_clip_address(dataclasses.replace(base, **{field.name: 99}), "sha", "image", 1)
+        video_clip_address(dataclasses.replace(base, **{field.name: 99}), "image", 1)
         for field in dataclasses.fields(base)
     ]
     changed += [
-        video_clip_address(base, "other-sha", "image", 1),
-        video_clip_address(base, "sha", "other-image", 1),
-        video_clip_address(base, "sha", "image", 2),
+        video_clip_address(base, "other-image", 1),
+        video_clip_address(base, "image", 2),
     ]
     assert address not in changed and len(set(changed)) == len(changed)
-    assert address == video_clip_address(base, "sha", "image", 1)
+    assert address == video_clip_address(base, "image", 1)
+
+
+def test_the_address_follows_the_source_image_id_not_its_bytes(sources):
+    """A PNG's bytes carry the run id and times of the run that wrote it: the same picture
+    written again by another run must keep its clips."""
+    settings = SvdGenerator(svd_settings(SVD_XT)).settings
+    rewritten = sources.assign(sha256=["other", "bytes"])
+    assert plan_video_clips(rewritten, settings) == plan_video_clips(sources, settings)
 
 
 @pytest.fixture
@@ -114,7 +121,7 @@ def small_generator(tiny_svd: Path, **settings) -> SvdGenerator:
 
 
 def run(generator: SvdGenerator, sources: pd.DataFrame, storage: Storage, run_id: str = "run-1"):
-    planned = plan_video_clips(sources, generator.settings, storage)
+    planned = plan_video_clips(sources, generator.settings)
     step = VideoStepContext(storage, "set", "flux_schnell", run_id)
     return run_video_step(
         generator.settings, lambda: generator, planned, step, log=lambda message: None
@@ -177,7 +184,7 @@ def test_a_failing_clip_fails_alone(tiny_svd, sources, storage):
 def test_a_partition_without_images_plans_no_clip(storage):
     empty = pd.DataFrame()
     assert select_sources(empty, "top_n", 1).empty
-    assert plan_video_clips(empty, SvdGenerator(svd_settings(SVD_XT)).settings, storage) == []
+    assert plan_video_clips(empty, SvdGenerator(svd_settings(SVD_XT)).settings) == []
 
 
 class Killed(BaseException):
@@ -245,9 +252,31 @@ def test_a_lost_metadata_row_is_recovered_from_the_preview(tiny_svd, sources, st
         assert row["finished_at"] == pd.Timestamp(made.finished_at)
         assert (row["sha256"], row["path"]) == (made.sha256, made.path)
         assert row["device"] == made.device == "cpu"
-    skipped = rows[rows["status"] == "skipped_existing"]
-    assert set(skipped["run_id"]) == {"run-2"} and not skipped["recovered"].any()
+    # A run that finds outputs writes no row for them (its step row counts them).
+    assert "skipped_existing" not in set(rows["status"])
 
     # Recovered once: a later run finds the row and adds no second generation row.
     run(small_generator(tiny_svd), sources, storage, "run-3")
     assert ok_rows_per_clip(storage) == {made.clip_id: 1 for made in first.records}
+
+
+def test_a_truncated_clip_is_moved_aside_and_made_again(tiny_svd, sources, storage):
+    first = run(small_generator(tiny_svd), sources, storage)
+    damaged = Path(first.records[0].path)
+    damaged.write_bytes(damaged.read_bytes()[:300])
+
+    second = run(small_generator(tiny_svd), sources, storage, "run-2")
+    assert [r.status for r in second.records] == ["ok", "skipped_existing"]
+    assert "size" in second.records[0].damage
+    assert len(read_mp4_frames(damaged.read_bytes())) == SMALL["num_frames"]
+    quarantine = Path(storage.base.path) / "quarantine" / "clips" / "set" / "flux_schnell" / "a"
+    assert sorted(p.suffix for p in quarantine.iterdir()) == [".mp4", ".webp"]
+    rows = clip_rows(storage)
+    assert rows[rows["status"] == "damaged"]["clip_id"].tolist() == [first.records[0].clip_id]
+
+
+def test_an_unreadable_source_image_fails_its_clip_alone(tiny_svd, sources, storage):
+    Path(sources.loc[0, "path"]).write_bytes(b"not a png any more")
+    outcome = run(small_generator(tiny_svd), sources, storage)
+    assert [r.status for r in outcome.records] == ["failed", "ok"]
+    assert "UnidentifiedImageError" in outcome.records[0].error

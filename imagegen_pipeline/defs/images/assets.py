@@ -7,7 +7,6 @@ local backends' images and assembles every partition's table. Both handle all th
 keys of their run (a single-run backfill), loading each model once.
 """
 
-from collections import Counter
 from typing import Any
 
 import dagster as dg
@@ -18,23 +17,17 @@ from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     PROMPT_SET_INPUT,
-    keys_by_backend,
     prompt_set_x_backend_partitions,
     prompts_of,
     single_run,
 )
 from imagegen_pipeline.defs.step_records import (
+    PartitionStep,
+    each_partition,
     generation_step_record,
-    step_totals,
-    write_step_record,
 )
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.records import (
-    EXISTING_STATUSES,
-    IMAGE_STATUSES,
-    ImageRecord,
-    utc_now,
-)
+from imagegen_pipeline.records import EXISTING_STATUSES, IMAGE_STATUSES, ImageRecord
 from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
 from imagegen_pipeline.steps.images import (
     ImagesStepContext,
@@ -61,84 +54,77 @@ def make_images(
     storage_resource = context.resources.storage
     storage = storage_resource.storage()
     project = load_project_config()
-    results: PartitionResults = {}
-    for backend_name, entries in keys_by_backend(context.partition_keys).items():
-        if backend_name not in backends:
-            continue
+
+    def step(warm: Any, key: str, prompt_set: str, backend_name: str) -> PartitionStep:
         spec = backend_spec(backend_name)
-        totals: Counter[str] = Counter()
-        with model_for_step(context, spec, project) as warm:
-            target = warm.settings.image_target(backend_name, warm.model_id)
-            for key, prompt_set in entries:
-                started_at = utc_now()
-                prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
-                planned = plan_images(prompts, target)
-                step = ImagesStepContext(
-                    storage=storage,
-                    prompt_set=prompt_set,
-                    run_id=context.run.run_id,
-                    png_compress_level=storage_resource.png_compress_level,
-                    writer_threads=storage_resource.writer_threads,
-                )
-                outcome = run_images_step(
-                    target, lambda: warm.model, planned, step, log=context.log.info
-                )
-                # The backend's totals are those of its last generate call: this partition's
-                # only if it made something.
-                summary = warm.model.run_summary() if outcome.generated else RunSummary()
-                for warning in summary.warnings:
-                    context.log.warning(warning)
-                counts = outcome.counts
-                totals.update(counts)
-                record = generation_step_record(
-                    context,
-                    "images",
-                    prompt_set,
-                    backend_name,
-                    target.settings,
-                    warm.device,
-                    outcome,
-                    is_local=spec.is_local,
-                    started_at=started_at,
-                    items_per_second=_rate(counts.get("ok", 0), outcome.records),
-                    offload=summary.metadata.get("offload"),
-                    batch_size=summary.metadata.get("batch_size"),
-                    memory_plan=summary.metadata.get("memory_plan"),
-                    peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
-                    cost_usd=_sum(r.cost_usd for r in outcome.records),
-                )
-                write_step_record(storage, record)
-                table = pd.DataFrame([r.__dict__ for r in outcome.records], columns=IMAGE_COLUMNS)
-                failures = counts.get("failed", 0) + counts.get("blocked", 0)
-                if failures:
-                    first = next((r.error for r in outcome.records if r.error), "")
-                    context.log.warning(
-                        f"{prompt_set}/{backend_name}: {failures} of {len(planned)} image(s) "
-                        f"failed or were blocked; first error: {first}"
-                    )
-                results[key] = (
-                    table,
-                    {
-                        "rows": len(table),
-                        **{status: counts.get(status, 0) for status in IMAGE_STATUSES},
-                        **{k: v for k, v in summary.metadata.items() if v is not None},
-                        "model_id": target.settings.model_id,
-                        **({"device": record.device} if record.device else {}),
-                        "worker": record.worker,
-                        "seconds": round(outcome.seconds, 3),
-                        "model_loads": record.model_loads,
-                        "model_cache_hits": record.model_cache_hits,
-                        "model_load_seconds": round(record.model_load_seconds, 3),
-                        "images_per_second": float(record.items_per_second or 0.0),
-                        "cost_usd": float(record.cost_usd or 0.0),
-                        "preview": markdown_table(table, PREVIEW_COLUMNS),
-                        "images_dir": dg.MetadataValue.path(
-                            str(images_folder(storage, prompt_set, backend_name))
-                        ),
-                    },
-                )
-        context.log.info(step_totals(f"images {backend_name}", len(entries), totals))
-    return results
+        target = warm.settings.image_target(backend_name, warm.model_id)
+        prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
+        planned = plan_images(prompts, target)
+        where = ImagesStepContext(
+            storage=storage,
+            prompt_set=prompt_set,
+            run_id=context.run.run_id,
+            png_compress_level=storage_resource.png_compress_level,
+            writer_threads=storage_resource.writer_threads,
+            verify=storage_resource.verify,
+        )
+        outcome = run_images_step(target, lambda: warm.model, planned, where, log=context.log.info)
+        # The backend's totals are those of its last generate call: this partition's only if
+        # it made something.
+        summary = warm.model.run_summary() if outcome.generated else RunSummary()
+        for warning in summary.warnings:
+            context.log.warning(warning)
+        counts = outcome.counts
+        record = generation_step_record(
+            context,
+            "images",
+            prompt_set,
+            backend_name,
+            target.settings,
+            warm.device,
+            outcome,
+            is_local=spec.is_local,
+            items_per_second=_rate(counts.get("ok", 0), outcome.records),
+            offload=summary.metadata.get("offload"),
+            batch_size=summary.metadata.get("batch_size"),
+            memory_plan=summary.metadata.get("memory_plan"),
+            peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
+            cost_usd=_sum(r.cost_usd for r in outcome.records),
+        )
+        table = pd.DataFrame([r.__dict__ for r in outcome.records], columns=IMAGE_COLUMNS)
+        failures = counts.get("failed", 0) + counts.get("blocked", 0)
+        if failures:
+            first = next((r.error for r in outcome.records if r.error), "")
+            context.log.warning(
+                f"{prompt_set}/{backend_name}: {failures} of {len(planned)} image(s) "
+                f"failed or were blocked; first error: {first}"
+            )
+        metadata = {
+            "rows": len(table),
+            **{status: counts.get(status, 0) for status in IMAGE_STATUSES},
+            "damaged": len(outcome.damaged),
+            **{k: v for k, v in summary.metadata.items() if v is not None},
+            "model_id": target.settings.model_id,
+            **({"device": record.device} if record.device else {}),
+            "worker": record.worker,
+            "seconds": round(outcome.seconds, 3),
+            "model_loads": record.model_loads,
+            "model_cache_hits": record.model_cache_hits,
+            "model_load_seconds": round(record.model_load_seconds, 3),
+            "images_per_second": float(record.items_per_second or 0.0),
+            "cost_usd": float(record.cost_usd or 0.0),
+            "preview": markdown_table(table, PREVIEW_COLUMNS),
+            "images_dir": dg.MetadataValue.path(
+                str(images_folder(storage, prompt_set, backend_name))
+            ),
+        }
+        return PartitionStep(table, record, counts, metadata)
+
+    def model(backend_name: str) -> Any:
+        return model_for_step(context, backend_spec(backend_name), project)
+
+    done = each_partition(context, "images", step, model, backends)
+    return {key: (result.table, result.metadata) for key, result in done.items()}
 
 
 def _rate(generated: int, records: list[ImageRecord]) -> float | None:

@@ -30,7 +30,25 @@ def every_image_generated(images: pd.DataFrame) -> dg.AssetCheckResult:
     )
 
 
-IMAGE_CHECKS = {"every_image_generated": every_image_generated}
+def no_damaged_files(images: pd.DataFrame) -> dg.AssetCheckResult:
+    """WARN when this run found image files it could not trust (size, decoding or sha256
+    against their rows), moved them to the quarantine and made them again."""
+    damaged = images[images["damage"].notna()] if "damage" in images and len(images) else images
+    return dg.AssetCheckResult(
+        passed=damaged.empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "damaged": len(damaged),
+            "remade": int((damaged["status"] == "ok").sum()) if len(damaged) else 0,
+            "files": markdown_table(damaged, ["prompt_id", "image_index", "status", "damage"]),
+        },
+    )
+
+
+IMAGE_CHECKS = {
+    "every_image_generated": every_image_generated,
+    "no_damaged_files": no_damaged_files,
+}
 
 
 @dg.multi_asset_check(specs=partitioned_check_specs("images", IMAGE_CHECKS), can_subset=True)

@@ -1,6 +1,7 @@
 """Quality reports: CLIP and aesthetic scores and pixel checks of every image and video clip."""
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import dagster as dg
@@ -10,15 +11,17 @@ from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     PROMPT_SET_INPUT,
-    keys_by_backend,
     prompt_set_x_backend_partitions,
     prompts_of,
     single_run,
 )
-from imagegen_pipeline.defs.step_records import worker_name, write_step_record
+from imagegen_pipeline.defs.step_records import (
+    PartitionStep,
+    each_partition,
+    scoring_step_record,
+)
 from imagegen_pipeline.defs.storage import stored_table
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.records import StepRecord, utc_now
 from imagegen_pipeline.registry import CLIP_MODEL
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.steps.scores import (
@@ -66,8 +69,6 @@ def score_partitions(
     """Run ``score(scorer, key, prompt_set, backend)`` on each partition of the run with one
     CLIP model (created only if some partition has something to score); record a step row
     (loads, warm-cache hits) and each partition's metadata."""
-    storage = context.resources.storage.storage()
-    tables: dict[str, pd.DataFrame] = {}
     with model_for_step(context, CLIP_MODEL, load_project_config()) as warm:
         loads_seen = 0  # the model's load count when this step last looked
 
@@ -78,49 +79,40 @@ def score_partitions(
             return warm.model
 
         scorer = Scorer(warm.settings.scorer_label(warm.model_id), clip_model)
-        for backend, entries in keys_by_backend(context.partition_keys).items():
-            for key, prompt_set in entries:
-                started_at, started = utc_now(), time.perf_counter()
-                table, metadata = score(scorer, key, prompt_set, backend)
-                loads_now = warm.model.model_loads if warm.created else 0
-                loaded, loads_seen = loads_now > loads_seen, loads_now
-                newly = int(table["newly_scored"].sum()) if len(table) else 0
-                seconds = time.perf_counter() - started
-                load_seconds = warm.model.load_seconds if loaded else 0.0
-                record = StepRecord(
-                    run_id=context.run.run_id,
-                    asset=asset,
-                    prompt_set=prompt_set,
-                    backend=backend,
-                    model_id=scorer.label,
-                    revision=None,
-                    device=warm.device,
-                    worker=worker_name(),
-                    requested=len(table),
-                    generated=newly,
-                    skipped_existing=len(_scored(table)) - newly,
-                    failed=int(table["score_error"].notna().sum()) if len(table) else 0,
-                    seconds=seconds,
-                    items_per_second=newly / max(seconds - load_seconds, 1e-9) if newly else None,
-                    model_loads=int(loaded),
-                    model_cache_hits=int(newly > 0 and not loaded),
-                    model_load_seconds=load_seconds,
-                    started_at=started_at,
-                )
-                write_step_record(storage, record)
-                metadata |= {
-                    "rows": len(table),
-                    "scored": len(_scored(table)),
-                    "newly_scored": newly,
-                    "scorer_model": scorer.label,
-                    "model_loads": record.model_loads,
-                    "model_cache_hits": record.model_cache_hits,
-                    "model_load_seconds": round(load_seconds, 3),
-                    "worker": record.worker,
-                }
-                context.add_asset_metadata(metadata, partition_key=key)
-                tables[key] = table
-    return tables
+
+        def step(_: Any, key: str, prompt_set: str, backend: str) -> PartitionStep:
+            nonlocal loads_seen
+            started = time.perf_counter()
+            table, metadata = score(scorer, key, prompt_set, backend)
+            loads_now = warm.model.model_loads if warm.created else 0
+            loaded, loads_seen = loads_now > loads_seen, loads_now
+            record = scoring_step_record(
+                context,
+                asset,
+                prompt_set,
+                backend,
+                table,
+                model_id=scorer.label,
+                device=warm.device,
+                seconds=time.perf_counter() - started,
+                load_seconds=warm.model.load_seconds if loaded else 0.0,
+            )
+            metadata |= {
+                "rows": len(table),
+                "scored": len(_scored(table)),
+                "newly_scored": record.generated,
+                "scorer_model": scorer.label,
+                "model_loads": record.model_loads,
+                "model_cache_hits": record.model_cache_hits,
+                "model_load_seconds": round(record.model_load_seconds, 3),
+                "worker": record.worker,
+            }
+            context.add_asset_metadata(metadata, partition_key=key)
+            counts = {"scored": record.generated, "reused": record.skipped_existing}
+            return PartitionStep(table, record, counts)
+
+        done = each_partition(context, asset, step, lambda _: nullcontext())
+    return {key: result.table for key, result in done.items()}
 
 
 @dg.asset(
