@@ -65,6 +65,11 @@ class ImageRecord:
     recovered: bool = False  # rebuilt from the PNG's own record after a run was killed
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # Kept by the run metadata, not by the step: a unique id and when the row was appended;
+    # superseded_by is the row_id of the later row of the same output that replaced this one.
+    row_id: str | None = None
+    recorded_at: datetime | None = None
+    superseded_by: str | None = None
 
 
 @dataclass
@@ -102,6 +107,11 @@ class VideoClipRecord:
     recovered: bool = False
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # Kept by the run metadata, not by the step: a unique id and when the row was appended;
+    # superseded_by is the row_id of the later row of the same output that replaced this one.
+    row_id: str | None = None
+    recorded_at: datetime | None = None
+    superseded_by: str | None = None
 
 
 @dataclass
@@ -134,6 +144,8 @@ class StepRecord:
     cost_usd: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    row_id: str | None = None  # set by the run metadata, like the rows of images and clips
+    recorded_at: datetime | None = None
 
 
 def facts_from_json(facts: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ would cost one request per image.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -97,6 +98,14 @@ class Storage:
     def open_binary(self, path: UPath | str) -> io.BytesIO:
         """A file's bytes as a seekable buffer (decoders want one; S3 streams are not)."""
         return io.BytesIO(self.read_bytes(path))
+
+    def delete(self, path: UPath) -> None:
+        """Remove a file; one already gone is fine (another process may have removed it)."""
+        if is_local(path):
+            Path(path.path).unlink(missing_ok=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            path.fs.rm_file(path.path)
 
     def exists(self, path: UPath) -> bool:
         """True when ``path`` exists."""
