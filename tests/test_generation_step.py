@@ -321,7 +321,7 @@ def test_a_crash_midway_leaves_the_finished_rows_on_disk(tmp_path: Path) -> None
             metadata=metadata,
             log=lambda line: None,
         )
-    frame = load_run_metadata(storage, "images")
+    frame = load_run_metadata(storage, "images", history=True)
     assert list(zip(frame["image_id"], frame["status"], strict=True)) == [
         ("x", "skipped_existing"),
         ("y", "ok"),
