@@ -116,7 +116,7 @@ def test_the_readme_cli_materializes_a_partition(project: RunningProject):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     images = load_run_metadata(
-        project.storage, "images", prompt_set="alpha", backend="flux_schnell"
+        project.storage, "images", prompt_set="alpha", backend="flux_schnell", history=True
     )
     latest = images[images.run_id == images.sort_values("finished_at").run_id.iloc[-1]]
     assert set(latest["status"]) == {"skipped_existing"} and len(latest) == 4

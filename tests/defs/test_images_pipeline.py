@@ -137,7 +137,7 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     assert all(result.success for result in results)
     after = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
     assert after == before
-    images = load_run_metadata(base, "images")
+    images = load_run_metadata(base, "images", history=True)
     second_run = images[images.run_id.isin([r.run_id for r in results])]
     assert len(second_run) == sum(EXPECTED_IMAGES.values())
     assert set(second_run["status"]) == {"skipped_existing"}
@@ -155,7 +155,7 @@ def test_changed_prompt_generates_only_the_changed_images(
     csv = prompts_dir / "example.csv"
     csv.write_text(csv.read_text().replace("neon city street", "quiet city street"))
     results = run(["example"], ["sdxl_turbo"], dagster_instance, resources)
-    images = load_run_metadata(storage_base(resources), "images")
+    images = load_run_metadata(storage_base(resources), "images", history=True)
     latest = images[images.run_id == results[1].run_id]
     assert dict(latest.groupby("status").size()) == {"ok": 1, "skipped_existing": 2}
     assert latest[latest.status == "ok"]["prompt_id"].tolist() == ["city"]
