@@ -62,6 +62,7 @@ class ProjectConfig(BaseModel):
     model_cache_gb: float | None = None  # warm models kept per process; None: 90 % of the GPU
     celery_broker: str = "redis://127.0.0.1:6379/0"  # with executor = "celery"
     celery_backend: str | None = None  # celery results; None: the broker
+    metadata_spare_dir: str = ""  # run-metadata rows a full disk refused; "" = $TMPDIR
 
     @field_validator("backends", mode="before")
     @classmethod

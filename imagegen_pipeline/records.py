@@ -68,6 +68,11 @@ class ImageRecord:
     damage: str | None = None  # why the earlier file of this image was moved to the quarantine
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # Kept by the run metadata, not by the step: a unique id and when the row was appended;
+    # superseded_by is the row_id of the later row of the same output that replaced this one.
+    row_id: str | None = None
+    recorded_at: datetime | None = None
+    superseded_by: str | None = None
 
 
 @dataclass
@@ -106,6 +111,11 @@ class VideoClipRecord:
     damage: str | None = None  # why the earlier file of this clip was moved to the quarantine
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # Kept by the run metadata, not by the step: a unique id and when the row was appended;
+    # superseded_by is the row_id of the later row of the same output that replaced this one.
+    row_id: str | None = None
+    recorded_at: datetime | None = None
+    superseded_by: str | None = None
 
 
 @dataclass
@@ -138,6 +148,8 @@ class StepRecord:
     cost_usd: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    row_id: str | None = None  # set by the run metadata, like the rows of images and clips
+    recorded_at: datetime | None = None
 
 
 def facts_from_json(facts: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ would cost one request per image.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -131,6 +132,14 @@ class Storage:
         else:
             self.write_bytes(target, self.read_bytes(source))
             source.fs.rm_file(source.path)
+
+    def delete(self, path: UPath) -> None:
+        """Remove a file; one already gone is fine (another process may have removed it)."""
+        if is_local(path):
+            Path(path.path).unlink(missing_ok=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            path.fs.rm_file(path.path)
 
     def exists(self, path: UPath) -> bool:
         """True when ``path`` exists."""

@@ -309,7 +309,7 @@ def test_a_crash_midway_leaves_the_finished_rows_on_disk(tmp_path: Path) -> None
     found = {"x": image_row("x", "skipped_existing")}
     with pytest.raises(RuntimeError, match="out-of-memory"):
         run_generation_step(Maker(), ["x", "y", "z", "w"], found, metadata, print, what="images")
-    frame = load_run_metadata(storage, "images")
+    frame = load_run_metadata(storage, "images", history=True)
     assert list(zip(frame["image_id"], frame["status"], strict=True)) == [
         ("y", "ok"),
         ("z", "ok"),

@@ -119,7 +119,7 @@ def test_the_readme_cli_materializes_a_partition(project: RunningProject):
     steps = load_run_metadata(project.storage, "steps", prompt_set="alpha", backend="flux_schnell")
     latest = steps.sort_values("finished_at").iloc[-1]
     assert (latest["asset"], latest["generated"], latest["skipped_existing"]) == ("images", 0, 4)
-    images = load_run_metadata(project.storage, "images", prompt_set="alpha")
+    images = load_run_metadata(project.storage, "images", prompt_set="alpha", history=True)
     assert latest["run_id"] not in set(images["run_id"])
 
 

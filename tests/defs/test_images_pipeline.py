@@ -145,7 +145,7 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     after = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
     assert after == before
     # A run that makes nothing writes counts, not one row per existing image.
-    images = load_run_metadata(base, "images")
+    images = load_run_metadata(base, "images", history=True)
     assert not images.run_id.isin([r.run_id for r in results]).any()
     steps = load_run_metadata(base, "steps")
     rerun = steps[steps.run_id.isin([r.run_id for r in results])]
@@ -165,7 +165,7 @@ def test_changed_prompt_generates_only_the_changed_images(
     csv = prompts_dir / "example.csv"
     csv.write_text(csv.read_text().replace("neon city street", "quiet city street"))
     results = run(["example"], ["sdxl_turbo"], dagster_instance, resources)
-    images = load_run_metadata(storage_base(resources), "images")
+    images = load_run_metadata(storage_base(resources), "images", history=True)
     latest = images[images.run_id == results[1].run_id]
     assert latest["status"].tolist() == ["ok"]  # no rows for the two images it found
     assert latest["prompt_id"].tolist() == ["city"]

@@ -128,8 +128,10 @@ def run(generator: SvdGenerator, sources: pd.DataFrame, storage: Storage, run_id
     )
 
 
-def clip_rows(storage: Storage) -> pd.DataFrame:
-    return load_run_metadata(storage, "clips", prompt_set="set", backend="flux_schnell")
+def clip_rows(storage: Storage, history: bool = False) -> pd.DataFrame:
+    return load_run_metadata(
+        storage, "clips", prompt_set="set", backend="flux_schnell", history=history
+    )
 
 
 def test_a_rerun_makes_no_clip_and_a_changed_setting_makes_new_ones(tiny_svd, sources, storage):
@@ -238,7 +240,7 @@ def test_a_lost_metadata_row_is_recovered_from_the_preview(tiny_svd, sources, st
     cold = small_generator(tiny_svd)
     second = run(cold, sources, storage, "run-2")
     assert second.counts == {"skipped_existing": 2} and cold.model_loads == 0
-    rows = clip_rows(storage)
+    rows = clip_rows(storage, history=True)
     recovered = rows[rows["status"] == "ok"].set_index("clip_id")
     assert len(recovered) == 2 and recovered["recovered"].all()
     for made in first.records:
