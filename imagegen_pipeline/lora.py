@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -167,6 +167,24 @@ def resolve_lora(ref: LoraRef, base_dir: Path) -> LoraAdapter:
         raise ValueError(f"LoRA {ref.source!r} ({path}): no tensor name of a known LoRA format")
     return LoraAdapter(
         ref.source, path, _fingerprint(path, stat.st_size, stat.st_mtime_ns), ref.scale, targets
+    )
+
+
+def lora_cell(adapters: Sequence[LoraAdapter]) -> str:
+    """``adapters`` written back as a cell of absolute paths with their scales: what the
+    validated prompt table keeps, so later steps resolve them without the CSV's folder."""
+    return ADAPTER_SEPARATOR.join(f"{adapter.path}:{adapter.scale:g}" for adapter in adapters)
+
+
+def adapters_of(cell: str) -> tuple[LoraAdapter, ...]:
+    """The adapters of a validated cell (absolute paths), fingerprinted as they are now."""
+    return tuple(resolve_lora(ref, Path("/")) for ref in parse_lora_cell(cell or ""))
+
+
+def describe(adapters: Sequence[LoraAdapter]) -> str:
+    """What an image's row and PNG record of its adapters: source, file hash and scale."""
+    return json.dumps(
+        [{"source": a.source, "sha256": a.sha256, "scale": a.scale} for a in adapters]
     )
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import pandas as pd
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,7 +29,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from imagegen_pipeline.registry import BACKEND_NAMES
+from imagegen_pipeline.lora import check_fits, lora_cell, parse_lora_cell, resolve_lora
+from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
 from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
 STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
@@ -89,6 +91,26 @@ def _backends(raw: str | list[str]) -> list[str]:
     return list(names) or list(BACKEND_NAMES)  # none named: every backend
 
 
+def _loras(cell: str, info: ValidationInfo) -> str:
+    """Adapters found (relative to the CSV's folder) and fitting every backend of the row,
+    written back with absolute paths; a clear reason for the first that does not."""
+    if not cell:
+        return ""
+    folder = Path((info.context or {}).get("folder", "."))
+    try:
+        adapters = [resolve_lora(ref, folder) for ref in parse_lora_cell(cell)]
+    except (OSError, ValueError) as error:
+        raise ValueError(str(error)) from None
+    for name in info.data.get("backends") or BACKEND_NAMES:
+        spec = backend_spec(name)
+        for adapter in adapters:
+            try:
+                check_fits(adapter, spec.lora_components, name)
+            except ValueError as error:
+                raise ValueError(f"{error}; list the backends it fits in `backends`") from None
+    return lora_cell(adapters)
+
+
 Side = Annotated[int, _int_range(MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)]
 
 
@@ -113,6 +135,8 @@ class PromptRow(BaseModel):
     backends: Annotated[list[str], BeforeValidator(_backends)] = Field(
         default="", validate_default=True
     )
+    # Declared after ``backends``: each adapter is checked against every backend of the row.
+    lora: Annotated[str, AfterValidator(_loras)] = ""
 
     @computed_field
     @property
@@ -133,6 +157,7 @@ VALID_COLUMNS = (
     "height",
     "num_images",
     "backends",
+    "lora",
     "prompt_truncated_by_encoders",
 )
 
@@ -243,7 +268,7 @@ def read_prompt_csv(path: Path) -> PromptTable:
     try:
         for line, record in _rows_with_start_lines(reader, lines):
             cells = {key: (value or "").strip() for key, value in record.items() if key is not None}
-            row, reasons = _check_row(cells, seen_ids)
+            row, reasons = _check_row(cells, seen_ids, path.parent)
             if row is None:
                 raw = json.dumps(cells, ensure_ascii=False)
                 problems.extend(
@@ -351,12 +376,13 @@ def _rows_with_start_lines(
 
 
 def _check_row(
-    cells: dict[str, str], seen_ids: dict[str, int]
+    cells: dict[str, str], seen_ids: dict[str, int], folder: Path
 ) -> tuple[PromptRow | None, list[tuple[str, str]]]:
-    """The valid row, or None and every (field, reason) that rejects it."""
+    """The valid row, or None and every (field, reason) that rejects it (LoRA files are
+    relative to ``folder``, the CSV's)."""
     given = {column: value for column, value in cells.items() if value}
     try:
-        row: PromptRow | None = PromptRow.model_validate(given)
+        row: PromptRow | None = PromptRow.model_validate(given, context={"folder": folder})
     except ValidationError as exc:
         row = None
         # Skip default_factory_not_called: prompt_id has no default because the prompt is bad.

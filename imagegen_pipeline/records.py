@@ -51,6 +51,7 @@ class ImageRecord:
     steps: int
     guidance: float
     status: str  # ImageStatus
+    loras: str = ""  # JSON list of the LoRA adapters applied: source, file sha256, scale
     error: str = ""
     path: str | None = None
     sha256: str | None = None  # of the PNG file's bytes
@@ -144,6 +145,9 @@ class StepRecord:
     offload: str | None = None
     batch_size: int | None = None
     memory_plan: str | None = None  # why that offload and batch size were chosen
+    adapter_loads: int = 0  # LoRA files loaded onto the warm base model
+    adapter_switches: int = 0  # changes of the active adapter set
+    adapter_switch_seconds: float = 0.0  # loading and switching adapters, together
     peak_gpu_memory_mb: float | None = None
     cost_usd: float | None = None
     started_at: datetime | None = None

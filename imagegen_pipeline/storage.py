@@ -157,7 +157,10 @@ class Storage:
                 relative = Path(directory).relative_to(root)
                 for name in names:
                     if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-                        size = (Path(directory) / name).stat().st_size
+                        try:
+                            size = (Path(directory) / name).stat().st_size
+                        except FileNotFoundError:  # removed while listed (a compaction)
+                            continue
                         found[(relative / name).as_posix()] = size
             return found
         prefix = folder.path.rstrip("/") + "/"

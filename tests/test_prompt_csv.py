@@ -125,6 +125,7 @@ def test_valid_table_columns_and_types(tmp_path):
         "height",
         "num_images",
         "backends",
+        "lora",  # LoRA adapters, absolute paths with scales (tests/lora/test_lora.py)
         "prompt_truncated_by_encoders",
     ]
     assert {str(valid[column].dtype) for column in ("seed", "width", "height")} == {"Int64"}

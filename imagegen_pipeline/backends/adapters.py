@@ -54,6 +54,11 @@ class AdapterSwitcher:
         self.switches += 1
         self.switch_seconds += time.perf_counter() - started
 
+    def reset_counts(self) -> None:
+        """Start counting loads, switches and their seconds afresh."""
+        self.loads = self.switches = 0
+        self.switch_seconds = 0.0
+
     def release(self, still_needed: Iterable[str] = ()) -> None:
         """Delete the loaded adapters that no later group needs."""
         keep = set(still_needed)

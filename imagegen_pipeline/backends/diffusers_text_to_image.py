@@ -165,6 +165,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         batch retries its images one by one, so one bad prompt fails alone.
         """
         self.load()
+        self.adapters.reset_counts()  # the run summary reports this call's loads and switches
         # One group per adapter set and size: the base model stays loaded and the adapters
         # switch between groups (each group's last use frees its adapters).
         groups: dict[tuple[Any, ...], list[ImageRequest]] = {}

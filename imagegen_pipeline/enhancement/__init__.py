@@ -25,7 +25,16 @@ __all__ = [
     "enhance_prompts",
 ]
 
-PASSTHROUGH_COLUMNS = ("line", "style", "seed", "width", "height", "num_images", "backends")
+PASSTHROUGH_COLUMNS = (
+    "line",
+    "style",
+    "seed",
+    "width",
+    "height",
+    "num_images",
+    "backends",
+    "lora",
+)
 ENHANCED_COLUMNS = (
     "prompt_id",
     "original_prompt",
@@ -107,7 +116,8 @@ def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataF
                 "clip_truncated": clip_tokens > CLIP_TOKEN_LIMIT,
                 "t5_tokens_estimate": t5_tokens,
                 "t5_truncated": t5_tokens > T5_TOKEN_LIMIT,
-                **{column: prompt[column] for column in PASSTHROUGH_COLUMNS},
+                # .get: tables validated before a column existed lack it (lora)
+                **{column: prompt.get(column, "") for column in PASSTHROUGH_COLUMNS},
             }
         )
     table = pd.DataFrame(rows, columns=list(ENHANCED_COLUMNS))

@@ -23,6 +23,7 @@ from imagegen_pipeline.image_files import (
     read_png_record,
     verify_png,
 )
+from imagegen_pipeline.lora import adapters_of, describe
 from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
 from imagegen_pipeline.steps.skeleton import (
@@ -55,7 +56,7 @@ def derive_seed(prompt_id: str, image_index: int, csv_seed: int | None = None) -
 
 def content_address(settings: GenerationSettings, request: ImageRequest) -> str:
     """A sha256 over every input that changes the image; equal addresses mean equal work."""
-    key = {
+    key: dict[str, Any] = {
         **asdict(settings),
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
@@ -63,6 +64,8 @@ def content_address(settings: GenerationSettings, request: ImageRequest) -> str:
         "width": request.width,
         "height": request.height,
     }
+    if request.loras:  # by file content and scale: a changed LoRA file is other work
+        key["loras"] = [[adapter.sha256, adapter.scale] for adapter in request.loras]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -100,6 +103,7 @@ def plan_images(enhanced: pd.DataFrame, target: ImageTarget) -> list[PlannedImag
         height = default_height if pd.isna(row["height"]) else int(row["height"])
         # Record the negative prompt only where the backend uses it: the address stays honest.
         negative = row["negative_prompt"] if target.supports_negative_prompt else ""
+        loras = adapters_of(row.get("lora") or "")
         for index in range(int(row["num_images"])):
             request = ImageRequest(
                 prompt_id=row["prompt_id"],
@@ -109,6 +113,7 @@ def plan_images(enhanced: pd.DataFrame, target: ImageTarget) -> list[PlannedImag
                 seed=derive_seed(row["prompt_id"], index, csv_seed),
                 width=width,
                 height=height,
+                loras=loras,
             )
             image_id = content_address(settings, request)
             name = f"{request.prompt_id}/{index:02d}_{image_id[:ADDRESS_CHARS]}.png"
@@ -192,6 +197,7 @@ class ImagesKind:
             width=request.width,
             height=request.height,
             status=status,
+            loras=describe(request.loras) if request.loras else "",
             **facts,
         )
 
@@ -231,9 +237,11 @@ class ImagesKind:
         run_id = self.step.run_id
         if result.status != "ok" or result.image is None:
             return self.record(item, result.status, run_id, **facts)
+        request = item.request
         parameters = {
             **asdict(self.target.settings),
-            **asdict(item.request),
+            **{k: v for k, v in asdict(request).items() if k != "loras"},
+            **({"loras": json.loads(describe(request.loras))} if request.loras else {}),
             "image_id": item.image_id,
         }
         png = encode_png(

@@ -153,3 +153,47 @@ def test_a_flux_lora_changes_flux_images(tiny_flux: Path, flux_lora: Path) -> No
         for r in backend.generate([request(0), request(1, [adapter])])
     }
     assert np.abs(results[1] - results[0]).mean() > 1.0
+
+
+def test_the_csv_column_is_checked_per_row_and_drives_the_content_address(
+    sdxl_loras: list[Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from imagegen_pipeline.enhancement import enhance_prompts
+    from imagegen_pipeline.enhancement.template import TemplateEnhancer
+    from imagegen_pipeline.prompt_csv import read_prompt_csv
+    from imagegen_pipeline.steps.images import plan_images
+
+    styles = tmp_path / "styles"
+    styles.mkdir()
+    shutil.copy(sdxl_loras[0], styles / "brand.safetensors")
+    csv = tmp_path / "set.csv"
+    csv.write_text(
+        "prompt_id,prompt,backends,lora\n"
+        "plain,a cat,sdxl_turbo,\n"
+        "brand,a cat,sdxl_turbo,styles/brand.safetensors:0.8\n"
+        "missing,a dog,sdxl_turbo,styles/nowhere.safetensors\n"
+        "wrong,a fox,,styles/brand.safetensors\n"  # every backend: FLUX has no UNet
+    )
+    table = read_prompt_csv(csv)
+    assert list(table.valid["prompt_id"]) == ["plain", "brand"]
+    assert table.valid.set_index("prompt_id").loc["brand", "lora"] == (
+        f"{(styles / 'brand.safetensors').resolve()}:0.8"
+    )
+    reasons = {r["line"]: (r["field"], r["reason"]) for r in table.rejected.to_dict("records")}
+    assert reasons[4][0] == "lora" and "nowhere.safetensors" in reasons[4][1]
+    assert reasons[5][0] == "lora" and "which flux_schnell does not have" in reasons[5][1]
+
+    target = MODELS["sdxl_turbo"].settings(width=64, height=64).image_target("sdxl_turbo", "m")
+
+    def plan() -> dict[str, str]:
+        enhanced = enhance_prompts(table.valid, TemplateEnhancer())
+        return {item.request.prompt_id: item.image_id for item in plan_images(enhanced, target)}
+
+    before = plan()
+    assert plan() == before  # unchanged inputs, unchanged addresses
+    # A changed LoRA file is other work for exactly the rows that use it.
+    shutil.copy(sdxl_loras[1], styles / "brand.safetensors")
+    after = plan()
+    assert after["plain"] == before["plain"] and after["brand"] != before["brand"]
