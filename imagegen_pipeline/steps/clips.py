@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 from upath import UPath
 
+from imagegen_pipeline.claims import partition_claim
 from imagegen_pipeline.records import (
     EXISTING_STATUSES,
     VideoClipRecord,
@@ -153,143 +154,145 @@ def run_video_step(
     ``generator()`` gives the generator ``settings`` describe; it is called only when some
     clip is missing, so a step with nothing to make never creates (or imports) it.
     """
-    storage = step.storage
-    folder = clips_folder(storage, step.prompt_set, step.backend)
-    swept = storage.sweep_temp_files(folder)
-    if swept:
-        log(f"Removed {swept} temporary file(s) left by an interrupted run.")
-    on_disk = storage.list_files(folder)
-    made_before = (
-        finished_outputs(
-            storage, "clips", "clip_id", prompt_set=step.prompt_set, backend=step.backend
+    # One run at a time per partition: a second one waits, then lists and finds the work done.
+    with partition_claim(step.storage, "clips", step.prompt_set, step.backend, log):
+        storage = step.storage
+        folder = clips_folder(storage, step.prompt_set, step.backend)
+        swept = storage.sweep_temp_files(folder)
+        if swept:
+            log(f"Removed {swept} temporary file(s) left by an interrupted run.")
+        on_disk = storage.list_files(folder)
+        made_before = (
+            finished_outputs(
+                storage, "clips", "clip_id", prompt_set=step.prompt_set, backend=step.backend
+            )
+            if on_disk
+            else FinishedOutputs({})
         )
-        if on_disk
-        else FinishedOutputs({})
-    )
-    metadata = RunMetadataWriter(
-        storage, "clips", run_id=step.run_id, prompt_set=step.prompt_set, backend=step.backend
-    )
-
-    def record(
-        item: PlannedVideoClip, status: str, run_id: str, **facts: object
-    ) -> VideoClipRecord:
-        return VideoClipRecord(
-            run_id=run_id,
-            prompt_set=step.prompt_set,
-            backend=step.backend,
-            clip_id=item.clip_id,
-            source_image_id=item.source_image_id,
-            source_path=item.source_path,
-            prompt_id=item.prompt_id,
-            image_index=item.image_index,
-            model_id=settings.model_id,
-            revision=settings.revision,
-            seed=item.seed,
-            width=settings.width,
-            height=settings.height,
-            frames=settings.frames,
-            fps=settings.fps,
-            steps=settings.steps,
-            motion_bucket_id=settings.motion_bucket_id,
-            noise_aug_strength=settings.noise_aug_strength,
-            status=status,
-            **facts,  # type: ignore[arg-type]
+        metadata = RunMetadataWriter(
+            storage, "clips", run_id=step.run_id, prompt_set=step.prompt_set, backend=step.backend
         )
 
-    def files(item: PlannedVideoClip) -> tuple[UPath, UPath]:
-        return folder / f"{item.stem}.mp4", folder / f"{item.stem}.webp"
+        def record(
+            item: PlannedVideoClip, status: str, run_id: str, **facts: object
+        ) -> VideoClipRecord:
+            return VideoClipRecord(
+                run_id=run_id,
+                prompt_set=step.prompt_set,
+                backend=step.backend,
+                clip_id=item.clip_id,
+                source_image_id=item.source_image_id,
+                source_path=item.source_path,
+                prompt_id=item.prompt_id,
+                image_index=item.image_index,
+                model_id=settings.model_id,
+                revision=settings.revision,
+                seed=item.seed,
+                width=settings.width,
+                height=settings.height,
+                frames=settings.frames,
+                fps=settings.fps,
+                steps=settings.steps,
+                motion_bucket_id=settings.motion_bucket_id,
+                noise_aug_strength=settings.noise_aug_strength,
+                status=status,
+                **facts,  # type: ignore[arg-type]
+            )
 
-    def describe_existing(item: PlannedVideoClip) -> Iterator[VideoClipRecord]:
-        path, preview = files(item)
-        size = on_disk[f"{item.stem}.mp4"]
-        if item.clip_id not in made_before:
-            # Made by a run killed before its row was flushed: the preview carries that row.
-            facts = facts_from_json(read_preview_facts(storage.read_bytes(preview)))
-            made_by = facts.pop("run_id", step.run_id)
-            video = storage.read_bytes(path)
-            sha256 = hashlib.sha256(video).hexdigest()
+        def files(item: PlannedVideoClip) -> tuple[UPath, UPath]:
+            return folder / f"{item.stem}.mp4", folder / f"{item.stem}.webp"
+
+        def describe_existing(item: PlannedVideoClip) -> Iterator[VideoClipRecord]:
+            path, preview = files(item)
+            size = on_disk[f"{item.stem}.mp4"]
+            if item.clip_id not in made_before:
+                # Made by a run killed before its row was flushed: the preview carries that row.
+                facts = facts_from_json(read_preview_facts(storage.read_bytes(preview)))
+                made_by = facts.pop("run_id", step.run_id)
+                video = storage.read_bytes(path)
+                sha256 = hashlib.sha256(video).hexdigest()
+                yield record(
+                    item,
+                    "ok",
+                    made_by,
+                    **facts,
+                    path=str(path),
+                    preview_path=str(preview),
+                    sha256=sha256,
+                    bytes=len(video),
+                    recovered=True,
+                )
+            else:
+                sha256 = made_before.sha256_now(storage, path, item.clip_id, size, log)
             yield record(
                 item,
+                "skipped_existing",
+                step.run_id,
+                path=str(path),
+                preview_path=str(preview),
+                sha256=sha256,
+                bytes=size,
+                started_at=utc_now(),
+                finished_at=utc_now(),
+            )
+
+        def generate(
+            items: list[PlannedVideoClip],
+        ) -> Iterator[tuple[PlannedVideoClip, VideoClipResult]]:
+            for item in items:
+                started_at = utc_now()
+                source = Image.open(io.BytesIO(storage.read_bytes(item.source_path)))
+                result = generator().generate(source, item.seed)
+                result.started_at = started_at
+                if result.status != "ok":
+                    log(f"Clip of {item.prompt_id}[{item.image_index}] failed: {result.error}")
+                yield item, result
+
+        def write(item: PlannedVideoClip, result: VideoClipResult) -> VideoClipRecord:
+            facts = {
+                "error": result.error,
+                "memory_fallback": result.memory_fallback,
+                "seconds": result.seconds,
+                "device": generator().device,
+                "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
+                "started_at": result.started_at,
+                "finished_at": utc_now(),
+            }
+            if result.status != "ok":
+                return record(item, result.status, step.run_id, **facts)
+            path, preview = files(item)
+            video = mp4_bytes(result.frames, settings.fps)
+            # The MP4 first, the preview (which carries the row) second: a clip is done when both
+            # exist, and a done clip always has its facts.
+            storage.write_bytes(path, video)
+            storage.write_bytes(
+                preview,
+                webp_preview_bytes(
+                    result.frames, settings.fps, step.preview_side, {**facts, "run_id": step.run_id}
+                ),
+            )
+            sha256 = hashlib.sha256(video).hexdigest()
+            return record(
+                item,
                 "ok",
-                made_by,
+                step.run_id,
                 **facts,
                 path=str(path),
                 preview_path=str(preview),
                 sha256=sha256,
                 bytes=len(video),
-                recovered=True,
             )
-        else:
-            sha256 = made_before.sha256_now(storage, path, item.clip_id, size, log)
-        yield record(
-            item,
-            "skipped_existing",
-            step.run_id,
-            path=str(path),
-            preview_path=str(preview),
-            sha256=sha256,
-            bytes=size,
-            started_at=utc_now(),
-            finished_at=utc_now(),
-        )
 
-    def generate(
-        items: list[PlannedVideoClip],
-    ) -> Iterator[tuple[PlannedVideoClip, VideoClipResult]]:
-        for item in items:
-            started_at = utc_now()
-            source = Image.open(io.BytesIO(storage.read_bytes(item.source_path)))
-            result = generator().generate(source, item.seed)
-            result.started_at = started_at
-            if result.status != "ok":
-                log(f"Clip of {item.prompt_id}[{item.image_index}] failed: {result.error}")
-            yield item, result
-
-    def write(item: PlannedVideoClip, result: VideoClipResult) -> VideoClipRecord:
-        facts = {
-            "error": result.error,
-            "memory_fallback": result.memory_fallback,
-            "seconds": result.seconds,
-            "device": generator().device,
-            "peak_gpu_memory_mb": result.peak_gpu_memory_mb,
-            "started_at": result.started_at,
-            "finished_at": utc_now(),
-        }
-        if result.status != "ok":
-            return record(item, result.status, step.run_id, **facts)
-        path, preview = files(item)
-        video = mp4_bytes(result.frames, settings.fps)
-        # The MP4 first, the preview (which carries the row) second: a clip is done when both
-        # exist, and a done clip always has its facts.
-        storage.write_bytes(path, video)
-        storage.write_bytes(
-            preview,
-            webp_preview_bytes(
-                result.frames, settings.fps, step.preview_side, {**facts, "run_id": step.run_id}
-            ),
+        return run_generation_step(
+            what=f"clips {step.prompt_set}/{step.backend}",
+            planned=planned,
+            key=lambda item: item.clip_id,
+            is_done=lambda item: f"{item.stem}.mp4" in on_disk and f"{item.stem}.webp" in on_disk,
+            describe_existing=describe_existing,
+            load=lambda: generator().load(),
+            generate=generate,
+            write=write,
+            metadata=metadata,
+            log=log,
+            writer_threads=step.writer_threads,
         )
-        sha256 = hashlib.sha256(video).hexdigest()
-        return record(
-            item,
-            "ok",
-            step.run_id,
-            **facts,
-            path=str(path),
-            preview_path=str(preview),
-            sha256=sha256,
-            bytes=len(video),
-        )
-
-    return run_generation_step(
-        what=f"clips {step.prompt_set}/{step.backend}",
-        planned=planned,
-        key=lambda item: item.clip_id,
-        is_done=lambda item: f"{item.stem}.mp4" in on_disk and f"{item.stem}.webp" in on_disk,
-        describe_existing=describe_existing,
-        load=lambda: generator().load(),
-        generate=generate,
-        write=write,
-        metadata=metadata,
-        log=log,
-        writer_threads=step.writer_threads,
-    )

@@ -22,6 +22,7 @@ from imagegen_pipeline.backends.base import (
     ImageResult,
     ImageTarget,
 )
+from imagegen_pipeline.claims import partition_claim
 from imagegen_pipeline.image_files import DEFAULT_PNG_COMPRESS_LEVEL, encode_png, read_png_record
 from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
 from imagegen_pipeline.run_metadata import FinishedOutputs, RunMetadataWriter, finished_outputs
@@ -138,130 +139,140 @@ def run_images_step(
     image is missing, so a step with nothing to make never creates (or imports) it.
     """
     settings = target.settings
-    storage, folder = step.storage, images_folder(step.storage, step.prompt_set, settings.backend)
-    swept = storage.sweep_temp_files(folder)
-    if swept:
-        log(f"Removed {swept} temporary file(s) left by an interrupted run.")
-    on_disk = storage.list_files(folder)  # one listing, not one probe per image
-    made_before = (
-        finished_outputs(
-            storage, "images", "image_id", prompt_set=step.prompt_set, backend=settings.backend
+    # One run at a time per partition: a second one waits, then lists and finds the work done.
+    with partition_claim(step.storage, "images", step.prompt_set, settings.backend, log):
+        storage, folder = (
+            step.storage,
+            images_folder(step.storage, step.prompt_set, settings.backend),
         )
-        if on_disk
-        else FinishedOutputs({})
-    )
-    metadata = RunMetadataWriter(
-        storage, "images", run_id=step.run_id, prompt_set=step.prompt_set, backend=settings.backend
-    )
-    base = {
-        "prompt_set": step.prompt_set,
-        "backend": settings.backend,
-        "model_id": settings.model_id,
-        "revision": settings.revision,
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-    }
-
-    def record(item: PlannedImage, status: str, run_id: str, **facts: object) -> ImageRecord:
-        request = item.request
-        return ImageRecord(
-            **base,
-            run_id=run_id,
-            image_id=item.image_id,
-            prompt_id=request.prompt_id,
-            image_index=request.image_index,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            seed=request.seed,
-            width=request.width,
-            height=request.height,
-            status=status,
-            **facts,  # type: ignore[arg-type]
+        swept = storage.sweep_temp_files(folder)
+        if swept:
+            log(f"Removed {swept} temporary file(s) left by an interrupted run.")
+        on_disk = storage.list_files(folder)  # one listing, not one probe per image
+        made_before = (
+            finished_outputs(
+                storage, "images", "image_id", prompt_set=step.prompt_set, backend=settings.backend
+            )
+            if on_disk
+            else FinishedOutputs({})
         )
+        metadata = RunMetadataWriter(
+            storage,
+            "images",
+            run_id=step.run_id,
+            prompt_set=step.prompt_set,
+            backend=settings.backend,
+        )
+        base = {
+            "prompt_set": step.prompt_set,
+            "backend": settings.backend,
+            "model_id": settings.model_id,
+            "revision": settings.revision,
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+        }
 
-    def describe_existing(item: PlannedImage) -> Iterator[ImageRecord]:
-        path = folder / item.relative_path
-        size = on_disk[item.relative_path]
-        if item.image_id not in made_before:
-            # Made by a run killed before its row was flushed: the PNG carries that row.
-            png = storage.read_bytes(path)
-            _, facts = read_png_record(png)
-            facts = facts_from_json(facts)
-            made_by = facts.pop("run_id", step.run_id)
-            sha256 = hashlib.sha256(png).hexdigest()
+        def record(item: PlannedImage, status: str, run_id: str, **facts: object) -> ImageRecord:
+            request = item.request
+            return ImageRecord(
+                **base,
+                run_id=run_id,
+                image_id=item.image_id,
+                prompt_id=request.prompt_id,
+                image_index=request.image_index,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                seed=request.seed,
+                width=request.width,
+                height=request.height,
+                status=status,
+                **facts,  # type: ignore[arg-type]
+            )
+
+        def describe_existing(item: PlannedImage) -> Iterator[ImageRecord]:
+            path = folder / item.relative_path
+            size = on_disk[item.relative_path]
+            if item.image_id not in made_before:
+                # Made by a run killed before its row was flushed: the PNG carries that row.
+                png = storage.read_bytes(path)
+                _, facts = read_png_record(png)
+                facts = facts_from_json(facts)
+                made_by = facts.pop("run_id", step.run_id)
+                sha256 = hashlib.sha256(png).hexdigest()
+                yield record(
+                    item,
+                    "ok",
+                    made_by,
+                    **facts,
+                    path=str(path),
+                    sha256=sha256,
+                    bytes=len(png),
+                    recovered=True,
+                )
+            else:
+                sha256 = made_before.sha256_now(storage, path, item.image_id, size, log)
             yield record(
                 item,
-                "ok",
-                made_by,
-                **facts,
+                "skipped_existing",
+                step.run_id,
                 path=str(path),
                 sha256=sha256,
-                bytes=len(png),
-                recovered=True,
+                bytes=size,
+                started_at=utc_now(),
+                finished_at=utc_now(),
             )
-        else:
-            sha256 = made_before.sha256_now(storage, path, item.image_id, size, log)
-        yield record(
-            item,
-            "skipped_existing",
-            step.run_id,
-            path=str(path),
-            sha256=sha256,
-            bytes=size,
-            started_at=utc_now(),
-            finished_at=utc_now(),
-        )
 
-    def generate(items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
-        by_key = {item.key: item for item in items}
-        for result in backend().generate([item.request for item in items]):
-            item = by_key[(result.request.prompt_id, result.request.image_index)]
-            if result.status == "failed":
-                log(f"{item.request.prompt_id}[{item.request.image_index}] failed: {result.error}")
-            yield item, result
+        def generate(items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
+            by_key = {item.key: item for item in items}
+            for result in backend().generate([item.request for item in items]):
+                item = by_key[(result.request.prompt_id, result.request.image_index)]
+                request = item.request
+                if result.status == "failed":
+                    log(f"{request.prompt_id}[{request.image_index}] failed: {result.error}")
+                yield item, result
 
-    def write(item: PlannedImage, result: ImageResult) -> ImageRecord:
-        details = result.details
-        facts = {
-            "error": result.error,
-            "seconds": result.seconds,
-            "device": backend().device,
-            "batch_size": details.get("batch_size"),
-            "peak_gpu_memory_mb": details.get("peak_gpu_memory_mb"),
-            "finish_reason": details.get("finish_reason"),
-            "retries": details.get("retries"),
-            "prompt_tokens": details.get("prompt_tokens"),
-            "output_tokens": details.get("output_tokens"),
-            "cost_usd": details.get("cost_usd"),
-            "started_at": details.get("started_at") or utc_now(),
-            "finished_at": utc_now(),
-        }
-        if result.status != "ok" or result.image is None:
-            return record(item, result.status, step.run_id, **facts)
-        parameters = {**asdict(settings), **asdict(item.request), "image_id": item.image_id}
-        png = encode_png(
-            result.image,
-            parameters,
-            {**facts, "run_id": step.run_id},
-            compress_level=step.png_compress_level,
-        )
-        path = folder / item.relative_path
-        storage.write_bytes(path, png)
-        sha256 = hashlib.sha256(png).hexdigest()
-        return record(
-            item, "ok", step.run_id, **facts, path=str(path), sha256=sha256, bytes=len(png)
-        )
+        def write(item: PlannedImage, result: ImageResult) -> ImageRecord:
+            details = result.details
+            facts = {
+                "error": result.error,
+                "seconds": result.seconds,
+                "device": backend().device,
+                "batch_size": details.get("batch_size"),
+                "peak_gpu_memory_mb": details.get("peak_gpu_memory_mb"),
+                "finish_reason": details.get("finish_reason"),
+                "retries": details.get("retries"),
+                "prompt_tokens": details.get("prompt_tokens"),
+                "output_tokens": details.get("output_tokens"),
+                "cost_usd": details.get("cost_usd"),
+                "started_at": details.get("started_at") or utc_now(),
+                "finished_at": utc_now(),
+            }
+            if result.status != "ok" or result.image is None:
+                return record(item, result.status, step.run_id, **facts)
+            parameters = {**asdict(settings), **asdict(item.request), "image_id": item.image_id}
+            png = encode_png(
+                result.image,
+                parameters,
+                {**facts, "run_id": step.run_id},
+                compress_level=step.png_compress_level,
+            )
+            path = folder / item.relative_path
+            storage.write_bytes(path, png)
+            sha256 = hashlib.sha256(png).hexdigest()
+            return record(
+                item, "ok", step.run_id, **facts, path=str(path), sha256=sha256, bytes=len(png)
+            )
 
-    return run_generation_step(
-        what=f"images {step.prompt_set}/{settings.backend}",
-        planned=planned,
-        key=lambda item: item.key,
-        is_done=lambda item: item.relative_path in on_disk,
-        describe_existing=describe_existing,
-        load=lambda: backend().load(),
-        generate=generate,
-        write=write,
-        metadata=metadata,
-        log=log,
-        writer_threads=step.writer_threads,
-    )
+        return run_generation_step(
+            what=f"images {step.prompt_set}/{settings.backend}",
+            planned=planned,
+            key=lambda item: item.key,
+            is_done=lambda item: item.relative_path in on_disk,
+            describe_existing=describe_existing,
+            load=lambda: backend().load(),
+            generate=generate,
+            write=write,
+            metadata=metadata,
+            log=log,
+            writer_threads=step.writer_threads,
+        )
