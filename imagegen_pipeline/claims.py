@@ -224,9 +224,12 @@ def _read_body(fs: Any, response: dict[str, Any]) -> bytes:
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    # s3fs maps 412 (If-Match) and 409 (a concurrent conditional write) to plain OSErrors.
-    text = f"{exc} {exc.__cause__}"
-    return any(code in text for code in ("PreconditionFailed", "412", "ConditionalRequestConflict"))
+    # s3fs turns 412 (If-Match failed) and 409 (another conditional write to the key in flight)
+    # into plain OSErrors; the botocore error it wraps keeps the code.
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 _HONOURED: dict[str, bool] = {}
@@ -294,9 +297,7 @@ class Claims:
         )
 
     def _store(self, name: str) -> Any:
-        path = self.storage.path(
-            CLAIMS_FOLDER, *name.split("/")[:-1], f"{name.split('/')[-1]}.json"
-        )
+        path = self.storage.path(CLAIMS_FOLDER, *f"{name}.json".split("/"))
         if self.storage.is_local:
             return _LocalClaimFile(Path(path.path))
         return _S3ClaimObject(path)

@@ -156,3 +156,13 @@ def test_processes_racing_to_take_over_a_dead_holders_claim_exactly_one_wins(
     winners = [pid for pid, won, _ in results if won]
     assert len(winners) == 1, results
     assert all(seen != dead for _, won, seen in results if not won), results
+
+
+def test_a_step_that_fails_releases_its_claim(where: dict[str, Any]) -> None:
+    claims = claims_of(where)
+    name = "images/boom/flux_schnell"
+    with pytest.raises(ValueError, match="model broke"), claims.hold(name) as claim:
+        held = claims.read(name)
+        assert claim is not None and held is not None and held.holder == claim.holder
+        raise ValueError("model broke")
+    assert claims.read(name) is None
