@@ -11,8 +11,9 @@ same images missing and make them twice. A claim is one small JSON file under
 - while held, a background thread renews the lease every third of its length: on a disk it
   rewrites the claim after checking it is still its own; on S3 a ``PutObject`` with
   ``If-Match`` on the claim's ETag, which fails if anyone replaced it.
-- a holder that dies stops renewing; once the lease has expired, contenders take the claim
-  over, and only one of them can: on a disk each renames the stale claim to a private name
+- a holder that dies stops renewing; once the lease has expired (or at once, when the holder
+  ran on this machine and its process is gone), contenders take the claim over, and only one
+  of them can: on a disk each renames the stale claim to a private name
   (only one rename of a name succeeds) and then creates a fresh claim as above; on S3 each PUTs
   its claim with ``If-Match`` on the stale claim's ETag (only the first PUT matches).
 - release deletes the claim (on S3 with ``If-Match``, so it never deletes a successor's).
@@ -56,6 +57,32 @@ class ClaimBusy(RuntimeError):
     """Raised by ``hold(..., wait=False)`` when another live holder has the claim."""
 
 
+def _this_machine() -> str:
+    """The host name and PID namespace: holders that share it see one process table, so each
+    can tell whether the other's process still exists. "" where that cannot be told."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{socket.gethostname()}/{namespace}"
+
+
+MACHINE = _this_machine()
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, as another user's process
+    try:  # a killed process its parent has not reaped yet still answers signal 0
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @dataclass(frozen=True)
 class ClaimInfo:
     """What a claim file says: who holds it and until when (seconds since the epoch)."""
@@ -63,9 +90,20 @@ class ClaimInfo:
     holder: str  # "<host>:<pid>:<random token>"
     expires_at: float
     etag: str = ""  # S3 only: the object's ETag, for conditional writes
+    machine: str = ""  # the holder's MACHINE
+    pid: int = 0
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
+
+    def holder_gone(self) -> bool:
+        """True when the holder ran on this machine and its process has ended (killed): no
+        need to wait for its lease."""
+        return bool(self.machine) and self.machine == MACHINE and _process_gone(self.pid)
+
+    def stale(self) -> bool:
+        """True when anyone may take the claim over."""
+        return self.expired() or self.holder_gone()
 
     def describe(self) -> str:
         left = self.expires_at - time.time()
@@ -79,14 +117,26 @@ def new_holder_id() -> str:
 
 def _claim_bytes(holder: str, lease_seconds: float) -> bytes:
     now = time.time()
-    body = {"holder": holder, "acquired_at": now, "expires_at": now + lease_seconds}
+    body = {
+        "holder": holder,
+        "machine": MACHINE,
+        "pid": os.getpid(),
+        "acquired_at": now,
+        "expires_at": now + lease_seconds,
+    }
     return json.dumps(body).encode()
 
 
 def _parse(data: bytes, fallback_expiry: float, etag: str = "") -> ClaimInfo:
     try:
         body = json.loads(data)
-        return ClaimInfo(str(body["holder"]), float(body["expires_at"]), etag)
+        return ClaimInfo(
+            str(body["holder"]),
+            float(body["expires_at"]),
+            etag,
+            str(body.get("machine", "")),
+            int(body.get("pid", 0)),
+        )
     except (ValueError, KeyError, TypeError):
         # Not ours or damaged: treat it as a claim whose lease runs from its last write.
         return ClaimInfo("<unreadable claim>", fallback_expiry, etag)
@@ -149,7 +199,7 @@ class _LocalClaimFile:
             return False
         try:
             moved = _parse(aside.read_bytes(), aside.stat().st_mtime + lease_seconds)
-            if moved.holder != stale.holder and not moved.expired():
+            if moved.holder != stale.holder and not moved.stale():
                 # Between our read and our rename another contender took the claim over:
                 # put its live claim back (fails only if a third one created a claim meanwhile).
                 with contextlib.suppress(FileExistsError):
@@ -319,10 +369,11 @@ class Claims:
             current = store.read(self.lease_seconds)
             if current is None:
                 continue  # released between our create and our read
-            if not current.expired():
+            if not current.stale():
                 return None, current
             if store.take_over(current, data, self.lease_seconds):
-                log(f"Took over claim {name} from {current.holder}, whose lease had expired.")
+                why = "process has ended" if current.holder_gone() else "lease had expired"
+                log(f"Took over claim {name} from {current.holder}, whose {why}.")
                 return Claim(name, store, holder, self.lease_seconds, log), None
             # Someone else won the take-over (or put a live claim back): look again.
 

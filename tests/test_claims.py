@@ -3,8 +3,11 @@
 - N processes that try one claim at the same instant: exactly one gets it, every other one is
   told who holds it;
 - a live holder keeps its claim past several lease lengths (its thread renews it);
-- a holder SIGKILLed while holding: nobody gets the claim before its lease ends, somebody gets it
-  after; N processes racing for the dead holder's claim: exactly one takes it over.
+- a holder on another machine (as its claim says) SIGKILLed while holding: nobody gets the claim
+  before its lease ends, somebody gets it after; a holder on this machine SIGKILLed: its claim
+  is taken over at once; N processes racing for a dead holder's claim: exactly one takes it
+  over;
+- a step that raises releases its claim.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from imagegen_pipeline import claims as claims_module
 from imagegen_pipeline.claims import ClaimBusy, Claims
 from imagegen_pipeline.storage import Storage
 from tests.services import S3Service, ServiceUnavailable, start_s3
@@ -82,8 +86,10 @@ def race(where: dict[str, Any], name: str) -> list[tuple[int, bool, str | None]]
     return results
 
 
-def _hold_forever(where: dict[str, Any], name: str, ready: Any) -> None:
-    claim, _ = claims_of(where).try_acquire(name, log=lambda _: None)
+def _hold_forever(where: dict[str, Any], name: str, ready: Any, machine: str, lease: float) -> None:
+    if machine != "this":
+        claims_module.MACHINE = machine  # as if it ran on another machine: leases only
+    claim, _ = claims_of(where, lease).try_acquire(name, log=lambda _: None)
     assert claim is not None
     ready.put(claim.holder)
     time.sleep(3600)
@@ -104,13 +110,19 @@ def test_of_processes_racing_for_one_claim_exactly_one_wins(where: dict[str, Any
         assert claim is not None
 
 
+def start_holder(where: dict[str, Any], name: str, machine: str, lease: float) -> Any:
+    """A process that takes ``name`` and holds it until killed; returns (process, holder id)."""
+    ready = SPAWN.Queue()
+    holder = SPAWN.Process(target=_hold_forever, args=(where, name, ready, machine, lease))
+    holder.start()
+    return holder, ready
+
+
 def test_a_live_holder_keeps_its_claim_and_a_killed_one_loses_it_when_its_lease_ends(
     where: dict[str, Any],
 ) -> None:
     name = "clips/kill/flux_schnell"
-    ready = SPAWN.Queue()
-    holder = SPAWN.Process(target=_hold_forever, args=(where, name, ready))
-    holder.start()
+    holder, ready = start_holder(where, name, "another-machine", LEASE)
     try:
         holder_id = ready.get(timeout=60)
         claims = claims_of(where)
@@ -139,13 +151,33 @@ def test_a_live_holder_keeps_its_claim_and_a_killed_one_loses_it_when_its_lease_
     assert any(holder_id in line for line in waits), waits
 
 
-def test_processes_racing_to_take_over_a_dead_holders_claim_exactly_one_wins(
+def test_a_holder_killed_on_this_machine_is_taken_over_without_waiting_for_its_lease(
     where: dict[str, Any],
 ) -> None:
-    name = "images/stale/sdxl_turbo"
-    ready = SPAWN.Queue()
-    holder = SPAWN.Process(target=_hold_forever, args=(where, name, ready))
-    holder.start()
+    name = "images/local-kill/flux_schnell"
+    holder, ready = start_holder(where, name, "this", lease=60)
+    try:
+        holder_id = ready.get(timeout=60)
+        claims = claims_of(where)
+        with pytest.raises(ClaimBusy, match=holder_id), claims.hold(name, wait=False):
+            pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(timeout=30)
+    last = claims.read(name)
+    assert last is not None and last.holder == holder_id and not last.expired()
+    with claims.hold(name, wait=False) as claim:
+        assert claim is not None and claim.holder != holder_id
+        assert time.time() < last.expires_at  # did not wait for the lease
+
+
+@pytest.mark.parametrize("machine", ["this", "another-machine"])
+def test_processes_racing_to_take_over_a_dead_holders_claim_exactly_one_wins(
+    where: dict[str, Any], machine: str
+) -> None:
+    name = f"images/stale-{machine}/sdxl_turbo"
+    # from this machine: the racers see its process is gone; from another: its lease ends
+    holder, ready = start_holder(where, name, machine, 60 if machine == "this" else LEASE)
     try:
         dead = ready.get(timeout=60)
     finally:
