@@ -141,10 +141,8 @@ def run_images_step(
     settings = target.settings
     # One run at a time per partition: a second one waits, then lists and finds the work done.
     with partition_claim(step.storage, "images", step.prompt_set, settings.backend, log):
-        storage, folder = (
-            step.storage,
-            images_folder(step.storage, step.prompt_set, settings.backend),
-        )
+        storage = step.storage
+        folder = images_folder(storage, step.prompt_set, settings.backend)
         swept = storage.sweep_temp_files(folder)
         if swept:
             log(f"Removed {swept} temporary file(s) left by an interrupted run.")
