@@ -15,6 +15,7 @@ import pytest
 
 from tests.distributed.test_celery_pipeline import (  # noqa: F401 (pipeline: the fixture)
     PNG_NAME,
+    STORAGE_PREFIX,
     Pipeline,
     events,
     images_only,
@@ -46,6 +47,14 @@ def test_two_gpu_workers_running_one_partition_at_once_make_each_image_once(
     pipeline: Pipeline,  # noqa: F811
 ) -> None:
     pipe = pipeline
+    try:
+        check_two_gpu_workers_make_each_image_once(pipe)
+    finally:
+        # test_celery_pipeline counts every object under the prefix: leave the bucket empty
+        pipe.fs().rm(f"{pipe.s3.bucket}/{STORAGE_PREFIX}", recursive=True)
+
+
+def check_two_gpu_workers_make_each_image_once(pipe: Pipeline) -> None:
     second_gpu = pipe.start_worker(f"gpu2-{uuid.uuid4().hex[:4]}", [GPU_CELERY_QUEUE])
     pipe.instance.event_log_storage.set_concurrency_slots(GPU_POOL, 2)
     try:
