@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 from upath import UPath
 
+from imagegen_pipeline.claims import partition_claim
 from imagegen_pipeline.image_files import DECODE_ERRORS
 from imagegen_pipeline.records import (
     EXISTING_STATUSES,
@@ -290,4 +291,6 @@ def run_video_step(
         writer_threads=step.writer_threads,
         verify=step.verify,
     )
-    return run_step(VideoClipsKind(settings, generator, step, log), planned, place, log)
+    # Held over listing and making: a second run of the partition waits, then finds it done.
+    with partition_claim(step.storage, "clips", step.prompt_set, step.backend, log):
+        return run_step(VideoClipsKind(settings, generator, step, log), planned, place, log)

@@ -17,6 +17,7 @@ import pandas as pd
 from upath import UPath
 
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult
+from imagegen_pipeline.claims import partition_claim
 from imagegen_pipeline.image_files import (
     DEFAULT_PNG_COMPRESS_LEVEL,
     encode_png,
@@ -277,4 +278,6 @@ def run_images_step(
         writer_threads=step.writer_threads,
         verify=step.verify,
     )
-    return run_step(ImagesKind(target, backend, step, log), planned, place, log)
+    # Held over listing and making: a second run of the partition waits, then finds it done.
+    with partition_claim(step.storage, "images", step.prompt_set, target.settings.backend, log):
+        return run_step(ImagesKind(target, backend, step, log), planned, place, log)
