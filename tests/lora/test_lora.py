@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from imagegen_pipeline.backends.base import ImageRequest
 from imagegen_pipeline.backends.flux_schnell import FluxSchnellBackend, FluxSchnellSettings
@@ -20,50 +19,18 @@ from imagegen_pipeline.lora import (
     resolve_lora,
 )
 from imagegen_pipeline.registry import MODELS
-
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def make_lora(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA on ``model``'s attention, random A and B (PEFT's test init) so it acts."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    model.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=ATTENTION),
-        adapter_name=f"train{seed}",
-    )
-    state = get_peft_model_state_dict(model, adapter_name=f"train{seed}")
-    # Big enough to move a tiny random model's pixels visibly.
-    return {k: v * 8 for k, v in convert_state_dict_to_diffusers(state).items()}
+from tests.support.loras import make_lora
 
 
 @pytest.fixture(scope="module")
 def sdxl_loras(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-
     folder = tmp_path_factory.mktemp("sdxl-loras")
-    paths = []
-    for seed in (1, 2):
-        unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
-        StableDiffusionXLPipeline.save_lora_weights(
-            folder / f"style{seed}", unet_lora_layers=make_lora(unet, seed)
-        )
-        paths.append(folder / f"style{seed}" / "pytorch_lora_weights.safetensors")
-    return paths
+    return [make_lora("sdxl_turbo", tiny_sdxl, folder / f"style{seed}", seed) for seed in (1, 2)]
 
 
 @pytest.fixture(scope="module")
 def flux_lora(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    folder = tmp_path_factory.mktemp("flux-lora")
-    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux / "transformer")
-    state = make_lora(transformer, 3)
-    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=state)
-    return folder / "pytorch_lora_weights.safetensors"
+    return make_lora("flux_schnell", tiny_flux, tmp_path_factory.mktemp("flux-lora"), 3)
 
 
 def test_a_cell_names_adapters_with_optional_scales() -> None:
