@@ -4,8 +4,9 @@ One prompt set of ``--rows`` rows (48) over 3 LoRAs interleaved in the CSV (row 
 i % 3), per local backend:
 
 - the images step as the pipeline runs it: the base model loads once, the work is grouped by
-  adapter set and the adapters switch between groups (``adapter_switch_seconds``: loading each
-  adapter file once plus every ``set_adapters``);
+  adapter set and the adapters switch between groups (``adapter_switch_seconds``: every
+  ``set_adapters``; reading each adapter file, once, is ``adapter_load_seconds``, a cost both
+  ways share);
 - a base reload per LoRA group, the cost where switching is missing (ComfyUI #6406): the base
   model's load seconds, once per group;
 - a base reload per row (``--per-row``, slow).
@@ -105,7 +106,8 @@ def main() -> None:
             print(
                 f"{name}: step {step_seconds:.1f} s for {outcome.generated} images, "
                 f"{backend.model_loads} base load(s), {summary['adapter_loads']} adapter loads, "
-                f"{summary['adapter_switches']} switches in {switch_seconds:.3f} s; "
+                f"in {summary['adapter_load_seconds']:.2f} s, {summary['adapter_switches']} "
+                f"switches in {switch_seconds:.3f} s; "
                 f"a reload per group {reload_seconds:.2f} s{per_row}: ratio {ratio:.3f}"
             )
             loads.append(backend.model_loads)

@@ -147,7 +147,8 @@ class StepRecord:
     memory_plan: str | None = None  # why that offload and batch size were chosen
     adapter_loads: int = 0  # LoRA files loaded onto the warm base model
     adapter_switches: int = 0  # changes of the active adapter set
-    adapter_switch_seconds: float = 0.0  # loading and switching adapters, together
+    adapter_load_seconds: float = 0.0  # reading LoRA files into the pipeline, once per file
+    adapter_switch_seconds: float = 0.0  # changing the active set between loaded adapters
     peak_gpu_memory_mb: float | None = None
     cost_usd: float | None = None
     started_at: datetime | None = None

@@ -149,6 +149,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 "memory_plan": plan.reason if plan else "offload and batch size set by hand",
                 "adapter_loads": self.adapters.loads if self.adapters else 0,
                 "adapter_switches": self.adapters.switches if self.adapters else 0,
+                "adapter_load_seconds": self.adapters.load_seconds if self.adapters else 0.0,
                 "adapter_switch_seconds": self.adapters.switch_seconds if self.adapters else 0.0,
             }
         )
