@@ -187,11 +187,12 @@ FILE_CHECKS: dict[str, Callable[[bytes], None]] = {".png": verify_png, ".mp4": _
 VERIFIED_TABLES = {"images": "image_id", "clips": "clip_id"}
 
 
-def _clips_of(storage: Storage, prompt_set: str, backend: str, name: str) -> list[str]:
-    """The clip files made from image ``<prompt>/<index>_<address>.png``: ``<prompt>/<index>_*``."""
-    prefix = name.rsplit("_", 1)[0] + "_"
+def clips_made_from(storage: Storage, prompt_set: str, backend: str, image: str) -> list[str]:
+    """The clip files (any clip settings) made from image ``<prompt>/<index>_<address>.png``
+    of a partition: ``<prompt>/<index>_*`` in its clips folder (one listing; damage is rare)."""
+    prefix = image.rsplit("_", 1)[0] + "_"
     listed = storage.list_files(storage.path("clips", prompt_set, backend))
-    return sorted(other for other in listed if other.startswith(prefix))
+    return sorted(name for name in listed if name.startswith(prefix))
 
 
 def verify_partition(
@@ -226,7 +227,7 @@ def verify_partition(
             if storage.exists(storage.path(*parts, preview)):
                 quarantine(storage, parts, preview)
         moved = quarantine(storage, parts, name)
-        derived = _clips_of(storage, prompt_set, backend, name) if table == "images" else []
+        derived = clips_made_from(storage, prompt_set, backend, name) if table == "images" else []
         for clip in derived:
             quarantine(storage, ("clips", prompt_set, backend), clip)
         log(
