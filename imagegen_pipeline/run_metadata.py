@@ -31,8 +31,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -401,51 +400,16 @@ def compact_partition(
     return True
 
 
-@dataclass
-class FinishedOutputs:
-    """The outputs of a partition whose current row says made (status ok): id -> (sha256, size)."""
+def planning_rows(
+    storage: Storage, table: str, columns: list[str], *, prompt_set: str, backend: str
+) -> pd.DataFrame:
+    """The current rows of a partition, ``columns`` only, for a step planning its work.
 
-    made: dict[str, tuple[str | None, int | None]]
-
-    def __contains__(self, output_id: str) -> bool:
-        return output_id in self.made
-
-    def sha256_now(
-        self, storage: Storage, path: UPath, output_id: str, size: int, log: Callable[[str], None]
-    ) -> str | None:
-        """The recorded sha256 of a file found by a listing, or, when its size says it was
-        replaced under its name since it was made, the sha256 of what is there now."""
-        sha256, recorded_size = self.made.get(output_id, (None, None))
-        if recorded_size is not None and recorded_size != size:
-            log(f"{path} changed since it was made ({recorded_size} -> {size} bytes).")
-            return hashlib.sha256(storage.read_bytes(path)).hexdigest()
-        return sha256
-
-
-def finished_outputs(
-    storage: Storage, table: str, id_column: str, *, prompt_set: str, backend: str
-) -> FinishedOutputs:
-    """What the current rows of a partition say was made, by output id.
-
-    Reads only the current rows' few columns it needs, so planning costs the same however long
-    the partition's history; rows a full disk parked are moved back first."""
+    Costs the same however long the partition's history: rows a full disk parked are moved
+    back first, and a partition left with too many files (parts from before compaction, or
+    from killed writers) is compacted."""
     adopt_parked_rows(storage, table, prompt_set, backend)
-    rows, files = _load(
-        storage,
-        table,
-        prompt_set,
-        backend,
-        history=False,
-        columns=[id_column, "status", "sha256", "bytes"],
-    )
-    if files > COMPACT_FILES:  # parts left before compaction existed, or by killed writers
+    rows, files = _load(storage, table, prompt_set, backend, history=False, columns=columns)
+    if files > COMPACT_FILES:
         compact_partition(storage, table, prompt_set, backend)
-    made = rows.filter(pc.field("status") == "ok").to_pydict()
-    return FinishedOutputs(
-        {
-            output: (sha256, size)
-            for output, sha256, size in zip(
-                made[id_column], made["sha256"], made["bytes"], strict=True
-            )
-        }
-    )
+    return rows.to_pandas()

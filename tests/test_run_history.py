@@ -20,8 +20,8 @@ from imagegen_pipeline.run_metadata import (
     RunMetadataNotWritten,
     RunMetadataWriter,
     compact_partition,
-    finished_outputs,
     load_run_metadata,
+    planning_rows,
     run_metadata_folder,
     write_records,
 )
@@ -30,6 +30,25 @@ from imagegen_pipeline.steps.scores import with_generation_facts
 from imagegen_pipeline.storage import Storage
 from tests.backends.test_diffusers_backends import enhanced_prompts, make_flux
 from tests.services import S3Service, ServiceUnavailable, start_s3
+
+
+def made_now(storage) -> dict:
+    """What a step planning the partition finds made: output id -> (sha256, bytes)."""
+    rows = planning_rows(
+        storage,
+        "images",
+        ["image_id", "status", "sha256", "bytes"],
+        prompt_set="s",
+        backend="flux_schnell",
+    )
+    made = rows[rows["status"] == "ok"]
+    return {
+        row["image_id"]: (
+            None if pd.isna(row["sha256"]) else row["sha256"],
+            None if pd.isna(row["bytes"]) else int(row["bytes"]),
+        )
+        for row in made.to_dict("records")
+    }
 
 
 def image(run_id: str, output: str, status: str = "ok", **facts: object) -> ImageRecord:
@@ -140,8 +159,8 @@ def test_readers_need_no_skipped_existing_rows(tmp_path: Path) -> None:
         write_records(
             storage, "images", rows, run_id=run_id, prompt_set="s", backend="flux_schnell"
         )
-    done = finished_outputs(storage, "images", "image_id", prompt_set="s", backend="flux_schnell")
-    assert done.made == {"a": ("s-a2", 11), "b": (None, None)}
+    done = made_now(storage)
+    assert done == {"a": ("s-a2", 11), "b": (None, None)}
     # A re-run's table row (as the images step reports an image it found) gets the facts of
     # the run that made the file now on disk, from the current rows alone.
     table = load_run_metadata(storage).assign(status="skipped_existing", seconds=None)
@@ -168,8 +187,8 @@ def test_files_per_partition_stay_bounded_and_planning_reads_few(tmp_path: Path)
     assert frame["image_id"].tolist() == [f"img{r}-{i}" for r in range(60) for i in range(3)]
 
     storage.reads = 0
-    done = finished_outputs(storage, "images", "image_id", prompt_set="s", backend="flux_schnell")
-    assert len(done.made) == 180
+    done = made_now(storage)
+    assert len(done) == 180
     assert storage.reads <= COMPACT_FILES + 1
 
 
@@ -188,8 +207,8 @@ def test_planning_compacts_parts_left_by_older_code(tmp_path: Path) -> None:
         writer.append(image(f"r{run}", f"i{run}"))
         writer.close()
     assert len(list(folder.iterdir())) == 20
-    done = finished_outputs(storage, "images", "image_id", prompt_set="s", backend="flux_schnell")
-    assert len(done.made) == 20
+    done = made_now(storage)
+    assert len(done) == 20
     assert len(list(folder.iterdir())) == 1  # one compacted file with every row
     assert len(load_run_metadata(storage, "images", history=True)) == 20
 
@@ -319,8 +338,8 @@ def test_a_full_disk_parks_rows_in_the_spare_folder(tmp_path: Path, monkeypatch)
     assert load_run_metadata(tmp_path / "storage").empty
 
     storage.full = False  # space freed: the next step of the partition moves the rows back
-    done = finished_outputs(storage, "images", "image_id", prompt_set="s", backend="flux_schnell")
-    assert sorted(done.made) == ["i0", "i1", "i2"]
+    done = made_now(storage)
+    assert sorted(done) == ["i0", "i1", "i2"]
     assert not list((tmp_path / "spare").rglob("*.parquet"))
 
 

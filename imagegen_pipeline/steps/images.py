@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
@@ -33,7 +33,7 @@ from imagegen_pipeline.steps.skeleton import (
     StepPlace,
     run_step,
 )
-from imagegen_pipeline.steps.verify import VerifyMode
+from imagegen_pipeline.steps.verify import VerifyMode, clips_made_from
 from imagegen_pipeline.storage import Storage
 
 ADDRESS_CHARS = 16  # 64 bits of the sha256 in file names: collisions need ~4 billion images
@@ -144,7 +144,6 @@ class ImagesKind:
     log: Callable[[str], None]
     table: str = "images"
     id_column: str = "image_id"
-    _clip_files: dict[str, int] | None = field(default=None, repr=False)
 
     @property
     def folder_parts(self) -> tuple[str, ...]:
@@ -172,12 +171,10 @@ class ImagesKind:
         return facts_from_json(read_png_record(png)[1])
 
     def derived(self, item: PlannedImage) -> list[tuple[tuple[str, ...], str]]:
-        """The video clips made from the image (any clip settings): ``<prompt>/<index>_*``."""
-        parts = ("clips", *self.folder_parts[1:])
-        if self._clip_files is None:
-            self._clip_files = self.step.storage.list_files(self.step.storage.path(*parts))
-        prefix = f"{item.request.prompt_id}/{item.request.image_index:02d}_"
-        return [(parts, name) for name in sorted(self._clip_files) if name.startswith(prefix)]
+        """The video clips made from the image, moved aside with it when it is damaged."""
+        _, prompt_set, backend = self.folder_parts
+        names = clips_made_from(self.step.storage, prompt_set, backend, item.relative_path)
+        return [(("clips", prompt_set, backend), name) for name in names]
 
     def record(self, item: PlannedImage, status: str, run_id: str, **facts: Any) -> ImageRecord:
         settings, request = self.target.settings, item.request

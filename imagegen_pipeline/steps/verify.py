@@ -20,7 +20,7 @@ from upath import UPath
 
 from imagegen_pipeline.image_files import DECODE_ERRORS, verify_png
 from imagegen_pipeline.records import RECORD_TYPES, TABLE_SCHEMAS, utc_now
-from imagegen_pipeline.run_metadata import load_run_metadata, write_records
+from imagegen_pipeline.run_metadata import load_run_metadata, planning_rows, write_records
 from imagegen_pipeline.storage import Storage
 
 if TYPE_CHECKING:
@@ -99,8 +99,9 @@ class PartitionFiles:
         made: dict[str, tuple[str | None, int | None]] = {}
         damaged: dict[str, str] = {}
         if on_disk or storage.exists(storage.path(QUARANTINE, *parts)):
-            rows = load_run_metadata(
-                storage, table, prompt_set=place.prompt_set, backend=place.backend
+            columns = [id_column, "status", "error", "sha256", "bytes"]
+            rows = planning_rows(
+                storage, table, columns, prompt_set=place.prompt_set, backend=place.backend
             )
             rows = rows[rows["status"].isin(["ok", "damaged"])]
             for row in rows.to_dict("records"):  # in write order: the last row of an id wins
@@ -187,11 +188,12 @@ FILE_CHECKS: dict[str, Callable[[bytes], None]] = {".png": verify_png, ".mp4": _
 VERIFIED_TABLES = {"images": "image_id", "clips": "clip_id"}
 
 
-def _clips_of(storage: Storage, prompt_set: str, backend: str, name: str) -> list[str]:
-    """The clip files made from image ``<prompt>/<index>_<address>.png``: ``<prompt>/<index>_*``."""
-    prefix = name.rsplit("_", 1)[0] + "_"
+def clips_made_from(storage: Storage, prompt_set: str, backend: str, image: str) -> list[str]:
+    """The clip files (any clip settings) made from image ``<prompt>/<index>_<address>.png``
+    of a partition: ``<prompt>/<index>_*`` in its clips folder (one listing; damage is rare)."""
+    prefix = image.rsplit("_", 1)[0] + "_"
     listed = storage.list_files(storage.path("clips", prompt_set, backend))
-    return sorted(other for other in listed if other.startswith(prefix))
+    return sorted(name for name in listed if name.startswith(prefix))
 
 
 def verify_partition(
@@ -226,7 +228,7 @@ def verify_partition(
             if storage.exists(storage.path(*parts, preview)):
                 quarantine(storage, parts, preview)
         moved = quarantine(storage, parts, name)
-        derived = _clips_of(storage, prompt_set, backend, name) if table == "images" else []
+        derived = clips_made_from(storage, prompt_set, backend, name) if table == "images" else []
         for clip in derived:
             quarantine(storage, ("clips", prompt_set, backend), clip)
         log(

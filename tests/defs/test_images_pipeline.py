@@ -319,3 +319,27 @@ def test_a_run_with_nothing_to_make_never_imports_torch(
     assert set(second.backend) == set(LOCAL)
     assert (second.generated == 0).all() and (second.model_loads == 0).all()
     assert second.device.isna().all()  # no model object was created to run anywhere
+
+
+def test_a_truncated_png_is_remade_rescored_and_reported(dagster_instance, make_resources):
+    """One bad file never fails a step: the thumbnails once failed every re-run on it."""
+    resources = make_resources()
+    run(["example"], ["sdxl_turbo"], dagster_instance, resources)
+    base = storage_base(resources)
+    png = sorted((base / "images" / "example" / "sdxl_turbo").rglob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:100])
+
+    results = run(["example"], ["sdxl_turbo"], dagster_instance, resources)
+    assert all(result.success for result in results)
+    with Image.open(png) as image:
+        image.verify()  # made again, whole
+    assert len(list((base / "quarantine").rglob("*.png"))) == 1
+    (check,) = [
+        e
+        for result in results
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "no_damaged_files"
+    ]
+    assert not check.passed and check.metadata["damaged"].value == 1
+    quality = pd.read_parquet(base / "tables/quality/sdxl_turbo/example.parquet")
+    assert quality["newly_scored"].sum() == 1  # only the new file; the others' scores reused
