@@ -3,8 +3,9 @@
 
 A test that uses a module- or class-scoped fixture (one graph run, one `make ui`, one celery
 stack) runs on the worker that runs the rest of its module, in file order, so the fixture is
-built once; every other test is independent and goes to whichever worker is free. A new test
-module needs no mark of its own. Session fixtures (tiny models, the distributed tests' servers)
+built once; tests with the same ``@pytest.mark.xdist_group(name)`` share a worker too; every
+other test is independent and goes to whichever worker is free. A new test module needs no
+mark of its own. Session fixtures (tiny models, the distributed tests' servers)
 are built once per worker that uses them.
 
 xdist's own ``--dist loadgroup`` passes a test's ``xdist_group`` from the worker to the
