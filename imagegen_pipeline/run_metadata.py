@@ -1,24 +1,21 @@
 """Run metadata in Parquet: append-only parts, compacted per partition, one loader for all.
 
-Layout: ``<base>/run_metadata/<table>/<prompt set>/<backend>/`` holds at most one
-``compacted_*.parquet`` file (every earlier row of the partition) and the parts written since
-(``<time>_<run>_<part>_<random>.parquet``). Each table has one Arrow schema
-(``records.TABLE_SCHEMAS``), so all its files read as one dataset in pandas, pyarrow, DuckDB or
-Polars. A step writes a new part every few seconds or every few hundred rows, so a step killed
-after hours loses at most its last part; two steps writing at the same moment never collide.
+Layout: ``<base>/run_metadata/<table>/<prompt set>/<backend>/`` holds a ``compacted_*.parquet``
+file (every earlier row of the partition) and the parts written since, one Arrow schema per table
+(``records.TABLE_SCHEMAS``): pandas, pyarrow, DuckDB and Polars read them as one dataset. A step
+writes a part every few seconds or hundred rows, so a step killed after hours loses at most its
+last part; two steps writing at the same moment never collide.
 
-Every row gets a unique ``row_id`` when it is appended. A writer that has written its first part,
-and every ``COMPACT_FILES`` parts after it, compacts its partition when the partition holds more
-than ``COMPACT_FILES`` files: it reads them all, writes their rows as one new compacted file, and
-only then deletes what it read. Whoever reads in between sees a row twice at most, and readers
-keep the first copy of each ``row_id``; nobody deletes a file whose rows are not already in a
-newer one, so rows are never lost, whatever runs, workers or machines compact at once. So the
-files of a partition stay bounded, however many runs wrote to it.
+Every row gets a unique ``row_id`` when appended. A writer that has written its first part, and
+every ``COMPACT_FILES`` parts after it, compacts its partition when it holds more than
+``COMPACT_FILES`` files: it reads them all, writes their rows as one new compacted file, and only
+then deletes what it read. A reader in between may see a row twice and keeps the first copy of
+each ``row_id``; no file is deleted whose rows are not already in a newer one, so rows are never
+lost, whatever runs, workers or machines compact at once, and a partition's files stay bounded.
 
-The images and clips tables keep one *current* row per output: a later row of the same output
-(regenerated, recovered) supersedes the earlier one, whose ``superseded_by`` names it.
-``load_run_metadata`` returns current rows unless ``history=True``; the ``steps`` table is
-history by nature, every row current.
+Images and clips keep one *current* row per output: a later row of the same output (regenerated,
+recovered) supersedes the earlier one, whose ``superseded_by`` names it. ``load_run_metadata``
+returns current rows unless ``history=True``; every row of ``steps`` is current.
 """
 
 from __future__ import annotations
@@ -49,7 +46,7 @@ FLUSH_SECONDS = 5.0
 FLUSH_ROWS = 256
 COMPACT_FILES = 8  # a partition holding more files than this is compacted by its next writer
 COMPACTED_PREFIX = "compacted_"
-READ_ATTEMPTS = 5  # a compaction may delete a listed file before it is read: list again
+READ_ATTEMPTS = 20  # a compaction may delete a listed file before it is read: list again
 # The tables with one current row per output, and the column naming the output.
 OUTPUT_IDS = {"images": "image_id", "clips": "clip_id"}
 # Rows that only say an output was found: never the current row of their output.
@@ -163,8 +160,8 @@ class RunMetadataWriter:
         self.flush()
 
     def _part_name(self) -> str:
-        stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
-        return f"{stamp}_{self.run_id[:8]}_{len(self.parts):05d}_{secrets.token_hex(3)}.parquet"
+        stamp, token = utc_now().strftime("%Y%m%dT%H%M%S%fZ"), secrets.token_hex(3)
+        return f"{stamp}_{self.run_id[:8]}_{len(self.parts):05d}_{token}.parquet"
 
     def _park(self, name: str, data: bytes, rows: list[Any], error: OSError) -> OSError:
         spare = spare_folder(self.storage, self.table, self.prompt_set, self.backend)
@@ -244,8 +241,7 @@ def _ordered_names(names: Iterable[str]) -> list[str]:
 
 
 def _conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
-    # Files written before a column existed read back with nulls; rows written before row ids
-    # existed get one from their file and position, stable until compaction stores it.
+    # Columns a file predates read as nulls; a row predating row ids gets its file and position.
     columns = []
     for field in schema:
         if field.name in table.column_names:
@@ -262,12 +258,14 @@ def _read_files(
 ) -> pa.Table:
     tables = []
     for name in names:
-        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(folder / name)))
-        present = set(parquet.schema_arrow.names)
-        table = parquet.read(columns=[column for column in schema.names if column in present])
-        if current and name.startswith(COMPACTED_PREFIX) and "superseded_by" in present:
-            # Rows superseded before the compaction stay superseded: planning skips them.
-            table = table.filter(pc.field("superseded_by").is_null())
+        data = io.BytesIO(storage.read_bytes(folder / name))
+        present = set(pq.read_schema(data).names)
+        columns = [column for column in schema.names if column in present]
+        # Rows superseded before a compaction sit in their own row groups, which planning
+        # skips by their statistics, so it reads the current rows only.
+        skip = current and name.startswith(COMPACTED_PREFIX) and "superseded_by" in present
+        condition = pc.field("superseded_by").is_null() if skip else None
+        table = pq.read_table(data, columns=columns, filters=condition)
         tables.append(_conform(table, schema, name))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
@@ -392,11 +390,16 @@ def compact_partition(
     except FileNotFoundError:
         return False  # another compaction took these files: their rows are in its file
     stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
-    storage.write_bytes(
-        folder / f"{COMPACTED_PREFIX}{stamp}_{secrets.token_hex(4)}.parquet", parquet_bytes(rows)
-    )
-    for name in names:  # only now: every row read is in the new file
-        storage.delete(folder / name)
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(buffer, rows.schema) as parquet:
+        if table in OUTPUT_IDS:  # superseded rows first: each output's rows keep their order
+            parquet.write_table(rows.filter(pc.field("superseded_by").is_valid()))
+            rows = rows.filter(pc.field("superseded_by").is_null())
+        parquet.write_table(rows)
+    name = f"{COMPACTED_PREFIX}{stamp}_{secrets.token_hex(4)}.parquet"
+    storage.write_bytes(folder / name, buffer.getvalue())
+    for listed in names:  # only now: every row read is in the new file
+        storage.delete(folder / listed)
     return True
 
 

@@ -156,12 +156,13 @@ class Storage:
             for directory, _, names in os.walk(root):
                 relative = Path(directory).relative_to(root)
                 for name in names:
-                    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-                        try:
-                            size = (Path(directory) / name).stat().st_size
-                        except FileNotFoundError:  # removed while listed (a compaction)
-                            continue
-                        found[(relative / name).as_posix()] = size
+                    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                        continue
+                    try:
+                        size = (Path(directory) / name).stat().st_size
+                    except FileNotFoundError:  # removed since the walk saw it (a compaction)
+                        continue
+                    found[(relative / name).as_posix()] = size
             return found
         prefix = folder.path.rstrip("/") + "/"
         try:
