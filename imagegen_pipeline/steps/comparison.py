@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -189,7 +191,16 @@ def _image_figure(
         "laion": None if _missing(laion) else f"{laion:.2f}",
         "blank": _flag(row.get("is_blank")),
         "truncated": _flag(row.get("clip_truncated")),
+        "loras": _lora_label(row.get("loras")),
     }
+
+
+def _lora_label(recorded: object) -> str:
+    """The adapters an image was made with, as "brand.safetensors ×0.8" (empty for none)."""
+    if not _text(recorded):
+        return ""
+    adapters = json.loads(str(recorded))
+    return ", ".join(f"{Path(a['source']).name} ×{a['scale']:g}" for a in adapters)
 
 
 def _video_clip_figure(

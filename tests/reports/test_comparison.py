@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -256,3 +257,15 @@ def test_the_gallery_renders_in_headless_chromium(tables, tmp_path):
     # A white page with text has a few hundred colours; the noise thumbnails bring thousands.
     assert len(colours) > 5000, f"only {len(colours)} colours: were the thumbnails drawn?"
     assert pixels.std() > 20
+
+
+def test_an_image_made_with_loras_is_captioned_with_them(tables):
+    quality, video_quality = tables
+    adapters = [
+        {"source": "styles/brand.safetensors", "sha256": "ab" * 32, "scale": 0.8},
+        {"source": "detail-org/detail-lora", "sha256": "cd" * 32, "scale": 1.0},
+    ]
+    quality["flux_schnell"]["loras"] = [json.dumps(adapters), "", ""]
+    summary = backend_summary(quality, video_quality)
+    page = gallery_html("x", summary, quality, video_quality, b"", read_bytes=read_bytes)
+    assert page.count("LoRA brand.safetensors ×0.8, detail-lora ×1") == 1
