@@ -62,7 +62,12 @@ def test_two_demo_runs_at_once_make_each_image_and_clip_once(tmp_path: Path, tin
     planned = PROMPTS * IMAGES_PER_PROMPT
     images = load_run_metadata(str(storage), "images", prompt_set=SET, backend="flux_schnell")
     made = images[images.status == "ok"]
-    assert len(set(images["run_id"])) == 2  # both runs wrote rows: one made, one skipped
+    # One run made every image; the other found them: its step row counts them, no row each.
+    assert len(set(images["run_id"])) == 1
+    steps = load_run_metadata(str(storage), "steps", prompt_set=SET, backend="flux_schnell")
+    image_steps = steps[steps["asset"] == "images"]
+    assert sorted(image_steps["skipped_existing"]) == [0, planned]
+    assert sorted(image_steps["generated"]) == [0, planned]
     assert Counter(made["image_id"]).most_common(1)[0][1] == 1  # one ok row per image
     assert made["image_id"].nunique() == planned
     pngs = sorted((storage / "images" / SET / "flux_schnell").rglob("*.png"))

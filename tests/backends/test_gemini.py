@@ -302,7 +302,10 @@ def test_requests_are_paced_to_the_requests_per_minute(fake_gemini: FakeGemini):
     results = list(backend.generate([request(f"p{i}") for i in range(20)]))
 
     assert all(result.status == "ok" for result in results)
-    stats = arrival_stats(fake_gemini.requests, window_seconds=1.0)
+    # Windows of 0.9 s: arrival times carry the scheduling jitter of a loaded machine (tests
+    # run on two workers), up to a tenth of a second, which a sender paced at 10/s never makes
+    # into an 11th request within one window.
+    stats = arrival_stats(fake_gemini.requests, window_seconds=0.9)
     assert stats.count == 20
     assert stats.per_minute <= 600  # the average rate
     assert stats.max_in_window <= 10  # and no burst: at most 600/60 in any second
