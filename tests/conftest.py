@@ -183,6 +183,17 @@ def make_resources(
 
 
 @pytest.fixture(autouse=True)
+def no_stale_definitions_state() -> Iterator[None]:
+    """Every test starts with no defs-state storage of an earlier test's instance: a Dagster
+    instance sets it in a context variable when created, and one that was dropped without
+    being closed leaves it pointing at a dead instance (Dagster 1.13)."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def cold_model_cache() -> Iterator[None]:
     """Every test starts and ends with no model kept warm, so load counts are its own."""
     from imagegen_pipeline.model_cache import WARM_MODELS

@@ -19,6 +19,7 @@ from imagegen_pipeline.defs.partitions import (
     partition_key,
     prompt_set_partitions,
     prompt_set_x_backend_partitions,
+    split_key,
 )
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.registry import project_backends
@@ -115,6 +116,23 @@ def unfinished_partitions(
     return unfinished
 
 
+def in_flight_sets(instance: dg.DagsterInstance) -> dict[str, set[str]]:
+    """Per backend, the prompt sets of generate runs that are queued or running."""
+    runs = instance.get_run_records(
+        dg.RunsFilter(job_name=generate_images_job.name, statuses=IN_FLIGHT)
+    )
+    busy: dict[str, set[str]] = {}
+    for record in runs:
+        tags = record.dagster_run.tags
+        first = tags.get("dagster/partition") or tags.get(ASSET_PARTITION_RANGE_START_TAG)
+        if not first:
+            continue
+        prompt_set, backend = split_key(first)
+        listed = tags.get("imagegen/prompt_sets")
+        busy.setdefault(backend, set()).update(listed.split(",") if listed else [prompt_set])
+    return busy
+
+
 @dg.schedule(
     job=generate_images_job,
     cron_schedule=load_project_config().bulk_cron,
@@ -127,6 +145,11 @@ def bulk_generation_schedule(context: dg.ScheduleEvaluationContext):
     ``bulk_cron`` in imagegen.toml or IMAGEGEN_BULK_CRON."""
     backends = project_backends(load_project_config())
     todo = unfinished_partitions(context.instance, backends)
+    # A set whose run is still queued or running is not asked for again by a later tick.
+    for backend, prompt_sets in in_flight_sets(context.instance).items():
+        if backend in todo:
+            todo[backend] -= prompt_sets
+    todo = {backend: sets for backend, sets in todo.items() if sets}
     if not todo:
         return dg.SkipReason("Every prompt set is generated, scored and compared.")
     stamp = context.scheduled_execution_time.isoformat()
