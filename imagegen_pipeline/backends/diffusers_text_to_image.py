@@ -158,6 +158,13 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         """Backend-specific arguments of one pipeline call (the prompts are added here)."""
         return {}
 
+    def _negative_prompts(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
+        # Only where the backend's target says it reads them (guidance > 1): the content
+        # address records an empty negative prompt otherwise.
+        if not self.supports_negative_prompt:
+            return {}
+        return {"negative_prompt": [request.negative_prompt for request in batch]}
+
     def generate(self, requests: Sequence[ImageRequest]) -> Iterator[ImageResult]:
         """Batches of up to ``batch_size`` requests of one size and adapter set, one pipeline
         call per batch, results grouped by adapter set (no adapters first), then request order.
@@ -244,6 +251,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 width=batch[0].width,
                 height=batch[0].height,
                 output_type="pil",
+                **self._negative_prompts(batch),
                 **self.pipeline_kwargs(batch),
             )
         return list(output.images), time.perf_counter() - started, peak.mib

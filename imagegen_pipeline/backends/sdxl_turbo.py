@@ -6,14 +6,11 @@ pull, sizes, precision, memory estimates), the pipeline call and its tiny stand-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
 from imagegen_pipeline import memory_estimates
-from imagegen_pipeline.backends.base import ImageRequest
 from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToImage
 from imagegen_pipeline.model_settings import TINY_IMAGE_SIDE, DiffusersImageSettings
 from imagegen_pipeline.model_spec import MemoryHooks, ModelSpec, WeightSource
@@ -158,8 +155,3 @@ class SdxlTurboBackend(DiffusersTextToImage):
     pipeline_class_name = "StableDiffusionXLPipeline"
 
     config: SdxlTurboSettings
-
-    def pipeline_kwargs(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
-        if not self.supports_negative_prompt:
-            return {}
-        return {"negative_prompt": [request.negative_prompt for request in batch]}

@@ -6,14 +6,11 @@ The project never names it: installing this distribution adds ``sd15`` to the ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
 from imagegen_pipeline import memory_estimates
-from imagegen_pipeline.backends.base import ImageRequest
 from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToImage
 from imagegen_pipeline.model_settings import TINY_IMAGE_SIDE, DiffusersImageSettings
 from imagegen_pipeline.model_spec import MemoryHooks, ModelSpec, WeightSource
@@ -123,8 +120,3 @@ class Sd15Backend(DiffusersTextToImage):
     pipeline_class_name = "StableDiffusionPipeline"
 
     config: Sd15Settings
-
-    def pipeline_kwargs(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
-        if not self.supports_negative_prompt:
-            return {}
-        return {"negative_prompt": [request.negative_prompt for request in batch]}
