@@ -77,6 +77,8 @@ class ModelSpec:
     memory: MemoryHooks | None = None  # None: offload and batch size are set by hand
     # Pipeline components a LoRA may adapt; empty: the model takes no LoRA (a hosted API).
     lora_components: tuple[str, ...] = ()
+    # Settings a prompt set's sidecar may change for that set alone (a ``[<name>]`` table).
+    per_set_settings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", _frozen(self.defaults))

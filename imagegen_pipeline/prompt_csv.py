@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import re
+import tomllib
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,6 +216,69 @@ def prompt_set_name(csv_path: Path) -> str:
     return (cut or "prompts") + suffix
 
 
+# Columns a set's sidecar cannot default: they tell one row from another.
+ROW_ONLY_COLUMNS = ("prompt", "prompt_id", "seed")
+
+
+@dataclass
+class SetDefaults:
+    """A prompt set's sidecar ``<set>.toml`` beside its CSV: defaults for the set's rows (a
+    row's own non-empty cell wins) and, as tables named by backend, that backend's settings
+    for this set only."""
+
+    rows: dict[str, str]
+    backend_settings: dict[str, dict[str, Any]]
+
+
+def set_defaults_path(csv_path: Path) -> Path:
+    """Where a CSV's sidecar lives: the same folder and stem, ``.toml``."""
+    return csv_path.with_suffix(".toml")
+
+
+def read_set_defaults(csv_path: Path) -> SetDefaults:
+    """The sidecar of ``csv_path`` (none: no defaults), checked as a row would be; raises
+    :class:`PromptFileError` naming the sidecar and the key of the first problem."""
+    path = set_defaults_path(csv_path)
+    if not path.is_file():
+        return SetDefaults({}, {})
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PromptFileError(f"{path}: not a readable TOML file ({exc})") from None
+    tables = {key: value for key, value in data.items() if isinstance(value, dict)}
+    rows = {key: _cell_text(value) for key, value in data.items() if key not in tables}
+    for key in rows:
+        if key not in KNOWN_COLUMNS or key in ROW_ONLY_COLUMNS:
+            allowed = [c for c in KNOWN_COLUMNS if c not in ROW_ONLY_COLUMNS]
+            raise PromptFileError(f"{path}: unknown key {key!r}; use {', '.join(allowed)}")
+    _, reasons = _check_row({"prompt": "-", **rows}, {}, csv_path.parent)
+    if reasons:
+        field, reason = reasons[0]
+        raise PromptFileError(f"{path}, {field}: {reason}")
+    for name, settings in tables.items():
+        if name not in BACKEND_NAMES:
+            raise PromptFileError(
+                f"{path}: [{name}] is not a backend; use {', '.join(BACKEND_NAMES)}"
+            )
+        allowed = backend_spec(name).per_set_settings
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise PromptFileError(
+                f"{path}, [{name}]: setting(s) {', '.join(unknown)} cannot be set per prompt "
+                f"set; " + (f"use {', '.join(allowed)}" if allowed else "set them in imagegen.toml")
+            )
+    return SetDefaults(rows, tables)
+
+
+def _cell_text(value: Any) -> str:
+    """A TOML value as the CSV cell it stands for (a list joins with ';', like ``lora``)."""
+    if isinstance(value, list):
+        return ";".join(str(item) for item in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 @dataclass
 class PromptFolder:
     """The CSV files of a prompts folder by prompt set; a set with two files is refused."""
@@ -256,8 +320,10 @@ def find_prompt_csvs(folder: str | Path) -> PromptFolder:
 
 
 def read_prompt_csv(path: Path) -> PromptTable:
-    """Validate ``path``; raises :class:`PromptFileError` only when no row can be used."""
+    """Validate ``path``, its rows on top of its sidecar's defaults (``read_set_defaults``);
+    raises :class:`PromptFileError` only when no row can be used."""
     name = str(path)
+    defaults = read_set_defaults(path).rows
     # The lines exactly as csv reads them, so a row's first line can be found by number.
     lines = io.StringIO(_read_text(path), newline="").readlines()
     reader = _dict_reader(name, lines)
@@ -268,7 +334,8 @@ def read_prompt_csv(path: Path) -> PromptTable:
     try:
         for line, record in _rows_with_start_lines(reader, lines):
             cells = {key: (value or "").strip() for key, value in record.items() if key is not None}
-            row, reasons = _check_row(cells, seen_ids, path.parent)
+            given = defaults | _non_empty(cells)
+            row, reasons = _check_row(given, seen_ids, path.parent)
             if row is None:
                 raw = json.dumps(cells, ensure_ascii=False)
                 problems.extend(
@@ -277,7 +344,7 @@ def read_prompt_csv(path: Path) -> PromptTable:
                         "line": line,
                         "field": field,
                         "reason": reason,
-                        "value": cells.get(field, ""),
+                        "value": given.get(field, ""),
                         "row": raw,
                     }
                     for field, reason in reasons
@@ -380,7 +447,7 @@ def _check_row(
 ) -> tuple[PromptRow | None, list[tuple[str, str]]]:
     """The valid row, or None and every (field, reason) that rejects it (LoRA files are
     relative to ``folder``, the CSV's)."""
-    given = {column: value for column, value in cells.items() if value}
+    given = _non_empty(cells)
     try:
         row: PromptRow | None = PromptRow.model_validate(given, context={"folder": folder})
     except ValidationError as exc:
@@ -396,6 +463,11 @@ def _check_row(
             ("prompt_id", f"duplicate prompt_id (first used on line {seen_ids[prompt_id]})")
         )
     return (None if reasons else row), reasons
+
+
+def _non_empty(cells: dict[str, str]) -> dict[str, str]:
+    """The cells that hold a value: an empty cell takes the set's default, then the column's."""
+    return {column: value for column, value in cells.items() if value}
 
 
 def _prompt_id(given: dict[str, str]) -> str | None:

@@ -282,3 +282,34 @@ def test_files_mapping_to_one_set_are_refused_by_name(tmp_path):
     for name, files in (("x", ("x.csv", "x.CSV")), ("Y", ("Y.csv", "y.csv"))):
         message = found.problems[name]
         assert all(str(tmp_path / file) in message for file in files), message
+
+
+def test_sidecar_defaults_apply_to_rows_and_rows_override_them(tmp_path):
+    """``<set>.toml`` beside the CSV gives every row its keys; a row's own cell wins."""
+    path = write(tmp_path, "prompt_id,prompt,style,num_images\na,a cat,,\nb,a dog,anime,3\n")
+    (tmp_path / "set.toml").write_text(
+        'style = "cinematic"\nnum_images = 2\nbackends = ["sdxl_turbo"]\n', encoding="utf-8"
+    )
+    rows = read_prompt_csv(path).valid.set_index("prompt_id")
+    assert rows.loc["a", "style"] == "cinematic" and rows.loc["a", "num_images"] == 2
+    assert rows.loc["b", "style"] == "anime" and rows.loc["b", "num_images"] == 3
+    assert list(rows.loc["a", "backends"]) == ["sdxl_turbo"]
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        ('styel = "anime"\n', "unknown key 'styel'"),
+        ('prompt_id = "x"\n', "unknown key 'prompt_id'"),
+        ('style = "watercolor"\n', "set.toml, style: unknown style 'watercolor'"),
+        ("num_images = 99\n", "set.toml, num_images: num_images must be between 1 and 16"),
+        ("style = \n", "not a readable TOML file"),
+        ("[flux_schnel]\nsteps = 2\n", "[flux_schnel] is not a backend"),
+        ("[sdxl_turbo]\nsteps = 2\n", "[sdxl_turbo]: setting(s) steps cannot be set per"),
+    ],
+)
+def test_a_bad_sidecar_names_its_file_and_key(tmp_path, sidecar, message):
+    path = write(tmp_path, "prompt\na cat\n")
+    (tmp_path / "set.toml").write_text(sidecar, encoding="utf-8")
+    with pytest.raises(PromptFileError, match=re.escape(message)):
+        read_prompt_csv(path)

@@ -40,6 +40,13 @@ def test_new_and_changed_files_become_partitions_and_runs(tmp_path, dagster_inst
     assert [r.partition_key for r in changed.run_requests] == ["cats"]
     assert changed.dynamic_partitions_requests == []
 
+    # A sidecar of set defaults dropped beside a CSV changes that set.
+    (folder / "cats.toml").write_text('style = "anime"\n')
+    context = dg.build_sensor_context(
+        instance=dagster_instance, resources={"storage": storage}, cursor=changed.cursor
+    )
+    assert [r.partition_key for r in prompt_files_sensor(context).run_requests] == ["cats"]
+
 
 def test_two_files_of_one_set_fail_that_set_alone(tmp_path, dagster_instance, capfd):
     """x.csv and x.CSV are one set: the sensor logs it and the prepare run refuses that set

@@ -10,7 +10,7 @@ from imagegen_pipeline.defs.jobs import prepare_prompts_job
 from imagegen_pipeline.defs.partitions import prompt_set_partitions
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.prompt_csv import find_prompt_csvs
+from imagegen_pipeline.prompt_csv import find_prompt_csvs, set_defaults_path
 
 
 @dg.sensor(
@@ -45,11 +45,14 @@ def prompt_files_sensor(context: dg.SensorEvaluationContext, storage: StorageRes
 
 
 def _digest(paths: list[Path]) -> str:
-    """What the sensor compares between ticks: a file's bytes (and, for a set that several
-    files map to, their names too, so renaming one of them counts as a change)."""
+    """What the sensor compares between ticks: a file's bytes and its sidecar's (and, for a set
+    that several files map to, their names too, so renaming one of them counts as a change)."""
     digest = hashlib.sha256()
     for path in paths:
         if len(paths) > 1:
             digest.update(path.name.encode() + b"\0")
         digest.update(path.read_bytes())
+        sidecar = set_defaults_path(path)
+        if sidecar.is_file():
+            digest.update(b"\0sidecar\0" + sidecar.read_bytes())
     return digest.hexdigest()[:16]
