@@ -102,7 +102,7 @@ def demo(args: argparse.Namespace) -> int:
     from imagegen_pipeline.definitions import defs
     from imagegen_pipeline.local_runner import materialize_prompt_sets, release_interrupted_runs
     from imagegen_pipeline.project_config import load_project_config
-    from imagegen_pipeline.prompt_csv import find_prompt_csvs
+    from imagegen_pipeline.prompt_folder import find_prompt_csvs
 
     project = load_project_config()
     started = time.perf_counter()

@@ -96,6 +96,11 @@ class DiffusersImageSettings(ModelSettings):
     guidance: float = Field(0.0, description="classifier-free guidance; 0 for distilled models")
     width: int | None = Field(None, description="size of rows without one; None: model's native")
     height: int | None = Field(None, description="size of rows without one; None: model's native")
+    controlnets: dict[str, str] | None = Field(
+        None,
+        description="ControlNet per control type (canny, depth, pose, none): a repo id or a "
+        "folder; types not named keep the backend's defaults",
+    )
 
     def image_target(self, backend: str, model_id: str) -> ImageTarget:
         """What ``backend``'s images are planned from with these (resolved) settings."""

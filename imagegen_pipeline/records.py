@@ -52,6 +52,7 @@ class ImageRecord:
     guidance: float
     status: str  # ImageStatus
     loras: str = ""  # JSON list of the LoRA adapters applied: source, file sha256, scale
+    control: str = ""  # JSON: control image, its sha256, type and scale; the map beside the PNG
     error: str = ""
     path: str | None = None
     sha256: str | None = None  # of the PNG file's bytes

@@ -34,6 +34,9 @@ PASSTHROUGH_COLUMNS = (
     "num_images",
     "backends",
     "lora",
+    "control_image",
+    "control_type",
+    "control_scale",
 )
 ENHANCED_COLUMNS = (
     "prompt_id",
@@ -116,7 +119,7 @@ def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataF
                 "clip_truncated": clip_tokens > CLIP_TOKEN_LIMIT,
                 "t5_tokens_estimate": t5_tokens,
                 "t5_truncated": t5_tokens > T5_TOKEN_LIMIT,
-                # .get: tables validated before a column existed lack it (lora)
+                # .get: tables validated before a column existed lack it (lora, control_*)
                 **{column: prompt.get(column, "") for column in PASSTHROUGH_COLUMNS},
             }
         )

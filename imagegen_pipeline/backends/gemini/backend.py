@@ -34,7 +34,11 @@ from PIL import Image
 
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
 from imagegen_pipeline.backends.gemini import SPEC
-from imagegen_pipeline.backends.gemini.content import image_call_config, read_answer
+from imagegen_pipeline.backends.gemini.content import (
+    image_call_config,
+    read_answer,
+    request_contents,
+)
 from imagegen_pipeline.backends.gemini.errors import (
     MISSING_KEY_MESSAGE,
     CallFailure,
@@ -436,7 +440,7 @@ class GeminiBackend(ImageBackend):
             try:
                 async with asyncio.timeout(config.timeout_seconds):
                     response = await client.aio.models.generate_content(
-                        model=config.model, contents=request.prompt, config=call_config
+                        model=config.model, contents=request_contents(request), config=call_config
                     )
                 return response, None, time.perf_counter() - started
             except Exception as exc:  # classified: retried, failed or a daily quota
