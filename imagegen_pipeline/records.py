@@ -150,6 +150,8 @@ class StepRecord:
     adapter_switches: int = 0  # changes of the active adapter set
     adapter_load_seconds: float = 0.0  # reading LoRA files into the pipeline, once per file
     adapter_switch_seconds: float = 0.0  # changing the active set between loaded adapters
+    controlnet_loads: int = 0  # ControlNets loaded beside the warm base model (once per type)
+    controlnet_load_seconds: float = 0.0
     peak_gpu_memory_mb: float | None = None
     cost_usd: float | None = None
     started_at: datetime | None = None

@@ -100,6 +100,33 @@ def backend_summary(
     return pd.DataFrame(rows)
 
 
+def steering_summary(quality: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per backend, LoRA set and control type: what each steering gave (images, CLIP
+    and aesthetic scores); empty when no image of the set was steered."""
+    frames = [table.assign(backend=backend) for backend, table in quality.items() if len(table)]
+    everything = _scored(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
+    columns = ["backend", "loras", "control", "images", "mean_clip_score", "mean_aesthetic"]
+    if everything.empty:
+        return pd.DataFrame(columns=columns)
+    lora = everything.get("loras", pd.Series("", index=everything.index)).fillna("")
+    control = everything.get("control", pd.Series("", index=everything.index)).fillna("")
+    if not (lora.astype(bool) | control.astype(bool)).any():
+        return pd.DataFrame(columns=columns)
+    labelled = everything.assign(
+        loras=[_lora_label(value) or "none" for value in lora],
+        control=[_control_label(value) or "none" for value in control],
+        clip=_numbers(everything, "clip_score"),
+        aes=_numbers(everything, "aesthetic"),
+    )
+    grouped = labelled.groupby(["backend", "loras", "control"], sort=True)
+    summary = grouped.agg(
+        images=("image_id", "size"),
+        mean_clip_score=("clip", "mean"),
+        mean_aesthetic=("aes", "mean"),
+    )
+    return summary.reset_index()[columns]
+
+
 def bar_chart_png(summary: pd.DataFrame, title: str) -> bytes:
     """A 2x2 bar chart of CLIP score, aesthetic, seconds and cost per image, by backend."""
     # Imported here: matplotlib costs half a second, which every Dagster process would pay.
@@ -192,7 +219,32 @@ def _image_figure(
         "blank": _flag(row.get("is_blank")),
         "truncated": _flag(row.get("clip_truncated")),
         "loras": _lora_label(row.get("loras")),
+        "control": _control_label(row.get("control")),
+        "control_src": _control_map_uri(str(row["path"]), side, read_bytes)
+        if _text(row.get("control"))
+        else None,
     }
+
+
+def _control_label(recorded: object) -> str:
+    """The control an image was made with, as "canny ×0.8 layout.png" (empty for none)."""
+    if not _text(recorded):
+        return ""
+    control = json.loads(str(recorded))
+    name = Path(control["image"]).name
+    if control.get("used_as") == "reference":
+        return f"reference {name}"
+    return f"{control['type']} ×{control['scale']:g} {name}"
+
+
+def _control_map_uri(image_path: str, side: int, read_bytes: Callable[[str], bytes]) -> str | None:
+    """The thumbnail of the control map saved beside an image (None when there is none)."""
+    try:
+        return _jpeg_thumbnail_uri(
+            read_bytes(image_path.removesuffix(".png") + ".control.png"), side
+        )
+    except (OSError, *DECODE_ERRORS):
+        return None
 
 
 def _lora_label(recorded: object) -> str:
@@ -240,6 +292,7 @@ def gallery_html(
     video_quality: Mapping[str, pd.DataFrame],
     chart_png: bytes,
     *,
+    steering: pd.DataFrame | None = None,
     read_bytes: Callable[[str], bytes],
     worst_first: bool = False,
     thumbnail_side: int = 256,
@@ -301,6 +354,12 @@ def gallery_html(
         summary_rows=[
             [_summary_cell(value) for value in row]
             for row in summary.itertuples(index=False, name=None)
+        ],
+        steering_columns=[] if steering is None else [str(c) for c in steering.columns],
+        steering_rows=[]
+        if steering is None
+        else [
+            [_summary_cell(v) for v in row] for row in steering.itertuples(index=False, name=None)
         ],
         sections=sections,
     )

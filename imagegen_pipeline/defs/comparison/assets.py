@@ -17,6 +17,7 @@ from imagegen_pipeline.steps.comparison import (
     bar_chart_png,
     data_uri,
     gallery_html,
+    steering_summary,
 )
 
 SUMMARY_COLUMNS = [
@@ -90,6 +91,7 @@ def backend_comparison(
             raise dg.Failure(f"No backend of {prompt_set!r} has a quality report yet.")
         videos = video_by_set.get(prompt_set, {})
         summary = backend_summary(reports, videos)
+        steering = steering_summary(reports)
         chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
         page = gallery_html(
             prompt_set,
@@ -98,6 +100,7 @@ def backend_comparison(
             videos,
             chart,
             read_bytes=store.read_bytes,
+            steering=steering,
             worst_first=config.worst_first,
             thumbnail_side=config.thumbnail_side,
         )
@@ -110,6 +113,11 @@ def backend_comparison(
             {
                 "backends": len(summary),
                 "summary": markdown_table(summary.round(4), SUMMARY_COLUMNS),
+                **(
+                    {"by_lora_and_control": markdown_table(steering.round(4), list(steering))}
+                    if len(steering)
+                    else {}
+                ),
                 "chart": dg.MetadataValue.md(f"![comparison]({data_uri(chart, 'image/png')})"),
                 "gallery": dg.MetadataValue.path(str(gallery_path)),
                 "chart_png": dg.MetadataValue.path(str(chart_path)),

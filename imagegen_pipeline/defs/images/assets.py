@@ -92,6 +92,8 @@ def make_images(
             adapter_switches=summary.metadata.get("adapter_switches", 0),
             adapter_load_seconds=summary.metadata.get("adapter_load_seconds", 0.0),
             adapter_switch_seconds=summary.metadata.get("adapter_switch_seconds", 0.0),
+            controlnet_loads=summary.metadata.get("controlnet_loads", 0),
+            controlnet_load_seconds=summary.metadata.get("controlnet_load_seconds", 0.0),
             peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
             cost_usd=_sum(r.cost_usd for r in outcome.records),
         )
