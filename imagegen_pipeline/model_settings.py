@@ -103,6 +103,11 @@ class DiffusersImageSettings(ModelSettings):
         description="speed mode: 'regional' compiles the denoiser's repeated blocks, 'full' the "
         "whole denoiser (torch.compile); LoRAs are then hotswapped so a switch does not recompile",
     )
+    compile_backend: str = Field(
+        "inductor",
+        description="torch.compile backend: 'inductor' (generates kernels), or 'aot_eager' "
+        "(traces only: checks graphs and recompiles without kernel build time)",
+    )
     hotswap_rank: int | None = Field(
         None,
         description="under compile: the LoRA rank hotswap slots are padded to; None: the highest "

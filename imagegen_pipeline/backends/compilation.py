@@ -43,20 +43,21 @@ def denoiser_of(pipeline: Any) -> Any:
     raise ValueError(f"{type(pipeline).__name__} has no {' or '.join(DENOISERS)} to compile")
 
 
-def compile_denoiser(pipeline: Any, mode: CompileMode) -> str:
-    """Compile ``pipeline``'s denoiser in place as ``mode`` says; returns what was compiled."""
+def compile_denoiser(pipeline: Any, mode: CompileMode, backend: str = "inductor") -> str:
+    """Compile ``pipeline``'s denoiser in place as ``mode`` says, with torch.compile's
+    ``backend``; returns what was compiled."""
     if mode == "off":
         return "nothing (compile off)"
     model = denoiser_of(pipeline)
     name = type(model).__name__
     if mode == "full":
-        model.compile()
+        model.compile(backend=backend)
         return f"{name} (whole model)"
     if mode != "regional":
         raise ValueError(f"compile must be 'off', 'regional' or 'full', not {mode!r}")
     repeated = getattr(model, "_repeated_blocks", None)
     if repeated:
-        model.compile_repeated_blocks()
+        model.compile_repeated_blocks(backend=backend)
         return f"{name} blocks {', '.join(repeated)} (compile_repeated_blocks)"
     # A model that does not name its repeated blocks: compile each member of its block lists.
     import torch
@@ -70,7 +71,7 @@ def compile_denoiser(pipeline: Any, mode: CompileMode) -> str:
     if not blocks:
         raise ValueError(f"{name} has no block list to compile regionally: use compile 'full'")
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     return f"{name}: {len(blocks)} blocks of its block lists"
 
 
@@ -88,6 +89,7 @@ class CompileWatch:
     """The compile mode of one pipeline and what compiling cost it, per generate call."""
 
     mode: CompileMode = "off"
+    backend: str = "inductor"  # torch.compile's
     compiled: str = ""  # what compile_denoiser compiled
     warm: bool = False  # the compiled model has run once: later graphs are recompiles
     graphs: int = 0  # graphs compiled during the current call
@@ -97,9 +99,9 @@ class CompileWatch:
 
     def apply(self, pipeline: Any) -> None:
         """Compile ``pipeline``'s denoiser (lazily: the first call traces it)."""
-        self.compiled = compile_denoiser(pipeline, self.mode)
+        self.compiled = compile_denoiser(pipeline, self.mode, self.backend)
         if self.mode != "off":
-            logger.info("compile %s: %s", self.mode, self.compiled)
+            logger.info("compile %s (%s): %s", self.mode, self.backend, self.compiled)
 
     def reset_counts(self) -> None:
         """Start counting graphs, recompiles and seconds afresh (one generate call)."""

@@ -53,7 +53,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.batch_size = settings.batch_size or 1
         self.offload = "none" if settings.offload == "auto" else settings.offload
         self.adapters: AdapterSwitcher | None = None  # created with the pipeline
-        self.compile_watch = CompileWatch(settings.compile)
+        self.compile_watch = CompileWatch(settings.compile, settings.compile_backend)
 
     @property
     def target(self) -> ImageTarget:

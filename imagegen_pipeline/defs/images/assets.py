@@ -92,6 +92,9 @@ def make_images(
             adapter_switches=summary.metadata.get("adapter_switches", 0),
             adapter_load_seconds=summary.metadata.get("adapter_load_seconds", 0.0),
             adapter_switch_seconds=summary.metadata.get("adapter_switch_seconds", 0.0),
+            compile_mode=summary.metadata.get("compile_mode"),
+            compile_seconds=summary.metadata.get("compile_seconds", 0.0),
+            recompiles=summary.metadata.get("recompiles", 0),
             peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
             cost_usd=_sum(r.cost_usd for r in outcome.records),
         )
