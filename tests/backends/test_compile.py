@@ -170,3 +170,17 @@ def test_adapter_bytes_for_the_planner(sdxl_adapters: list[Path]) -> None:
     slots = AdapterSwitcher(pipeline=None, hotswap=True, hotswap_rank=8)
     assert slots.planned_bytes(sets, 2) == {"unet": 2 * elements * 2 * 2}
     assert eager.planned_bytes([[]], 2) == {}
+
+
+def test_the_batch_is_planned_with_the_loras_a_step_loads(
+    tiny_sdxl: Path, sdxl_adapters: list[Path]
+) -> None:
+    settings = SdxlTurboSettings(model=str(tiny_sdxl), device="cpu", width=64, height=64)
+    backend = SdxlTurboBackend(settings)  # batch_size None: the planner's
+    backend.load()
+    base_unet = backend.memory_plan.weights_bytes["unet"]
+    generate(backend, [request(0, [adapter(sdxl_adapters[0])])])
+    # float32 on the CPU: 4 bytes per LoRA parameter, on the component it adapts.
+    added = lora_elements(sdxl_adapters[0])["unet"] * 4
+    assert backend.memory_plan.weights_bytes["unet"] == base_unet + added
+    assert "LoRA adapters" in backend.memory_plan.reason
