@@ -54,7 +54,7 @@ HF_HUB = "hf-hub:"  # open_clip's prefix for a Hugging Face Hub repo
 Device = str  # "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:1", "mps"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Offload = Literal["auto", "none", "model", "sequential"]
-Compile = Literal["off", "regional", "full"]  # see backends/compilation.py
+Compile = Literal["off", "regional", "full"]  # the speed mode: backends/compilation.py
 
 
 class ModelSettings(BaseModel):

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
+
+from imagegen_pipeline.model_settings import Compile
 
 logger = logging.getLogger(__name__)
 
-CompileMode = Literal["off", "regional", "full"]
 DENOISERS = ("transformer", "unet")  # the pipeline component that runs once per step
 
 
@@ -43,7 +44,7 @@ def denoiser_of(pipeline: Any) -> Any:
     raise ValueError(f"{type(pipeline).__name__} has no {' or '.join(DENOISERS)} to compile")
 
 
-def compile_denoiser(pipeline: Any, mode: CompileMode, backend: str = "inductor") -> str:
+def compile_denoiser(pipeline: Any, mode: Compile, backend: str) -> str:
     """Compile ``pipeline``'s denoiser in place as ``mode`` says, with torch.compile's
     ``backend``; returns what was compiled."""
     if mode == "off":
@@ -88,8 +89,8 @@ def _dynamo_totals() -> tuple[int, float]:
 class CompileWatch:
     """The compile mode of one pipeline and what compiling cost it, per generate call."""
 
-    mode: CompileMode = "off"
-    backend: str = "inductor"  # torch.compile's
+    mode: Compile  # the settings' compile
+    backend: str  # torch.compile's (the settings' compile_backend)
     compiled: str = ""  # what compile_denoiser compiled
     warm: bool = False  # the compiled model has run once: later graphs are recompiles
     graphs: int = 0  # graphs compiled during the current call
