@@ -8,8 +8,10 @@ as the step row records them), step seconds, the largest pixel difference agains
 backend. As a control, the same first step with hotswap turned off (switching by name, as
 uncompiled models do) counts the recompiles hotswap avoids.
 
-This CPU says nothing about GPU speed: the tiny models are too small for compiled kernels to
-win, and no GPU was available. Compile times here are tiny-model times on a shared 2-core CPU.
+Inductor's on-disk kernel cache is pointed at a fresh folder, so compile seconds are a cold
+worker's. This CPU says nothing about GPU speed: the tiny models are too small for compiled
+kernels to win, and no GPU was available. Compile times here are tiny-model times on a shared
+2-core CPU.
 
     .venv/bin/python -m benchmarks.compile [--rows 12] [--modes regional full]
         [--compile-backend inductor]
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +74,9 @@ def main() -> None:
     recompiles = by_name = 0
     worst_diff = worst_compile = 0.0
     with tempfile.TemporaryDirectory() as tmp:
+        # A cold kernel cache: compile seconds as a fresh worker pays them (inductor keeps
+        # compiled kernels on disk across processes, which would hide them on a rerun).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor-cache")
         for name in BACKENDS:
             spec = MODELS[name]
             model_dir = build_tiny_model(spec, Path(tmp) / "models")
