@@ -17,8 +17,10 @@ kernels to win, and no GPU was available. Compile times here are tiny-model time
         [--compile-backend inductor]
 
 Ends with ``RESULT recompiles_on_switch=<n, all backends and modes> by_name_recompiles=<n>
-max_pixel_diff=<of 255> compile_seconds_max=<s>``. Targets: recompiles_on_switch = 0,
-max_pixel_diff <= 2, by_name_recompiles > 0 (the control shows what hotswap saves).
+max_pixel_diff=<of 255> mean_pixel_diff=<of 255, worst image> compile_seconds_max=<s>``.
+Targets: recompiles_on_switch = 0, max_pixel_diff <= 8 and mean_pixel_diff <= 0.25 (the tests'
+tolerance; a LoRA moves the mean by more than 10), by_name_recompiles > 0 (the control shows
+what hotswap saves).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     recompiles = by_name = 0
-    worst_diff = worst_compile = 0.0
+    worst_diff = worst_mean = worst_compile = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         # A cold kernel cache: compile seconds as a fresh worker pays them (inductor keeps
         # compiled kernels on disk across processes, which would hide them on a rerun).
@@ -110,14 +112,17 @@ def main() -> None:
                     images, seconds = run(compiled, batch)
                     summary = compiled.run_summary().metadata
                     diff = max(float(np.abs(images[i] - expected[i]).max()) for i in expected)
+                    mean = max(float(np.abs(images[i] - expected[i]).mean()) for i in expected)
                     recompiles += summary["recompiles"]
                     worst_diff = max(worst_diff, diff)
+                    worst_mean = max(worst_mean, mean)
                     worst_compile = max(worst_compile, summary["compile_seconds"])
                     print(
                         f"{name} {mode} {label}: step {seconds:.2f} s, compile "
                         f"{summary['compile_seconds']:.2f} s, {compiled.compile_watch.graphs} "
                         f"graph(s), {summary['recompiles']} recompile(s), "
-                        f"{summary['adapter_switches']} switch(es), max pixel diff {diff:g}"
+                        f"{summary['adapter_switches']} switch(es), pixel diff max {diff:g}, "
+                        f"mean {mean:.3f} (worst image)"
                     )
             # Control: compiled, but switching by name (set_adapters), as without hotswap.
             torch._dynamo.reset()
@@ -132,7 +137,8 @@ def main() -> None:
             print(f"{name} regional (aot_eager), switching by name: {counted} recompile(s)")
     print(
         f"RESULT recompiles_on_switch={recompiles} by_name_recompiles={by_name} "
-        f"max_pixel_diff={worst_diff:g} compile_seconds_max={worst_compile:.2f}"
+        f"max_pixel_diff={worst_diff:g} mean_pixel_diff={worst_mean:.3f} "
+        f"compile_seconds_max={worst_compile:.2f}"
     )
 
 

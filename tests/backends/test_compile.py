@@ -23,8 +23,11 @@ from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend, SdxlTurboSet
 from imagegen_pipeline.lora import LoraAdapter, LoraRef, lora_elements, lora_rank, resolve_lora
 from tests.support.loras import make_lora
 
-# Compiled kernels reorder float sums: a pixel may move by a level or two of 255.
-PIXEL_TOLERANCE = 2.0
+# Compiled kernels reorder float sums: a pixel may move by a few levels of 255 (5 seen on
+# the tiny SDXL with inductor), the image as a whole by a fraction of one; a LoRA moves it by
+# more than ten on average.
+MAX_PIXEL_DIFF = 8.0
+MEAN_PIXEL_DIFF = 0.25
 
 
 def pixels(result) -> np.ndarray:
@@ -38,6 +41,13 @@ def request(index: int, loras=()) -> ImageRequest:
 
 def generate(backend, requests) -> dict[int, np.ndarray]:
     return {r.request.image_index: pixels(r) for r in backend.generate(requests)}
+
+
+def assert_close(got: dict[int, np.ndarray], expected: dict[int, np.ndarray]) -> None:
+    for index, image in expected.items():
+        difference = np.abs(got[index] - image)
+        assert difference.max() <= MAX_PIXEL_DIFF, (index, difference.max())
+        assert difference.mean() <= MEAN_PIXEL_DIFF, (index, difference.mean())
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +103,7 @@ def check_compiled_backend(compiled, eager, one: Path, two: Path) -> None:
     first = [request(0), request(1, [a]), request(2, [b]), request(3, [off]), request(4, [a, b])]
     expected = generate(eager, first)
     got = generate(compiled, first)
-    for index, image in expected.items():
-        np.testing.assert_allclose(got[index], image, atol=PIXEL_TOLERANCE, err_msg=str(index))
+    assert_close(got, expected)
     assert np.abs(got[1] - got[0]).mean() > 1.0  # the LoRA acts under compile
     assert np.abs(got[2] - got[1]).mean() > 1.0  # and the hotswapped one is another
     summary = compiled.run_summary().metadata
@@ -110,8 +119,7 @@ def check_compiled_backend(compiled, eager, one: Path, two: Path) -> None:
     assert summary["recompiles"] == 0 and compiled.compile_watch.graphs == 0
     assert summary["compile_seconds"] == 0.0
     assert summary["adapter_switches"] >= 2
-    for index, image in generate(eager, second).items():
-        np.testing.assert_allclose(got[index], image, atol=PIXEL_TOLERANCE, err_msg=str(index))
+    assert_close(got, generate(eager, second))
     assert compiled.model_loads == 1
 
 
