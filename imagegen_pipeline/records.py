@@ -152,6 +152,9 @@ class StepRecord:
     adapter_switch_seconds: float = 0.0  # changing the active set between loaded adapters
     controlnet_loads: int = 0  # ControlNets loaded beside the warm base model (once per type)
     controlnet_load_seconds: float = 0.0
+    compile_mode: str | None = None  # the denoiser's: off, regional, full (local backends)
+    compile_seconds: float = 0.0  # torch.compile during this step (the first step pays it)
+    recompiles: int = 0  # graphs compiled again after the compiled model's first call
     peak_gpu_memory_mb: float | None = None
     cost_usd: float | None = None
     started_at: datetime | None = None

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imagegen_pipeline.backends.adapters import AdapterSwitcher
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
+from imagegen_pipeline.backends.compilation import CompileWatch
 from imagegen_pipeline.backends.controlnets import ControlNets, TinyControlNetBuilder
 from imagegen_pipeline.control import control_map
 from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
@@ -60,6 +61,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.offload = "none" if settings.offload == "auto" else settings.offload
         self.adapters: AdapterSwitcher | None = None  # created with the pipeline
         self.controlnets: ControlNets | None = None  # created with the pipeline
+        self.compile_watch = CompileWatch(settings.compile, settings.compile_backend)
 
     @property
     def target(self) -> ImageTarget:
@@ -86,8 +88,11 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         """The precision the pipeline runs in."""
         return self._dtype
 
-    def plan_memory(self) -> MemoryPlan | None:
-        """Offload and batch size for the free memory of the device (None when both are set)."""
+    def plan_memory(
+        self, adapter_bytes: dict[str, int] | None = None, offload: str | None = None
+    ) -> MemoryPlan | None:
+        """Offload and batch size for the free memory of the device (None when both are set);
+        ``adapter_bytes``: LoRA weights on each component; ``offload``: keep this mode."""
         config = self.config
         if config.offload != "auto" and config.batch_size is not None:
             return None
@@ -111,12 +116,27 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 height=height,
                 max_batch_size=config.max_batch_size,
                 vae_slicing=config.vae_slicing,
-                offload=config.offload,
+                offload=offload or config.offload,
                 batch_size=config.batch_size,
+                adapter_bytes=adapter_bytes,
             )
         except ValueError as error:  # a layout the estimates do not know: run unoffloaded
             logger.warning("%s: no memory plan (%s); offload none, batch 1.", self.name, error)
             return None
+
+    def fit_adapters(self, requests: Sequence[ImageRequest]) -> None:
+        """Re-plan the batch size for the LoRA weights ``requests`` load (offload is kept:
+        the model is placed already). Only when the batch size is the planner's."""
+        if self.memory_plan is None or self.config.batch_size is not None:
+            return
+        import torch
+
+        per_element = torch.finfo(self._dtype).bits // 8
+        extra = self.adapters.planned_bytes((r.loras for r in requests), per_element)
+        plan = self.plan_memory(adapter_bytes=extra, offload=self.offload) if extra else None
+        if plan is not None:
+            self.memory_plan = plan
+            self.batch_size = min(self.batch_size, plan.batch_size)
 
     def load(self) -> float:
         if self.pipeline is not None:
@@ -144,7 +164,12 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         if self.config.vae_tiling:
             pipeline.vae.enable_tiling()
         self.pipeline = pipeline
-        self.adapters = AdapterSwitcher(pipeline)
+        # Compiled: LoRAs hotswap into fixed slots, so a switch keeps the compiled graph.
+        compiled = self.config.compile != "off"
+        self.adapters = AdapterSwitcher(
+            pipeline, hotswap=compiled, hotswap_rank=self.config.hotswap_rank
+        )
+        self.compile_watch.apply(pipeline)
         self.offload = offload
         folder = local_model_folder(self.config.model, self.config.revision)
         tiny = folder is not None and is_tiny_model(folder)
@@ -187,6 +212,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 "controlnet_load_seconds": (
                     self.controlnets.load_seconds if self.controlnets else 0.0
                 ),
+                **self.compile_watch.summary(),
             }
         )
 
@@ -212,6 +238,9 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         # The run summary reports this call's loads and switches.
         self.adapters.reset_counts()
         self.controlnets.reset_counts()
+        self.compile_watch.reset_counts()
+        self.adapters.prepare(request.loras for request in requests)  # hotswap slots, if any
+        self.fit_adapters(requests)
         # One group per adapter set, ControlNet and size: the base model stays loaded and the
         # adapters switch between groups (each group's last use frees its adapters).
         groups: dict[tuple[Any, ...], list[ImageRequest]] = {}
@@ -311,4 +340,5 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 **self.pipeline_kwargs(batch),
                 **control_kwargs,
             )
+        self.compile_watch.after_call()
         return list(output.images), maps, time.perf_counter() - started, peak.mib

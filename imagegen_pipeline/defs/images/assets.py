@@ -94,6 +94,9 @@ def make_images(
             adapter_switch_seconds=summary.metadata.get("adapter_switch_seconds", 0.0),
             controlnet_loads=summary.metadata.get("controlnet_loads", 0),
             controlnet_load_seconds=summary.metadata.get("controlnet_load_seconds", 0.0),
+            compile_mode=summary.metadata.get("compile_mode"),
+            compile_seconds=summary.metadata.get("compile_seconds", 0.0),
+            recompiles=summary.metadata.get("recompiles", 0),
             peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
             cost_usd=_sum(r.cost_usd for r in outcome.records),
         )
