@@ -201,7 +201,8 @@ def plan_memory(
 
     ``offload`` or ``batch_size`` given explicitly (not "auto"/None) is kept and only the other
     is chosen; ``text_tokens`` is FLUX's max_sequence_length (None: the pipeline's 512);
-    ``adapter_bytes``: LoRA weights loaded on each component (they live and move with it).
+    ``adapter_bytes``: weights added to a component after loading, which live and move with
+    it: its LoRA adapters, and for the denoiser the ControlNet that runs beside it.
     """
     if offload != "auto" and offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be 'auto' or one of {OFFLOAD_MODES}, not {offload!r}")
@@ -236,7 +237,7 @@ def plan_memory(
     )
     budget = f"{_gib(usable)} usable ({_gib(free_bytes)} free - {_gib(reserve)} reserve)"
     if sum(adapters.values()):
-        budget += f", LoRA adapters {_gib(sum(adapters.values()))} included"
+        budget += f", LoRA adapters and ControlNets {_gib(sum(adapters.values()))} included"
 
     def batch_note(mode: Offload, batch: int) -> str:
         if batch >= max_batch_size:

@@ -387,7 +387,7 @@ def test_lora_adapters_count_with_the_component_they_adapt() -> None:
     plan = flux_plan(24, adapter_bytes=lora)
     assert plan.weights_bytes["transformer"] == 23_782_357_120 + 200 * 2**20
     assert (plan.offload, flux_plan(24).offload) == ("sequential", "model")
-    assert "LoRA adapters 0.20 GiB included" in plan.reason
+    assert "LoRA adapters and ControlNets 0.20 GiB included" in plan.reason
     # SDXL-Turbo at 16 GiB: batch 7 left 0.37 GiB; a 0.5 GiB UNet LoRA takes one image off.
     assert sdxl_plan(16, adapter_bytes={"unet": GIB // 2}).batch_size == 6
     assert sdxl_plan(16, adapter_bytes={}).batch_size == 7

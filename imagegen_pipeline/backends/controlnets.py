@@ -9,17 +9,19 @@ ControlNet loads once per type and stays with the warm model for later steps. A 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagegen_pipeline.lora import safetensors_shapes
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.torch_runtime import module_bytes, place_pipeline
+from imagegen_pipeline.torch_runtime import local_model_folder, module_bytes, place_pipeline
 
 # Builds a tiny ControlNet for the tiny base model in the first folder into the second one.
 TinyControlNetBuilder = Callable[[Path, Path], None]
@@ -76,6 +78,21 @@ class ControlNets:
             )
         return source
 
+    def planned_elements(self, control_types: Iterable[str]) -> int:
+        """Parameters the ControlNets of ``control_types`` add once loaded, read from their
+        safetensors headers (no torch); those already loaded and those not on this machine
+        (their load fails next, with the clear message) count nothing."""
+        total = 0
+        for control_type in set(control_types) - set(self.pipelines):
+            folder = self._folder(control_type)
+            files = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) if folder else []
+            # fp16 variant files and the plain ones hold the same parameters: count one set.
+            plain = [f for f in files if ".fp16." not in f.name] or files
+            total += sum(
+                math.prod(shape) for f in plain for shape in safetensors_shapes(f).values()
+            )
+        return total
+
     def weight_bytes(self) -> int:
         """Memory the loaded ControlNets hold (the base pipeline's modules are shared)."""
         return module_bytes(*(pipeline.controlnet for pipeline in self.pipelines.values()))
@@ -83,6 +100,12 @@ class ControlNets:
     def reset_counts(self) -> None:
         """Start counting loads and their seconds afresh."""
         self.loads, self.load_seconds = 0, 0.0
+
+    def _folder(self, control_type: str) -> Path | None:
+        """The local folder of ``control_type``'s ControlNet (None when it is not here)."""
+        if self.tiny_base is not None and self.build_tiny is not None:
+            return self._tiny(control_type)
+        return local_model_folder(self.source(control_type), None)
 
     def _load(self, control_type: str) -> Any:
         import diffusers

@@ -125,14 +125,25 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
             return None
 
     def fit_adapters(self, requests: Sequence[ImageRequest]) -> None:
-        """Re-plan the batch size for the LoRA weights ``requests`` load (offload is kept:
-        the model is placed already). Only when the batch size is the planner's."""
+        """Re-plan the batch size for the LoRA and ControlNet weights ``requests`` load
+        (offload is kept: the model is placed already). Only when the batch size is the
+        planner's."""
         if self.memory_plan is None or self.config.batch_size is not None:
             return
         import torch
 
         per_element = torch.finfo(self._dtype).bits // 8
         extra = self.adapters.planned_bytes((r.loras for r in requests), per_element)
+        # A ControlNet runs beside the denoiser (offload moves them together): its weights
+        # count with the denoiser's.
+        control_types = {r.control.type for r in requests if r.control is not None}
+        try:
+            controlnet = self.controlnets.planned_elements(control_types) * per_element
+        except ValueError:  # a type without a ControlNet: its images fail with the reason
+            controlnet = 0
+        if controlnet:
+            denoiser = self.spec.lora_components[0]  # "unet" or "transformer"
+            extra = {**extra, denoiser: extra.get(denoiser, 0) + controlnet}
         plan = self.plan_memory(adapter_bytes=extra, offload=self.offload) if extra else None
         if plan is not None:
             self.memory_plan = plan

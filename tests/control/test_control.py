@@ -203,3 +203,16 @@ def test_the_step_saves_the_map_beside_the_image_and_records_the_control(
     # An unchanged re-run makes nothing.
     again = run_images_step(backend.target, lambda: backend, planned, where, log=lambda _: None)
     assert again.generated == 0
+
+
+def test_the_memory_plan_counts_a_controlnet_before_it_loads(tiny_sdxl: Path) -> None:
+    """The planner's ControlNet share is read from the safetensors headers: the parameters the
+    model holds once loaded, counted once (fp16 and fp32 files are one set of weights)."""
+    settings = SdxlTurboSettings(model=str(tiny_sdxl), device="cpu", width=64, height=64)
+    backend = SdxlTurboBackend(settings.model_copy(update={"batch_size": 1}))
+    backend.load()
+    nets = backend.controlnets
+    planned = nets.planned_elements({"canny"})
+    loaded = nets.pipeline_for("canny").controlnet
+    assert planned == sum(p.numel() for p in loaded.parameters()) > 0
+    assert nets.planned_elements({"canny"}) == 0  # loaded already: nothing more to fit
