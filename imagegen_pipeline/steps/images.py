@@ -283,7 +283,13 @@ class ImagesKind:
         self.step.storage.write_bytes(path, png)
         sha256 = hashlib.sha256(png).hexdigest()
         files = {"path": str(path), "sha256": sha256, "bytes": len(png)}
-        return self.record(item, "ok", run_id, **facts, **files)
+        record = self.record(item, "ok", run_id, **facts, **files)
+        if control_map is not None:
+            # Of the map's pixels (not its PNG bytes): what the ControlNet saw.
+            described = json.loads(record.control)
+            described["map_sha256"] = hashlib.sha256(control_map.tobytes()).hexdigest()
+            record.control = json.dumps(described)
+        return record
 
 
 def run_images_step(

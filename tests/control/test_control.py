@@ -3,6 +3,7 @@ the real repos' layout steering the tiny models, and the content address."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -194,11 +195,13 @@ def test_the_step_saves_the_map_beside_the_image_and_records_the_control(
     records = {r.prompt_id: r for r in outcome.records}
     control = json.loads(records["a"].control)
     assert control["type"] == "canny" and control["scale"] == 1.0 and len(control["sha256"]) == 64
+    assert control["used_as"] == "controlnet" and len(control["map_sha256"]) == 64
     assert records["b"].control == ""
     folder = tmp_path / "storage" / "images" / "set" / "sdxl_turbo"
     by_id = {item.request.prompt_id: item for item in planned}
     edge_map = Image.open(folder / control_map_name(by_id["a"]))
     assert edge_map.size == (64, 64)
+    assert control["map_sha256"] == hashlib.sha256(edge_map.convert("RGB").tobytes()).hexdigest()
     assert not (folder / control_map_name(by_id["b"])).exists()
     # An unchanged re-run makes nothing.
     again = run_images_step(backend.target, lambda: backend, planned, where, log=lambda _: None)
