@@ -27,16 +27,18 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     computed_field,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
 from imagegen_pipeline.lora import check_fits, lora_cell, parse_lora_cell, resolve_lora
-from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
+from imagegen_pipeline.registry import BACKEND_NAMES, SCORERS, backend_spec
 from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
 STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_IMAGES_PER_PROMPT = 16
+MAX_CANDIDATES = 64  # best-of-N draws per prompt, gate retries included
 # A hard cap well above real prompts that still stops a pasted document. A prompt longer than
 # CLIP reads is accepted and flagged (see PromptRow.prompt_truncated_by_encoders).
 MAX_PROMPT_CHARS = 20_000
@@ -112,6 +114,12 @@ def _loras(cell: str, info: ValidationInfo) -> str:
     return lora_cell(adapters)
 
 
+def _scorer(raw: str) -> str:
+    if raw and raw not in SCORERS:
+        raise ValueError(f"unknown scorer {raw!r}; use one of {', '.join(SCORERS)}")
+    return raw
+
+
 Side = Annotated[int, _int_range(MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)]
 
 
@@ -138,6 +146,18 @@ class PromptRow(BaseModel):
     )
     # Declared after ``backends``: each adapter is checked against every backend of the row.
     lora: Annotated[str, AfterValidator(_loras)] = ""
+    # Best-of-N (steps/best_of_n.py): empty cells keep every image made (N = select = num_images).
+    candidates: Annotated[int, _int_range(1, MAX_CANDIDATES)] | None = None
+    select: Annotated[int, _int_range(1, MAX_IMAGES_PER_PROMPT)] | None = None
+    scorer: Annotated[str, BeforeValidator(_scorer)] = ""
+    min_score: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> "PromptRow":
+        keepers = self.select or self.num_images
+        if self.candidates is not None and self.candidates < keepers:
+            raise ValueError(f"candidates ({self.candidates}) must be at least select ({keepers})")
+        return self
 
     @computed_field
     @property
@@ -159,6 +179,10 @@ VALID_COLUMNS = (
     "num_images",
     "backends",
     "lora",
+    "candidates",
+    "select",
+    "scorer",
+    "min_score",
     "prompt_truncated_by_encoders",
 )
 
@@ -364,7 +388,7 @@ def read_prompt_csv(path: Path) -> PromptTable:
             f"{name}: no valid prompt row" + (f" ({reasons})" if reasons else ""), rejected
         )
     table = pd.DataFrame(valid, columns=list(VALID_COLUMNS))
-    for column in ("seed", "width", "height"):
+    for column in ("seed", "width", "height", "candidates", "select"):
         table[column] = table[column].astype("Int64")
     return PromptTable(valid=table, rejected=rejected)
 

@@ -126,6 +126,10 @@ def test_valid_table_columns_and_types(tmp_path):
         "num_images",
         "backends",
         "lora",  # LoRA adapters, absolute paths with scales (tests/lora/test_lora.py)
+        "candidates",  # best-of-N (tests/test_best_of_n.py)
+        "select",
+        "scorer",
+        "min_score",
         "prompt_truncated_by_encoders",
     ]
     assert {str(valid[column].dtype) for column in ("seed", "width", "height")} == {"Int64"}

@@ -45,5 +45,9 @@ class PreferenceScorerSettings(ModelSettings):
     )
     batch_size: int = Field(16, description="images per forward pass; scores do not depend on it")
 
+    def scorer_label(self, model_id: str | None = None) -> str:
+        """The model as recorded with every score (and part of each score's reuse key)."""
+        return model_id or self.model
+
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
