@@ -135,3 +135,32 @@ class ScoreBook:
             self.added += 1
             self.computed += 1
         return scores
+
+
+def add_scorer_columns(
+    table: pd.DataFrame,
+    scorers: Mapping[str, ScorerHandle],
+    book: ScoreBook,
+    original_prompts: Mapping[str, str],
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """``table`` (a quality report) with, per scorer, ``score_<name>`` (each image against
+    its original prompt), ``score_<name>_model`` and ``score_<name>_revision``. The ``clip``
+    scorer's score is the report's own ``clip_score``; the others come from ``book`` or are
+    computed now."""
+    table = table.copy()
+    items = [
+        {**row, "score_prompt": original_prompts.get(row["prompt_id"], row.get("prompt") or "")}
+        for row in table.to_dict("records")
+    ]
+    for name, handle in sorted(scorers.items()):
+        column = f"score_{name}"
+        if name == "clip":
+            table[column] = table.get("clip_score")
+        else:
+            scores = book.score(items, handle, log)
+            table[column] = [scores.get(item["image_id"]) for item in items]
+        table[f"{column}_model"] = handle.label
+        table[f"{column}_revision"] = handle.revision
+    book.save()
+    return table
