@@ -69,11 +69,11 @@ def main() -> None:
         hps_spec.settings(model=hps_model.model, device="cpu"), model_id=hps_model.model_id
     )
     handle = ScorerHandle("hpsv2", hps.model_label, hps.model_revision, lambda: hps)
-    backend.load()
+    generator_load = backend.load()
     hps.load()  # both warm before timing, as in a step after the first
     print(
         f"{args.prompts} prompts, tiny SDXL-Turbo {settings.width} px batch 4, tiny HPS v2.1; "
-        f"CPU. Loads (not timed below): generator {backend.load_seconds:.2f} s, "
+        f"CPU. Loads (not timed below): generator {generator_load:.2f} s, "
         f"scorer {hps.load_seconds:.2f} s"
     )
     shares, kept_per_prompt, rerun_new, gate_retries = {}, [], None, None

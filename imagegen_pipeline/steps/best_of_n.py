@@ -176,16 +176,27 @@ def run_candidates_step(
             _add(result.outcome, outcome)
             records.update({(r.prompt_id, r.image_index): r for r in outcome.records})
             since = dict(drawn)
-            for prompt, policy in policies.items():
-                if not policy.gated or drawn[prompt] >= policy.candidates:
-                    continue
+            open_gates = [
+                prompt
+                for prompt, policy in policies.items()
+                if policy.gated and drawn[prompt] < policy.candidates
+            ]
+            # One batched scoring call per scorer per round, over every prompt at its gate.
+            scores: dict[str, float | None] = {}
+            for scorer in {policies[prompt].scorer for prompt in open_gates}:
                 items = [
-                    {**record.__dict__, "score_prompt": originals[prompt]}
+                    {**record.__dict__, "score_prompt": originals[owner]}
                     for (owner, _), record in records.items()
-                    if owner == prompt
+                    if owner in open_gates and policies[owner].scorer == scorer
                 ]
-                scores = book.score(items, scorers[policy.scorer], log).values()
-                passing = sum(1 for s in scores if s is not None and s >= (policy.min_score or 0))
+                scores |= book.score(items, scorers[scorer], log)
+            for prompt in open_gates:
+                policy = policies[prompt]
+                passing = sum(
+                    1
+                    for (owner, _), record in records.items()
+                    if owner == prompt and _passes(scores.get(record.image_id), policy.min_score)
+                )
                 if passing < policy.select:
                     wanted = drawn[prompt] + policy.select - passing
                     drawn[prompt] = min(policy.candidates, wanted)
@@ -202,6 +213,10 @@ def run_candidates_step(
     result.scoring_seconds = book.seconds
     result.scorer_load_seconds = sum(handle.load_seconds for handle in scorers.values())
     return result
+
+
+def _passes(score: float | None, gate: float | None) -> bool:
+    return score is not None and gate is not None and score >= gate
 
 
 def _add(total: StepOutcome[ImageRecord], outcome: StepOutcome[ImageRecord]) -> None:
