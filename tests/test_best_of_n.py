@@ -196,3 +196,21 @@ def test_a_gate_draws_new_seeds_until_one_passes_and_a_rerun_makes_nothing(
     assert resumed.outcome.generated == 1
     rows = load_run_metadata(storage.base, "images", prompt_set="set", backend="sdxl_turbo")
     assert rows["image_id"].is_unique and len(rows) == len(second.outcome.records)
+
+
+def test_retry_rounds_draw_only_what_the_rest_of_the_run_budget_pays_for() -> None:
+    from types import SimpleNamespace
+
+    from imagegen_pipeline.steps.best_of_n import CandidatesOutcome, _spend_within_budget
+    from imagegen_pipeline.steps.skeleton import StepOutcome
+
+    gemini = SimpleNamespace(budget_usd=0.20, price_per_image_usd=0.04)
+    spent = {("a", 0): SimpleNamespace(cost_usd=0.04), ("b", 0): SimpleNamespace(cost_usd=0.04)}
+    drawn, since = {"a": 3, "b": 4}, {"a": 1, "b": 1}  # the gate asks for 2 + 3 more
+    result = CandidatesOutcome(StepOutcome([]), {})
+    _spend_within_budget(drawn, since, gemini, spent, result)
+    assert drawn == {"a": 3, "b": 2} and result.budget_stopped == ["b"]  # $0.12 left: 3 images
+    local = SimpleNamespace()  # no budget: nothing cut
+    drawn = {"a": 3}
+    _spend_within_budget(drawn, {"a": 1}, local, spent, result)
+    assert drawn == {"a": 3}
