@@ -20,7 +20,6 @@ every candidate made before and makes only the missing ones.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -81,11 +80,10 @@ class CandidatePolicy:
 
 
 def _number(value: Any) -> float | None:
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+    """A cell as a number; None for an empty one (None, NaN, pandas' NA, "")."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return None
-    if pd.isna(value):
-        return None
-    return float(value)
+    return None if isinstance(value, str) and not value.strip() else float(value)
 
 
 def candidate_policy(row: Mapping[str, Any], default_scorer: str) -> CandidatePolicy:
