@@ -223,6 +223,7 @@ def images(enhanced_prompts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]
     """Every image of each prompt set the backend lacks, as PNGs; this table has one row per
     image (status, path, seed, seconds, cost).
 
+    Best-of-N rows draw their candidates here, in rounds behind their gate (``min_score``).
     Outputs are content-addressed, so a re-run generates only what is missing. One failed
     prompt fails alone: the ``every_image_generated`` check reports it.
     """

@@ -139,8 +139,9 @@ def quality(
     and cost of the run that generated it (``generation_*``, also for images a re-run skipped),
     CLIPScore against the original and the enhanced prompt with truncation flags, CLIP
     aesthetic and per-aspect probabilities, the LAION aesthetic when a head is configured, and
-    brightness, contrast, saturation, sharpness and the blank flag. Images that do not exist
-    (failed, blocked, skipped for budget) keep their row with empty scores.
+    brightness, contrast, saturation, sharpness and the blank flag; per best-of-N scorer the
+    set's rows use, ``score_<scorer>`` with its ``_model`` and ``_revision``. Images that do
+    not exist (failed, blocked, skipped for budget) keep their row with empty scores.
     """
     storage = context.resources.storage.storage()
     project = load_project_config()
