@@ -17,7 +17,7 @@ from imagegen_pipeline.control import (
     resolve_control_image,
 )
 from imagegen_pipeline.lora import check_fits, lora_cell, parse_lora_cell, resolve_lora
-from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
+from imagegen_pipeline.registry import BACKEND_NAMES, SCORERS, backend_spec
 
 STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
 
@@ -109,3 +109,10 @@ def control_scale(raw: Any) -> float:
     if not 0.0 <= scale <= MAX_CONTROL_SCALE:
         raise ValueError(f"control_scale must be between 0 and {MAX_CONTROL_SCALE}, got {scale}")
     return scale
+
+
+def scorer(raw: str) -> str:
+    """A known scorer, or empty for the project's default."""
+    if raw and raw not in SCORERS:
+        raise ValueError(f"unknown scorer {raw!r}; use one of {', '.join(SCORERS)}")
+    return raw

@@ -24,18 +24,18 @@ from pydantic import (
     Field,
     ValidationError,
     computed_field,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
 from imagegen_pipeline import prompt_cells as cells
-from imagegen_pipeline.control import (
-    DEFAULT_CONTROL_SCALE,
-)
+from imagegen_pipeline.control import DEFAULT_CONTROL_SCALE
 from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
 from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_IMAGES_PER_PROMPT = 16
+MAX_CANDIDATES = 64  # best-of-N draws per prompt, gate retries included
 # A hard cap well above real prompts that still stops a pasted document. A prompt longer than
 # CLIP reads is accepted and flagged (see PromptRow.prompt_truncated_by_encoders).
 MAX_PROMPT_CHARS = 20_000
@@ -82,6 +82,18 @@ class PromptRow(BaseModel):
         default="", validate_default=True
     )
     control_scale: Annotated[float, BeforeValidator(cells.control_scale)] = DEFAULT_CONTROL_SCALE
+    # Best-of-N (steps/best_of_n.py): empty cells keep every image made (N = select = num_images).
+    candidates: Annotated[int, cells.int_range(1, MAX_CANDIDATES)] | None = None
+    select: Annotated[int, cells.int_range(1, MAX_IMAGES_PER_PROMPT)] | None = None
+    scorer: Annotated[str, BeforeValidator(cells.scorer)] = ""
+    min_score: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> "PromptRow":
+        keepers = self.select or self.num_images
+        if self.candidates is not None and self.candidates < keepers:
+            raise ValueError(f"candidates ({self.candidates}) must be at least select ({keepers})")
+        return self
 
     @computed_field
     @property
@@ -106,6 +118,10 @@ VALID_COLUMNS = (
     "control_image",
     "control_type",
     "control_scale",
+    "candidates",
+    "select",
+    "scorer",
+    "min_score",
     "prompt_truncated_by_encoders",
 )
 
@@ -251,7 +267,7 @@ def read_prompt_csv(path: Path) -> PromptTable:
             f"{name}: no valid prompt row" + (f" ({reasons})" if reasons else ""), rejected
         )
     table = pd.DataFrame(valid, columns=list(VALID_COLUMNS))
-    for column in ("seed", "width", "height"):
+    for column in ("seed", "width", "height", "candidates", "select"):
         table[column] = table[column].astype("Int64")
     return PromptTable(valid=table, rejected=rejected)
 

@@ -127,6 +127,10 @@ def test_valid_table_columns_and_types(tmp_path):
         "control_image",  # ControlNet inputs (tests/control/test_control.py)
         "control_type",
         "control_scale",
+        "candidates",  # best-of-N (tests/test_best_of_n.py)
+        "select",
+        "scorer",
+        "min_score",
         "prompt_truncated_by_encoders",
     ]
     assert {str(valid[column].dtype) for column in ("seed", "width", "height")} == {"Int64"}

@@ -37,6 +37,10 @@ PASSTHROUGH_COLUMNS = (
     "control_image",
     "control_type",
     "control_scale",
+    "candidates",
+    "select",
+    "scorer",
+    "min_score",
 )
 ENHANCED_COLUMNS = (
     "prompt_id",
@@ -126,4 +130,7 @@ def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataF
     table = pd.DataFrame(rows, columns=list(ENHANCED_COLUMNS))
     for column in ("seed", "width", "height"):
         table[column] = table[column].astype("Int64")
+    for column in ("candidates", "select"):  # "" in tables validated before they existed
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    table["min_score"] = pd.to_numeric(table["min_score"], errors="coerce").astype("float64")
     return table

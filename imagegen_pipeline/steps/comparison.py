@@ -77,6 +77,9 @@ def backend_summary(
             {
                 "backend": backend,
                 "images": int(status.isin(EXISTING_STATUSES).sum()),
+                # Best-of-N keepers (the keepers table); a quality report alone has none.
+                "keepers": int(table["kept"].eq(True).sum()) if "kept" in table else None,
+                "below_gate": int(table["below_gate"].eq(True).sum()) if "kept" in table else None,
                 "failed": int((status == "failed").sum()),
                 "blocked": int((status == "blocked").sum()),
                 "skipped_budget": int((status == "skipped_budget").sum()),
@@ -223,6 +226,7 @@ def _image_figure(
         "control_src": _control_map_uri(str(row["path"]), side, read_bytes)
         if _text(row.get("control"))
         else None,
+        "choice": _choice_label(row),
     }
 
 
@@ -245,6 +249,16 @@ def _control_map_uri(image_path: str, side: int, read_bytes: Callable[[str], byt
         )
     except (OSError, *DECODE_ERRORS):
         return None
+
+
+def _choice_label(row: Mapping[str, Any]) -> str:
+    """A candidate's place under best-of-N: "KEEPER · hpsv2 0.281", "candidate 3 · ..."."""
+    if "kept" not in row or _missing(row.get("kept")):
+        return ""
+    score = _format(row.get("score"), "{:.4g}")
+    place = "KEEPER" if _flag(row.get("kept")) else f"candidate {_format(row.get('rank'), '{}')}"
+    gate = " · below gate" if _flag(row.get("below_gate")) else ""
+    return f"{place} · {row.get('scorer')} {score}{gate}"
 
 
 def _lora_label(recorded: object) -> str:
@@ -318,7 +332,11 @@ def gallery_html(
                 columns.append({"name": backend, "figures": []})
                 continue
             order = ["clip_score", "image_index"] if worst_first else ["image_index"]
-            mine = mine.sort_values(order, na_position="first")
+            ascending = [True] * len(order)
+            if "kept" in mine:  # keepers first, by rank; the other candidates behind them
+                mine = mine.assign(_kept=mine["kept"].eq(True), _rank=mine["rank"])
+                order, ascending = ["_kept", "_rank", *order], [False, True, *ascending]
+            mine = mine.sort_values(order, ascending=ascending, na_position="first")
             figures = [
                 _image_figure(row, thumbnail_side, read_bytes) for row in mine.to_dict("records")
             ]

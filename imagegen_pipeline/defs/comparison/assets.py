@@ -23,6 +23,7 @@ from imagegen_pipeline.steps.comparison import (
 SUMMARY_COLUMNS = [
     "backend",
     "images",
+    "keepers",
     "failed",
     "blocked",
     "mean_clip_score",
@@ -62,7 +63,7 @@ def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]
 
 @dg.asset(
     partitions_def=prompt_set_partitions,
-    ins={"quality": PER_BACKEND_INPUT, "video_quality": PER_BACKEND_INPUT},
+    ins={"keepers": PER_BACKEND_INPUT, "video_quality": PER_BACKEND_INPUT},
     backfill_policy=single_run,
     group_name="comparison",
     kinds={"html", "parquet"},
@@ -77,13 +78,16 @@ def backend_comparison(
     context: dg.AssetExecutionContext,
     config: ComparisonConfig,
     storage: StorageResource,
-    quality: dict[str, pd.DataFrame],
+    keepers: dict[str, pd.DataFrame],
     video_quality: dict[str, pd.DataFrame],
 ) -> dict[str, pd.DataFrame]:
-    """One row per backend (images, failures, CLIP and aesthetic scores, seconds and cost per
-    image, video clips), a bar chart, and storage/reports/<prompt set>/gallery.html."""
+    """One row per backend (images, keepers, failures, CLIP and aesthetic scores, seconds and
+    cost per image, video clips), a bar chart, and storage/reports/<prompt set>/gallery.html
+    (per prompt each backend's keepers first, its other candidates behind them).
+
+    Reads ``keepers``: each row is a quality-report row plus its keeper columns."""
     store = storage.storage()
-    quality_by_set, video_by_set = by_set(quality), by_set(video_quality)
+    quality_by_set, video_by_set = by_set(keepers), by_set(video_quality)
     summaries = {}
     for prompt_set in context.partition_keys:
         reports = quality_by_set.get(prompt_set, {})

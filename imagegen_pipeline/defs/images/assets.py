@@ -21,6 +21,7 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
+from imagegen_pipeline.defs.scorers import SCORER_RESOURCE_KEYS, scorer_handles
 from imagegen_pipeline.defs.step_records import (
     PartitionStep,
     each_partition,
@@ -29,12 +30,13 @@ from imagegen_pipeline.defs.step_records import (
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import EXISTING_STATUSES, IMAGE_STATUSES, ImageRecord
 from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
-from imagegen_pipeline.steps.images import (
-    ImagesStepContext,
-    images_folder,
-    plan_images,
-    run_images_step,
+from imagegen_pipeline.steps.best_of_n import (
+    default_scorer_name,
+    policies_of,
+    run_candidates_step,
+    scorers_needed,
 )
+from imagegen_pipeline.steps.images import ImagesStepContext, images_folder
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
 API_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if not spec.is_local)
@@ -59,7 +61,8 @@ def make_images(
         spec = backend_spec(backend_name)
         target = warm.settings.image_target(backend_name, warm.model_id)
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
-        planned = plan_images(prompts, target)
+        default_scorer = default_scorer_name(project)
+        gated = scorers_needed(policies_of(prompts, backend_name, default_scorer), True)
         where = ImagesStepContext(
             storage=storage,
             prompt_set=prompt_set,
@@ -68,7 +71,19 @@ def make_images(
             writer_threads=storage_resource.writer_threads,
             verify=storage_resource.verify,
         )
-        outcome = run_images_step(target, lambda: warm.model, planned, where, log=context.log.info)
+        # Best-of-N: candidates in rounds, scored here where a gate needs it.
+        with scorer_handles(context, gated, project) as scorers:
+            best_of_n = run_candidates_step(
+                target,
+                lambda: warm.model,
+                prompts,
+                where,
+                scorers,
+                default_scorer=default_scorer,
+                backend_settings=warm.settings,
+                log=context.log.info,
+            )
+        outcome = best_of_n.outcome
         # The backend's totals are those of its last generate call: this partition's only if
         # it made something.
         summary = warm.model.run_summary() if outcome.generated else RunSummary()
@@ -105,7 +120,7 @@ def make_images(
         if failures:
             first = next((r.error for r in outcome.records if r.error), "")
             context.log.warning(
-                f"{prompt_set}/{backend_name}: {failures} of {len(planned)} image(s) "
+                f"{prompt_set}/{backend_name}: {failures} of {len(outcome.records)} image(s) "
                 f"failed or were blocked; first error: {first}"
             )
         metadata = {
@@ -121,6 +136,10 @@ def make_images(
             "model_cache_hits": record.model_cache_hits,
             "model_load_seconds": round(record.model_load_seconds, 3),
             "images_per_second": float(record.items_per_second or 0.0),
+            "candidate_rounds": best_of_n.rounds,
+            "gate_retries": best_of_n.gate_retries,
+            "scored_in_step": best_of_n.scored_in_step,
+            "scoring_seconds": round(best_of_n.scoring_seconds, 3),
             "cost_usd": float(record.cost_usd or 0.0),
             "preview": markdown_table(table, PREVIEW_COLUMNS),
             "images_dir": dg.MetadataValue.path(
@@ -158,7 +177,7 @@ ENHANCED_PROMPTS_IN = dg.In(metadata=PROMPT_SET_INPUT.metadata)
 
 @dg.op(
     ins={"enhanced_prompts": ENHANCED_PROMPTS_IN},
-    required_resource_keys={"storage", *API_BACKENDS},
+    required_resource_keys={"storage", *API_BACKENDS, *SCORER_RESOURCE_KEYS},
     out=dg.Out(io_manager_key="step_io_manager"),
 )
 def generate_with_apis(
@@ -170,7 +189,7 @@ def generate_with_apis(
 
 @dg.op(
     ins={"enhanced_prompts": ENHANCED_PROMPTS_IN, "api_images": dg.In()},
-    required_resource_keys={"storage", *LOCAL_BACKENDS},
+    required_resource_keys={"storage", *LOCAL_BACKENDS, *SCORER_RESOURCE_KEYS},
     pool=GPU_POOL,
     tags=gpu_op_tags(),
 )
@@ -209,6 +228,7 @@ def images(enhanced_prompts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]
     """Every image of each prompt set the backend lacks, as PNGs; this table has one row per
     image (status, path, seed, seconds, cost).
 
+    Best-of-N rows draw their candidates here, in rounds behind their gate (``min_score``).
     Outputs are content-addressed, so a re-run generates only what is missing. One failed
     prompt fails alone: the ``every_image_generated`` check reports it.
     """
