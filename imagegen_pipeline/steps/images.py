@@ -77,6 +77,7 @@ class PlannedImage:
     request: ImageRequest
     image_id: str
     relative_path: str  # under the partition's images folder
+    replaces: str | None = None  # a regenerated image: the image_id of the rejected one
 
     @property
     def key(self) -> tuple[str, int]:
@@ -196,6 +197,7 @@ class ImagesKind:
             height=request.height,
             status=status,
             loras=describe(request.loras) if request.loras else "",
+            replaces=item.replaces,
             **facts,
         )
 
@@ -241,6 +243,7 @@ class ImagesKind:
             **{k: v for k, v in asdict(request).items() if k != "loras"},
             **({"loras": json.loads(describe(request.loras))} if request.loras else {}),
             "image_id": item.image_id,
+            **({"replaces": item.replaces} if item.replaces else {}),
         }
         png = encode_png(
             result.image,
