@@ -68,9 +68,9 @@ def lora_names(cell: object) -> str:
     )
 
 
-def set_images(storage: Storage, prompt_set: str, verdicts: VerdictCache) -> pd.DataFrame:
-    """Every existing image of a prompt set, one row each: generation facts, scores, clip,
-    latest verdict and lineage (``replaced_by``; ``is_head`` for the newest of a slot)."""
+def generated_images(storage: Storage, prompt_set: str) -> pd.DataFrame:
+    """Every existing image of a prompt set, one row each: generation facts, scores, clip and
+    lineage (``replaced_by``; ``is_head`` for the newest image of a slot)."""
     rows = load_run_metadata(storage, "images", prompt_set=prompt_set)
     rows = rows[rows["status"].isin(EXISTING_STATUSES) & rows["path"].notna()]
     rows = rows.reindex(columns=IMAGE_COLUMNS).copy()
@@ -88,15 +88,23 @@ def set_images(storage: Storage, prompt_set: str, verdicts: VerdictCache) -> pd.
         columns={"source_image_id": "image_id", "path": "clip_path"}
     )
     rows = rows.merge(clips.drop_duplicates("image_id"), how="left")
-    latest = verdicts.latest(prompt_set)
-    latest = latest[["backend", "image_id", "verdict", "note", "reviewer", "time"]]
-    rows = rows.merge(latest, how="left", on=["backend", "image_id"])
     replaced = rows.dropna(subset=["replaces"]).set_index("replaces")["image_id"]
     replaced = replaced[~replaced.index.duplicated(keep="last")]
     rows["replaced_by"] = rows["image_id"].map(replaced)
     rows["is_head"] = rows["replaced_by"].isna()
     rows["lora"] = rows["loras"].map(lora_names)
     return rows.reset_index(drop=True)
+
+
+def with_verdicts(rows: pd.DataFrame, latest: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with each image's latest verdict (verdict, note, reviewer, time; NaN if none)."""
+    latest = latest.reindex(columns=["backend", "image_id", "verdict", "note", "reviewer", "time"])
+    return rows.merge(latest, how="left", on=["backend", "image_id"])
+
+
+def set_images(storage: Storage, prompt_set: str, verdicts: VerdictCache) -> pd.DataFrame:
+    """``generated_images`` with their latest verdicts."""
+    return with_verdicts(generated_images(storage, prompt_set), verdicts.latest(prompt_set))
 
 
 def history_of(rows: pd.DataFrame, image_id: str) -> list[dict]:
