@@ -78,7 +78,7 @@ def regenerate(context: dg.OpExecutionContext, config: RegenerateConfig) -> None
     by_partition: dict[tuple[str, str], list[Replacement]] = {}
     for wanted in requested(config, storage):
         by_partition.setdefault((wanted.backend, wanted.prompt_set), []).append(wanted)
-    made = 0
+    made, problems_seen = 0, []
     for backend in sorted({backend for backend, _ in by_partition}):
         spec = backend_spec(backend)
         with model_for_step(context, spec, project) as warm:
@@ -90,6 +90,7 @@ def regenerate(context: dg.OpExecutionContext, config: RegenerateConfig) -> None
                 planned, problems = plan_replacements(rows, replacements, target)
                 for problem in problems:
                     context.log.warning(problem)
+                problems_seen += problems
                 where = ImagesStepContext(
                     storage=storage,
                     prompt_set=prompt_set,
@@ -113,6 +114,8 @@ def regenerate(context: dg.OpExecutionContext, config: RegenerateConfig) -> None
                         f"{prompt_set}/{backend} {request.prompt_id}[{request.image_index}]: "
                         f"{row.status}, seed {request.seed}, replaces {item.replaces[:16]}"
                     )
+    if problems_seen and not made:
+        raise dg.Failure(description=f"Nothing made again: {'; '.join(problems_seen[:5])}")
     context.add_output_metadata({"images_made": made})
 
 
