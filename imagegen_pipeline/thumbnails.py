@@ -35,7 +35,9 @@ def render_thumbnail(png: bytes, side: int = THUMBNAIL_SIDE) -> bytes:
         small = image.convert("RGB")
         small.thumbnail((side, side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    small.save(out, "WEBP", quality=WEBP_QUALITY, method=2)  # measured faster than 4 and 6 for files 2-10 % larger
+    small.save(
+        out, "WEBP", quality=WEBP_QUALITY, method=2
+    )  # measured faster than 4 and 6 for files 2-10 % larger
     return out.getvalue()
 
 

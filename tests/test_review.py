@@ -257,3 +257,23 @@ def test_a_token_guards_every_request(generated: Generated):
     assert fresh.get("/", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
     fresh.cookies.set(SESSION_COOKIE, "forged")
     assert fresh.get("/").status_code == 401
+
+
+def test_verdicts_order_the_static_gallery(generated: Generated):
+    from imagegen_pipeline.defs.comparison.assets import with_latest_verdicts
+    from imagegen_pipeline.steps.comparison import backend_summary, gallery_html
+    from imagegen_pipeline.steps.review import quality_table
+
+    storage = generated.storage
+    table = quality_table(storage, "hostile", "flux_schnell")
+    first, second = sorted(
+        table["image_id"], key=lambda i: int(table.set_index("image_id").loc[i, "image_index"])
+    )
+    # hostile's first image was rejected in the app (above); keep the second.
+    record_verdict(storage, "hostile", "flux_schnell", second, "keep")
+    reports = {"flux_schnell": with_latest_verdicts(table, storage, "hostile", "flux_schnell")}
+    page = gallery_html(
+        "hostile", backend_summary(reports, {}), reports, {}, b"", read_bytes=storage.read_bytes
+    )
+    paths = table.set_index("image_id")["path"]
+    assert page.index(str(paths[second])) < page.index(str(paths[first]))  # keep before reject

@@ -46,6 +46,9 @@ _TEMPLATES = jinja2.Environment(
 )
 
 
+VERDICT_RANK = {"keep": 0, "reject": 2}  # unreviewed images: 1
+
+
 def _missing(value: object) -> bool:
     """True for None and the NaN / NA that pandas puts in a column where a row has no value."""
     return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
@@ -265,6 +268,9 @@ def gallery_html(
                 columns.append({"name": backend, "figures": []})
                 continue
             order = ["clip_score", "image_index"] if worst_first else ["image_index"]
+            if "verdict" in mine:  # a reviewer's keep comes first, a reject last, whatever scored
+                mine = mine.assign(verdict_rank=mine["verdict"].map(VERDICT_RANK).fillna(1))
+                order = ["verdict_rank", *order]
             mine = mine.sort_values(order, na_position="first")
             figures = [
                 _image_figure(row, thumbnail_side, read_bytes) for row in mine.to_dict("records")
