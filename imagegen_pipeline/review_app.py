@@ -132,6 +132,7 @@ class ReviewApp:
         self.reviewer = reviewer
         self.verdicts = VerdictCache(storage)
         self._generated: dict[str, tuple[tuple, pd.DataFrame]] = {}
+        self._paths: dict[str, dict[tuple[str, str], str]] = {}  # (backend, image id) -> path
         self.templates = Environment(
             loader=PackageLoader("imagegen_pipeline", "review_templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -152,6 +153,9 @@ class ReviewApp:
         if cached is None or cached[0] != signature:
             cached = (signature, generated_images(self.storage, prompt_set))
             self._generated[prompt_set] = cached
+            rows = cached[1]
+            keys = zip(rows["backend"], rows["image_id"], strict=True)
+            self._paths[prompt_set] = dict(zip(keys, rows["path"], strict=True))
         return with_verdicts(cached[1], self.verdicts.latest(prompt_set))
 
     def render(self, template: str, **values: Any) -> Response:
@@ -232,20 +236,20 @@ class ReviewApp:
         )
 
     async def thumbnail(self, request: Request) -> Response:
-        name = self._known_set(request)
+        name, backend = request.path_params["prompt_set"], request.path_params["backend"]
         image_id = request.path_params["image_id"]
-        if name is None or not IMAGE_ID.match(image_id):
+        if not IMAGE_ID.match(image_id):
             return NOT_FOUND
-        rows = self._generated.get(name, (None, None))[1]
-        if rows is None:
-            rows = self.rows(name)
-        match = rows[
-            (rows["image_id"] == image_id) & (rows["backend"] == request.path_params["backend"])
-        ]
-        if match.empty:
+        # A grid's thumbnails follow its page: the set's rows are cached (a set never shown is
+        # checked against the listing first), and a thumbnail is looked up, not searched for.
+        if name not in self._paths:
+            if self._known_set(request) is None:
+                return NOT_FOUND
+            self.rows(name)
+        source = self._paths[name].get((backend, image_id))
+        if source is None:
             return NOT_FOUND
-        backend = request.path_params["backend"]
-        data = ensure_thumbnail(self.storage, name, backend, image_id, match["path"].iloc[0])
+        data = ensure_thumbnail(self.storage, name, backend, image_id, source)
         headers = {"Cache-Control": "max-age=31536000, immutable"}  # named by content
         return Response(data, media_type="image/webp", headers=headers)
 

@@ -168,6 +168,23 @@ def test_a_reject_is_replaced_with_a_new_seed_and_lineage(generated: Generated):
     assert 7 in set(generated.images("example")["seed"])
 
 
+def test_the_next_generate_run_scores_the_replacements(generated: Generated):
+    results = materialize_prompt_sets(
+        defs, ["example"], ["flux_schnell"], instance=generated.instance,
+        resources=generated.resources,
+    )  # fmt: skip
+    assert all(result.success for result in results)
+    replacements = generated.images("example").dropna(subset=["replaces"])
+    assert len(replacements) == 3
+    scores = pd.read_parquet(
+        generated.root / "storage" / "tables" / "quality" / "flux_schnell" / "example.parquet"
+    ).set_index("image_id")
+    assert scores.loc[list(replacements["image_id"]), "clip_score"].notna().all()
+    steps = load_run_metadata(generated.storage, "steps", prompt_set="example")
+    last = steps[steps.asset == "images"].sort_values("finished_at").iloc[-1]
+    assert (last["generated"], last["skipped_existing"]) == (0, 7)  # found, none made again
+
+
 def test_export_writes_chosen_images_and_a_manifest(generated: Generated, tmp_path: Path):
     storage = generated.storage
     count = export_set(storage, "example", tmp_path / "all")
@@ -177,7 +194,7 @@ def test_export_writes_chosen_images_and_a_manifest(generated: Generated, tmp_pa
         manifest.columns
     )
     assert all((tmp_path / "all" / path).is_file() for path in manifest["path"])
-    assert manifest["clip_score"].notna().any()
+    assert manifest["clip_score"].notna().all()  # the replacements were scored too
     kept = export_set(storage, "example", tmp_path / "kept.zip", keepers_only=True)
     with zipfile.ZipFile(tmp_path / "kept.zip") as archive:
         names = archive.namelist()

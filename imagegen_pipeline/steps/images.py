@@ -205,11 +205,12 @@ class ImagesKind:
         return self.backend().load()
 
     def produce(self, items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
-        by_key = {item.key: item for item in items}
+        # By seed too: a replacement shares its prompt id and index with the image it replaces.
+        by_key = {(*item.key, item.request.seed): item for item in items}
         for result in self.backend().generate([item.request for item in items]):
-            item = by_key[(result.request.prompt_id, result.request.image_index)]
+            request = result.request
+            item = by_key[(request.prompt_id, request.image_index, request.seed)]
             if result.status == "failed":
-                request = item.request
                 self.log(f"{request.prompt_id}[{request.image_index}] failed: {result.error}")
             yield item, result
 

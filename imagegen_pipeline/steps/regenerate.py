@@ -74,13 +74,35 @@ def newest_in_slot(rows: pd.DataFrame, prompt_id: str, image_index: int) -> str 
     return str(slot.sort_values("recorded_at")["image_id"].iloc[-1])
 
 
+def request_from_row(row: dict, seed: int) -> ImageRequest:
+    """An image row's request (prompt, negative prompt, size, LoRAs) with ``seed``."""
+    loras = json.loads(row["loras"]) if row["loras"] else []
+    return ImageRequest(
+        prompt_id=row["prompt_id"],
+        image_index=int(row["image_index"]),
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"] or "",
+        seed=int(seed) % SEED_MODULUS,
+        width=int(row["width"]),
+        height=int(row["height"]),
+        loras=adapters_of(";".join(f"{a['source']}:{a['scale']}" for a in loras)),
+    )
+
+
+def planned(request: ImageRequest, target: ImageTarget, replaces: str) -> PlannedImage:
+    """A replacement image as the images step plans one."""
+    image_id = content_address(target.settings, request)
+    name = f"{request.prompt_id}/{request.image_index:02d}_{image_id[:ADDRESS_CHARS]}.png"
+    return PlannedImage(request, image_id, name, replaces=replaces)
+
+
 def plan_replacements(
     rows: pd.DataFrame, replacements: Iterable[Replacement], target: ImageTarget
 ) -> tuple[list[PlannedImage], list[str]]:
     """The planned images of ``replacements`` (rows: the partition's ``image_rows``), and a
     message per replacement that cannot be planned (its image is unknown)."""
     by_id = {row["image_id"]: row for row in rows.to_dict("records")}
-    planned, problems = [], []
+    plans, problems = [], []
     for wanted in replacements:
         old = by_id.get(wanted.image_id)
         if old is None:
@@ -92,24 +114,24 @@ def plan_replacements(
         seed = wanted.seed
         if seed is None:
             seed = replacement_seed(old["prompt_id"], index, attempt_of(rows, old["image_id"]) + 1)
-        loras = json.loads(old["loras"]) if old["loras"] else []
-        request = ImageRequest(
-            prompt_id=old["prompt_id"],
-            image_index=index,
-            prompt=old["prompt"],
-            negative_prompt=old["negative_prompt"] or "",
-            seed=int(seed) % SEED_MODULUS,
-            width=int(old["width"]),
-            height=int(old["height"]),
-            loras=adapters_of(";".join(f"{a['source']}:{a['scale']}" for a in loras)),
-        )
-        image_id = content_address(target.settings, request)
-        if image_id == old["image_id"]:
+        plan = planned(request_from_row(old, seed), target, old["image_id"])
+        if plan.image_id == old["image_id"]:
             problems.append(f"{old['prompt_id']}[{index}]: seed {seed} makes the same image again")
             continue
-        name = f"{request.prompt_id}/{index:02d}_{image_id[:ADDRESS_CHARS]}.png"
-        planned.append(PlannedImage(request, image_id, name, replaces=old["image_id"]))
-    return planned, problems
+        plans.append(plan)
+    return plans, problems
+
+
+def standing_replacements(
+    storage: Storage, prompt_set: str, backend: str, target: ImageTarget
+) -> list[PlannedImage]:
+    """The replacements made so far in a partition, planned again so that the images step
+    lists them beside the CSV's images (and quality, clips and the gallery see them)."""
+    rows = image_rows(storage, prompt_set, backend).dropna(subset=["replaces"])
+    return [
+        planned(request_from_row(row, row["seed"]), target, row["replaces"])
+        for row in rows.to_dict("records")
+    ]
 
 
 def rejects_to_replace(new_verdicts: pd.DataFrame, storage: Storage) -> list[Replacement]:

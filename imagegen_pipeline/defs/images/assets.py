@@ -35,6 +35,7 @@ from imagegen_pipeline.steps.images import (
     plan_images,
     run_images_step,
 )
+from imagegen_pipeline.steps.regenerate import standing_replacements
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
 API_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if not spec.is_local)
@@ -60,6 +61,7 @@ def make_images(
         target = warm.settings.image_target(backend_name, warm.model_id)
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         planned = plan_images(prompts, target)
+        planned += standing_replacements(storage, prompt_set, backend_name, target)
         where = ImagesStepContext(
             storage=storage,
             prompt_set=prompt_set,
