@@ -235,8 +235,12 @@ def regenerate(args: argparse.Namespace) -> int:
             raise_on_error=False,
         )
     if not result.success:
-        failure = next((e for e in result.all_events if e.is_failure), None)
-        print(f"regenerate failed: {failure.message if failure else result.run_id}")
+        failed = next((e.step_failure_data for e in result.all_events if e.is_step_failure), None)
+        reason = result.run_id
+        if failed is not None:
+            user = failed.user_failure_data
+            reason = user.description if user and user.description else failed.error.message
+        print(f"regenerate failed: {reason}")
         return 1
     print(f"Regenerated {args.prompt_set}/{args.prompt_id}[{args.index}] (run {result.run_id}).")
     return 0

@@ -21,9 +21,15 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from imagegen_pipeline.definitions import defs
+from imagegen_pipeline.defs.jobs import prepare_prompts_job
+from imagegen_pipeline.defs.partitions import (
+    partition_key,
+    prompt_set_partitions,
+    prompt_set_x_backend_partitions,
+)
 from imagegen_pipeline.defs.review.jobs import regenerate_images_job
 from imagegen_pipeline.defs.review.sensors import regenerate_rejected_sensor
-from imagegen_pipeline.local_runner import materialize_prompt_sets
+from imagegen_pipeline.local_runner import range_tags
 from imagegen_pipeline.review_app import SESSION_COOKIE, check_binding, create_app
 from imagegen_pipeline.reviews import read_verdicts, record_verdict, verdict_history
 from imagegen_pipeline.run_metadata import load_run_metadata
@@ -34,6 +40,7 @@ from imagegen_pipeline.thumbnails import ensure_thumbnail, thumbnail_path
 from tests.conftest import EXAMPLE_CSV, resources_maker, temporary_instance
 
 pytestmark = pytest.mark.slow
+BACKEND = "flux_schnell"
 HOSTILE_CSV = """prompt_id,prompt,num_images
 evil,<script>alert('x')</script> a red fox,2
 """
@@ -51,6 +58,30 @@ class Generated:
     def images(self, prompt_set: str) -> pd.DataFrame:
         rows = load_run_metadata(self.storage, "images", prompt_set=prompt_set)
         return rows[rows["status"] == "ok"].sort_values(["prompt_id", "image_index"])
+
+    def generate(self, prompt_sets: list[str]) -> None:
+        """Prepare the sets, then images and quality only (clips and the comparison would
+        cost the suite time and are not what these tests look at)."""
+        first, last = prompt_sets[0], prompt_sets[-1]
+        known = self.instance.get_dynamic_partitions(prompt_set_partitions.name)
+        new = [name for name in prompt_sets if name not in known]
+        self.instance.add_dynamic_partitions(prompt_set_partitions.name, new)
+        scored = dg.define_asset_job(
+            "images_and_quality",
+            selection=dg.AssetSelection.assets("images", "quality"),
+            partitions_def=prompt_set_x_backend_partitions,
+        )
+        jobs = dg.Definitions(
+            assets=defs.assets, jobs=[prepare_prompts_job, scored], resources=self.resources
+        )
+        for job, (start, end) in (
+            ("prepare_prompts", (first, last)),
+            ("images_and_quality", (partition_key(first, BACKEND), partition_key(last, BACKEND))),
+        ):
+            result = jobs.resolve_job_def(job).execute_in_process(
+                instance=self.instance, tags=range_tags(str(start), str(end))
+            )
+            assert result.success
 
     def regenerate(self, config: dict[str, Any]) -> dg.ExecuteInProcessResult:
         job = dg.Definitions(
@@ -77,11 +108,9 @@ def generated(
     make = resources_maker(root, prompts, tiny_flux, tiny_sdxl, tiny_svd, tiny_open_clip)
     resources = make()
     with temporary_instance(root / "dagster_home") as instance:
-        results = materialize_prompt_sets(
-            defs, ["example", "hostile"], ["flux_schnell"], instance=instance, resources=resources
-        )
-        assert all(result.success for result in results)
-        yield Generated(root, instance, resources)
+        generated = Generated(root, instance, resources)
+        generated.generate(["example", "hostile"])
+        yield generated
 
 
 def test_verdicts_are_append_only_parquet_and_the_latest_wins(generated: Generated):
@@ -169,11 +198,7 @@ def test_a_reject_is_replaced_with_a_new_seed_and_lineage(generated: Generated):
 
 
 def test_the_next_generate_run_scores_the_replacements(generated: Generated):
-    results = materialize_prompt_sets(
-        defs, ["example"], ["flux_schnell"], instance=generated.instance,
-        resources=generated.resources,
-    )  # fmt: skip
-    assert all(result.success for result in results)
+    generated.generate(["example"])
     replacements = generated.images("example").dropna(subset=["replaces"])
     assert len(replacements) == 3
     scores = pd.read_parquet(
@@ -294,3 +319,28 @@ def test_verdicts_order_the_static_gallery(generated: Generated):
     )
     paths = table.set_index("image_id")["path"]
     assert page.index(str(paths[second])) < page.index(str(paths[first]))  # keep before reject
+
+
+def test_the_cli_regenerates_one_slot_and_exports(
+    generated: Generated, tiny_flux: Path, tmp_path: Path, monkeypatch, capsys
+):
+    from imagegen_pipeline.cli import main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMAGEGEN_STORAGE", str(generated.storage.base))
+    monkeypatch.setenv("IMAGEGEN_FLUX_SCHNELL_MODEL", str(tiny_flux))
+    before = generated.images("hostile")
+    argv = ["regenerate", "hostile", "evil", "--index", "1", "--backend", BACKEND, "--seed", "5"]
+    assert main(argv) == 0
+    after = generated.images("hostile")
+    new = after[~after["image_id"].isin(before["image_id"])]
+    assert list(new["seed"]) == [5] and list(new["image_index"]) == [1]
+    old = before[before["image_index"] == 1]["image_id"].iloc[0]
+    assert list(new["replaces"]) == [old]
+    assert main(["regenerate", "hostile", "nobody", "--backend", BACKEND]) == 1
+    assert "no image nobody[0]" in capsys.readouterr().out
+    assert main(["export", "hostile", str(tmp_path / "out.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        manifest = pd.read_csv(archive.open("manifest.csv"))
+    # The rejected first image is left out; the second slot shows its replacement.
+    assert list(manifest["image_id"]) == list(new["image_id"])
