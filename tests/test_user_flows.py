@@ -220,6 +220,7 @@ def test_review_rejects_by_keyboard_and_the_daemon_replaces_them(project: Runnin
     from playwright.sync_api import expect, sync_playwright
 
     from imagegen_pipeline.reviews import read_verdicts
+    from imagegen_pipeline.steps.regenerate import replacement_seed
     from tests.support.running_project import PROJECT_ROOT, free_port, stop_process_group
 
     for name, text in (("alpha", EXAMPLE_CSV), ("beta", SECOND_CSV)):  # when run on its own
@@ -278,6 +279,11 @@ def test_review_rejects_by_keyboard_and_the_daemon_replaces_them(project: Runnin
                 return set(rows["replaces"].dropna()) == set(rejected)
 
             project.wait_for("the rejected images to be replaced", replaced)
+            rows = load_run_metadata(project.storage, "images", prompt_set="alpha")
+            for row in rows.dropna(subset=["replaces"]).to_dict("records"):  # the next seeds
+                assert row["seed"] == replacement_seed(row["prompt_id"], row["image_index"], 1)
+                old = rows[rows["image_id"] == row["replaces"]].iloc[0]
+                assert Path(old["path"]).exists()  # the rejected image stays on disk
             runs = [run for run in project.runs() if run.job_name == "regenerate_images"]
             assert [run.tags["imagegen/backend"] for run in runs] == ["flux_schnell"]
             project.wait_for("the regenerate run to end", project.idle)
