@@ -269,7 +269,12 @@ class ReviewApp:
         origin = request.headers.get("origin")
         if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
             return JSONResponse({"error": "cross-origin request"}, status_code=403)
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "send a JSON object"}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "send a JSON object"}, status_code=400)
         prompt_set, backend = str(body.get("prompt_set", "")), str(body.get("backend", ""))
         image_id, verdict = str(body.get("image_id", "")), str(body.get("verdict", ""))
         if verdict not in VERDICTS or not IMAGE_ID.match(image_id):

@@ -51,7 +51,9 @@ class VerdictRecord:
 VERDICT_SCHEMA = arrow_schema(VerdictRecord)
 
 
-def reviews_folder(storage: Storage, prompt_set: str | None = None, backend: str | None = None):
+def reviews_folder(
+    storage: Storage, prompt_set: str | None = None, backend: str | None = None
+) -> UPath:
     """``reviews/`` or one prompt set's (and backend's) folder of verdict parts."""
     parts = [p for p in (prompt_set, backend) if p]
     return storage.path("reviews", *parts)

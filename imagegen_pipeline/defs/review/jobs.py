@@ -20,6 +20,7 @@ from imagegen_pipeline.steps.regenerate import (
     newest_in_slot,
     plan_replacements,
 )
+from imagegen_pipeline.storage import Storage
 
 
 class RejectedImage(dg.Config):
@@ -44,7 +45,7 @@ class RegenerateConfig(dg.Config):
     )  # the sensor's list of rejected images
 
 
-def requested(config: RegenerateConfig, storage) -> list[Replacement]:
+def requested(config: RegenerateConfig, storage: Storage) -> list[Replacement]:
     """The replacements a run's config asks for; a slot without an image is a clear failure."""
     wanted = [Replacement(r.prompt_set, r.backend, r.image_id) for r in config.rejected]
     if not config.prompt_id:
