@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 # fixture, which run together on one worker (tests/conftest.py groups them).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test ui lint
+.PHONY: demo test ui review lint
 
 demo: $(VENV)/.installed  ## run the whole graph on every CSV in prompts/
 	$(BIN)/imagegen demo
@@ -24,6 +24,11 @@ test: $(VENV)/.installed  ## run the test suite
 ui: $(VENV)/.installed  ## the Dagster UI (and daemon) on PORT
 	$(BIN)/imagegen home
 	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -p $(PORT)
+
+# The review app over the project's storage, on 127.0.0.1 (imagegen review --help for more).
+REVIEW_PORT ?= 8765
+review: $(VENV)/.installed  ## the review web app on REVIEW_PORT
+	$(BIN)/imagegen review --port $(REVIEW_PORT)
 
 lint: $(VENV)/.installed  ## ruff, and the import layers of pyproject.toml's [tool.importlinter]
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

@@ -6,6 +6,9 @@ imagegen models list               # every model, its weights and where they com
 imagegen models pull flux_schnell  # download weights on a machine that reaches the hub
 imagegen models tiny               # build the tiny random-weight test models
 imagegen verify [SET]              # sha256-check every stored image and clip; quarantine damage
+imagegen review [--host H] [--port P]                 # the review web app (127.0.0.1:8765)
+imagegen regenerate SET PROMPT_ID [--index I] [--backend B] [--seed S | --new-seed]
+imagegen export SET [--keepers-only] DEST             # chosen images, manifest.csv (dir or zip)
 """
 
 from __future__ import annotations
@@ -204,6 +207,89 @@ def verify(args: argparse.Namespace) -> int:
     return 1 if total else 0
 
 
+def review(args: argparse.Namespace) -> int:
+    """Serve the review app until interrupted."""
+    from imagegen_pipeline.defs.quality.resources import QualityThresholds
+    from imagegen_pipeline.project_config import api_key, load_project_config
+    from imagegen_pipeline.review_app import TOKEN_VARIABLE, serve
+    from imagegen_pipeline.storage import Storage
+
+    gate = args.gate if args.gate is not None else QualityThresholds().min_clip_score
+    storage = Storage(load_project_config().storage)
+    serve(storage, args.host, args.port, api_key(TOKEN_VARIABLE), gate)
+    return 0
+
+
+def regenerate(args: argparse.Namespace) -> int:
+    """Make one image slot again (every backend that has it, or --backend), in this process."""
+    ensure_dagster_home()
+    import dagster as dg
+
+    from imagegen_pipeline.definitions import defs
+
+    config = {
+        "prompt_set": args.prompt_set,
+        "prompt_id": args.prompt_id,
+        "index": args.index,
+        "backend": args.backend or "",
+        "seed": args.seed,
+        "new_seed": args.seed is None,
+    }
+    with dg.DagsterInstance.get() as instance:
+        result = defs.resolve_job_def("regenerate_images").execute_in_process(
+            instance=instance,
+            run_config={"ops": {"regenerate": {"config": config}}},
+            raise_on_error=False,
+        )
+    if not result.success:
+        failed = next((e.step_failure_data for e in result.all_events if e.is_step_failure), None)
+        reason = result.run_id
+        if failed is not None:
+            user = failed.user_failure_data
+            reason = user.description if user and user.description else failed.error.message
+        print(f"regenerate failed: {reason}")
+        return 1
+    print(f"Regenerated {args.prompt_set}/{args.prompt_id}[{args.index}] (run {result.run_id}).")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write a prompt set's chosen images and manifest.csv to a folder or a .zip."""
+    from imagegen_pipeline.project_config import load_project_config
+    from imagegen_pipeline.steps.export import export_set
+    from imagegen_pipeline.storage import Storage
+
+    storage = Storage(load_project_config().storage)
+    count = export_set(storage, args.prompt_set, Path(args.dest), args.keepers_only)
+    print(f"{count} image(s) of {args.prompt_set} and manifest.csv written to {args.dest}")
+    return 0 if count else 1
+
+
+def add_review_commands(commands: argparse._SubParsersAction) -> None:
+    """The review app, one-image regeneration and export."""
+    review_parser = commands.add_parser("review", help="the review web app")
+    review_parser.add_argument("--host", default="127.0.0.1", help="another host needs a token")
+    review_parser.add_argument("--port", type=int, default=8765)
+    review_parser.add_argument("--gate", type=float, default=None, help="CLIP score gate")
+    review_parser.set_defaults(func=review)
+    regen = commands.add_parser("regenerate", help="make one image again with a new seed")
+    regen.add_argument("prompt_set")
+    regen.add_argument("prompt_id")
+    regen.add_argument("--index", type=int, default=0, help="image index within the prompt")
+    regen.add_argument("--backend", default=None, help="default: every backend with the image")
+    seeds = regen.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="this seed")
+    seeds.add_argument(
+        "--new-seed", action="store_true", help="the next deterministic seed (the default)"
+    )
+    regen.set_defaults(func=regenerate)
+    export_parser = commands.add_parser("export", help="the chosen images and a manifest CSV")
+    export_parser.add_argument("prompt_set")
+    export_parser.add_argument("dest", help="a folder, or a file ending in .zip")
+    export_parser.add_argument("--keepers-only", action="store_true", help="only kept images")
+    export_parser.set_defaults(func=export)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imagegen`` command."""
     parser = argparse.ArgumentParser(
@@ -236,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser = commands.add_parser("verify", help="check stored files against their rows")
     verify_parser.add_argument("prompt_set", nargs="?", help="one prompt set (default: all)")
     verify_parser.set_defaults(func=verify)
+    add_review_commands(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

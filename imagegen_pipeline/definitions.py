@@ -24,6 +24,8 @@ from imagegen_pipeline.defs.prompts.sensors import prompt_files_sensor
 from imagegen_pipeline.defs.quality.assets import quality, video_quality
 from imagegen_pipeline.defs.quality.checks import quality_checks
 from imagegen_pipeline.defs.resources import default_resources
+from imagegen_pipeline.defs.review.jobs import regenerate_images_job
+from imagegen_pipeline.defs.review.sensors import regenerate_rejected_sensor
 
 defs = dg.Definitions(
     assets=[
@@ -37,9 +39,14 @@ defs = dg.Definitions(
         backend_comparison,
     ],
     asset_checks=[prompt_checks, images_checks, quality_checks, keepers_checks],
-    jobs=[prepare_prompts_job, generate_images_job, compare_backends_job],
+    jobs=[prepare_prompts_job, generate_images_job, compare_backends_job, regenerate_images_job],
     schedules=[bulk_generation_schedule],
-    sensors=[prompt_files_sensor, generate_after_prompts_sensor, comparison_automation_sensor],
+    sensors=[
+        prompt_files_sensor,
+        generate_after_prompts_sensor,
+        comparison_automation_sensor,
+        regenerate_rejected_sensor,
+    ],
     resources=default_resources(),
     executor=project_executor(),
 )

@@ -75,6 +75,7 @@ class ImageRecord:
     row_id: str | None = None
     recorded_at: datetime | None = None
     superseded_by: str | None = None
+    replaces: str | None = None  # the image_id of the rejected image this one was made to replace
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,10 +143,13 @@ def run_candidates_step(
     *,
     default_scorer: str = DEFAULT_SCORER,
     backend_settings: Any = None,
+    extra: Sequence[PlannedImage] = (),
     log: Callable[[str], None] = print,
 ) -> CandidatesOutcome:
     """Make every prompt's candidates (see the module docstring), holding the partition's
-    claim over all rounds; ``scorers`` by name, each created only if a gate needs a score."""
+    claim over all rounds; ``scorers`` by name, each created only if a gate needs a score;
+    ``extra``: images outside the CSV's candidates (replacements of rejected ones), made
+    first."""
     name = target.settings.backend
     policies = policies_of(enhanced, name, default_scorer)
     prompt_column = "original_prompt" if "original_prompt" in enhanced else "enhanced_prompt"
@@ -167,6 +170,13 @@ def run_candidates_step(
     records: dict[tuple[str, int], ImageRecord] = {}
     started = time.perf_counter()
     with partition_claim(step.storage, "images", step.prompt_set, name, log):
+        # Replacements share their slot (prompt, index) with the image they replace: kept
+        # apart from the candidates' bookkeeping, which is by slot.
+        extra_records = []
+        if extra:
+            extra_outcome = run_step(kind, list(extra), place, log)
+            _add(result.outcome, extra_outcome)
+            extra_records = extra_outcome.records
         planned = plan_candidates(enhanced, target, drawn, since)
         while planned:
             result.rounds += 1
@@ -203,6 +213,7 @@ def run_candidates_step(
         book.save()
     order = {prompt: position for position, prompt in enumerate(policies)}
     ordered = sorted(records.values(), key=lambda r: (order.get(r.prompt_id, 0), r.image_index))
+    ordered += extra_records
     result.outcome.records = ordered
     result.outcome.counts = dict(Counter(record.status for record in ordered))
     result.outcome.seconds = time.perf_counter() - started

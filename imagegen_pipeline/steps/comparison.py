@@ -46,6 +46,9 @@ _TEMPLATES = jinja2.Environment(
 )
 
 
+VERDICT_RANK = {"keep": 0, "reject": 2}  # unreviewed images: 1
+
+
 def _missing(value: object) -> bool:
     """True for None and the NaN / NA that pandas puts in a column where a row has no value."""
     return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
@@ -336,6 +339,9 @@ def gallery_html(
             if "kept" in mine:  # keepers first, by rank; the other candidates behind them
                 mine = mine.assign(_kept=mine["kept"].eq(True), _rank=mine["rank"])
                 order, ascending = ["_kept", "_rank", *order], [False, True, *ascending]
+            if "verdict" in mine:  # a reviewer's keep comes first, a reject last, whatever scored
+                mine = mine.assign(verdict_rank=mine["verdict"].map(VERDICT_RANK).fillna(1))
+                order, ascending = ["verdict_rank", *order], [True, *ascending]
             mine = mine.sort_values(order, ascending=ascending, na_position="first")
             figures = [
                 _image_figure(row, thumbnail_side, read_bytes) for row in mine.to_dict("records")

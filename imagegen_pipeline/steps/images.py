@@ -82,6 +82,7 @@ class PlannedImage:
     request: ImageRequest
     image_id: str
     relative_path: str  # under the partition's images folder
+    replaces: str | None = None  # a regenerated image: the image_id of the rejected one
 
     @property
     def key(self) -> tuple[str, int]:
@@ -218,6 +219,7 @@ class ImagesKind:
             status=status,
             loras=describe(request.loras) if request.loras else "",
             control=request.control.describe(self.control_use) if request.control else "",
+            replaces=item.replaces,
             **facts,
         )
 
@@ -225,11 +227,12 @@ class ImagesKind:
         return self.backend().load()
 
     def produce(self, items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
-        by_key = {item.key: item for item in items}
+        # By seed too: a replacement shares its prompt id and index with the image it replaces.
+        by_key = {(*item.key, item.request.seed): item for item in items}
         for result in self.backend().generate([item.request for item in items]):
-            item = by_key[(result.request.prompt_id, result.request.image_index)]
+            request = result.request
+            item = by_key[(request.prompt_id, request.image_index, request.seed)]
             if result.status == "failed":
-                request = item.request
                 self.log(f"{request.prompt_id}[{request.image_index}] failed: {result.error}")
             yield item, result
 
@@ -268,6 +271,7 @@ class ImagesKind:
                 else {}
             ),
             "image_id": item.image_id,
+            **({"replaces": item.replaces} if item.replaces else {}),
         }
         png = encode_png(
             result.image,

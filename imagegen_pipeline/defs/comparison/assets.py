@@ -12,6 +12,7 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.registry import BACKEND_NAMES
+from imagegen_pipeline.reviews import read_verdicts
 from imagegen_pipeline.steps.comparison import (
     backend_summary,
     bar_chart_png,
@@ -19,6 +20,7 @@ from imagegen_pipeline.steps.comparison import (
     gallery_html,
     steering_summary,
 )
+from imagegen_pipeline.storage import Storage
 
 SUMMARY_COLUMNS = [
     "backend",
@@ -46,6 +48,14 @@ class ComparisonConfig(dg.Config):
 
     worst_first: bool = False  # order prompts (and images) by lowest CLIP score first
     thumbnail_side: int = 256  # longest side of each embedded thumbnail, in pixels
+
+
+def with_latest_verdicts(
+    table: pd.DataFrame, store: Storage, prompt_set: str, backend: str
+) -> pd.DataFrame:
+    """A quality table with each image's latest review verdict, which orders the gallery."""
+    verdicts = read_verdicts(store, prompt_set, backend)[["image_id", "verdict"]]
+    return table.merge(verdicts, how="left", on="image_id") if len(table) else table
 
 
 def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
@@ -93,6 +103,10 @@ def backend_comparison(
         reports = quality_by_set.get(prompt_set, {})
         if not reports:
             raise dg.Failure(f"No backend of {prompt_set!r} has a quality report yet.")
+        reports = {
+            backend: with_latest_verdicts(table, store, prompt_set, backend)
+            for backend, table in reports.items()
+        }
         videos = video_by_set.get(prompt_set, {})
         summary = backend_summary(reports, videos)
         steering = steering_summary(reports)

@@ -37,6 +37,7 @@ from imagegen_pipeline.steps.best_of_n import (
     scorers_needed,
 )
 from imagegen_pipeline.steps.images import ImagesStepContext, images_folder
+from imagegen_pipeline.steps.regenerate import standing_replacements
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
 API_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if not spec.is_local)
@@ -63,6 +64,8 @@ def make_images(
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         default_scorer = default_scorer_name(project)
         gated = scorers_needed(policies_of(prompts, backend_name, default_scorer), True)
+        # Replacements of rejected images, listed again beside the CSV's (see steps/regenerate).
+        replacements = standing_replacements(storage, prompt_set, backend_name, target)
         where = ImagesStepContext(
             storage=storage,
             prompt_set=prompt_set,
@@ -81,6 +84,7 @@ def make_images(
                 scorers,
                 default_scorer=default_scorer,
                 backend_settings=warm.settings,
+                extra=replacements,
                 log=context.log.info,
             )
         outcome = best_of_n.outcome
