@@ -193,3 +193,37 @@ def test_the_batch_is_planned_with_the_loras_a_step_loads(
     added = lora_elements(sdxl_adapters[0])["unet"] * 4
     assert backend.memory_plan.weights_bytes["unet"] == base_unet + added
     assert "LoRA adapters" in backend.memory_plan.reason
+
+
+def test_a_warm_compiled_model_records_the_recompile_of_its_first_lora_and_refuses_wider_ones(
+    tiny_sdxl: Path, sdxl_adapters: list[Path], tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    # A LoRA on the query projections only: fewer layers than the others adapt.
+    full = load_file(sdxl_adapters[0])
+    narrow = {key.removeprefix("unet."): value for key, value in full.items() if ".to_q." in key}
+    assert 0 < len(narrow) < len(full)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=narrow)
+    narrow_lora = adapter(tmp_path / "pytorch_lora_weights.safetensors")
+
+    torch._dynamo.reset()
+    settings = SdxlTurboSettings(
+        model=str(tiny_sdxl), device="cpu", width=64, height=64, batch_size=1
+    )
+    compiled = SdxlTurboBackend(
+        settings.model_copy(update={"compile": "regional", "compile_backend": "aot_eager"})
+    )
+    eager = SdxlTurboBackend(settings)
+    generate(compiled, [request(0)])  # compiled without any LoRA layer
+    assert compiled.run_summary().metadata["recompiles"] == 0
+    steered = [request(1, [narrow_lora]), request(2)]
+    got = generate(compiled, steered)
+    assert_close(got, generate(eager, steered))
+    assert np.abs(got[1] - got[2]).mean() > 1.0  # the narrow LoRA acts
+    # The slot changed the modules of a model compiled without it: recompiled, and recorded.
+    assert compiled.run_summary().metadata["recompiles"] >= 1
+    # The slot adapts the query projections only: a LoRA on more layers cannot swap in.
+    with pytest.raises(ValueError, match="cannot be hotswapped into the slot of"):
+        generate(compiled, [request(3, [adapter(sdxl_adapters[0])])])
