@@ -45,7 +45,7 @@ class AdapterSwitcher:
     switch_seconds: float = 0.0  # changing the active set between loaded adapters
     hotswap: bool = False  # switch by hotswapping into fixed slots (a compiled denoiser)
     hotswap_rank: int | None = None  # the slots' rank; None: the first step's highest
-    slots: list[LoraAdapter | None] = field(default_factory=list)  # what each slot holds
+    slots: list[LoraAdapter] = field(default_factory=list)  # what each slot holds now
     _base_scaling: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
 
     def prepare(self, adapter_sets: Iterable[Sequence[LoraAdapter]]) -> None:

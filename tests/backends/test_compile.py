@@ -1,9 +1,11 @@
 """Speed mode: a compiled denoiser gives the eager images, and a LoRA switch under compile
 hotswaps into fixed slots without recompiling (counted by torch._dynamo's own counters).
 
-Compiling is the slow part on this CPU (tens of seconds per model with inductor), so each
-compiled backend is built once per module and does all its checks; the eager reference is the
-same requests through the uncompiled backend.
+The models are compiled with torch.compile's ``aot_eager`` backend: dynamo captures the same
+graphs with the same guards (what recompiles) and AOTAutograd traces them, but no kernels are
+generated. Inductor's kernel build costs 35-185 s per tiny model on this shared CPU with a
+cold cache, more than the suite can pay; ``benchmarks/compile.py`` runs both models through
+inductor, regional and full, and reports its pixel differences and recompiles.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend, SdxlTurboSet
 from imagegen_pipeline.lora import LoraAdapter, LoraRef, lora_elements, lora_rank, resolve_lora
 from tests.support.loras import make_lora
 
-# Compiled kernels reorder float sums: a pixel may move by a few levels of 255 (5 seen on
-# the tiny SDXL with inductor), the image as a whole by a fraction of one; a LoRA moves it by
-# more than ten on average.
-MAX_PIXEL_DIFF = 8.0
-MEAN_PIXEL_DIFF = 0.25
+# Traced graphs may reorder float sums: a pixel may move by a level of 255, the image as a
+# whole by a small fraction of one; a LoRA moves it by more than ten on average.
+MAX_PIXEL_DIFF = 2.0
+MEAN_PIXEL_DIFF = 0.1
 
 
 def pixels(result) -> np.ndarray:
@@ -132,7 +133,9 @@ def test_regional_sdxl_turbo_matches_eager_and_switches_loras_without_recompilin
     )
     # Slots padded to rank 8 (the LoRAs are rank 4): padding must not change the images.
     compiled = SdxlTurboBackend(
-        settings.model_copy(update={"compile": "regional", "hotswap_rank": 8})
+        settings.model_copy(
+            update={"compile": "regional", "compile_backend": "aot_eager", "hotswap_rank": 8}
+        )
     )
     check_compiled_backend(compiled, SdxlTurboBackend(settings), *sdxl_adapters)
     assert "BasicTransformerBlock" in compiled.compile_watch.compiled
@@ -146,8 +149,6 @@ def test_full_flux_schnell_matches_eager_and_switches_loras_without_recompiling(
     settings = FluxSchnellSettings(
         model=str(tiny_flux), device="cpu", width=64, height=64, batch_size=1
     )
-    # aot_eager: dynamo's graphs and guards (what recompiles) without inductor's kernel
-    # build, which would double this test's time; SDXL above runs inductor.
     compiled = FluxSchnellBackend(
         settings.model_copy(update={"compile": "full", "compile_backend": "aot_eager"})
     )
@@ -192,3 +193,37 @@ def test_the_batch_is_planned_with_the_loras_a_step_loads(
     added = lora_elements(sdxl_adapters[0])["unet"] * 4
     assert backend.memory_plan.weights_bytes["unet"] == base_unet + added
     assert "LoRA adapters" in backend.memory_plan.reason
+
+
+def test_a_warm_compiled_model_records_the_recompile_of_its_first_lora_and_refuses_wider_ones(
+    tiny_sdxl: Path, sdxl_adapters: list[Path], tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    # A LoRA on the query projections only: fewer layers than the others adapt.
+    full = load_file(sdxl_adapters[0])
+    narrow = {key.removeprefix("unet."): value for key, value in full.items() if ".to_q." in key}
+    assert 0 < len(narrow) < len(full)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=narrow)
+    narrow_lora = adapter(tmp_path / "pytorch_lora_weights.safetensors")
+
+    torch._dynamo.reset()
+    settings = SdxlTurboSettings(
+        model=str(tiny_sdxl), device="cpu", width=64, height=64, batch_size=1
+    )
+    compiled = SdxlTurboBackend(
+        settings.model_copy(update={"compile": "regional", "compile_backend": "aot_eager"})
+    )
+    eager = SdxlTurboBackend(settings)
+    generate(compiled, [request(0)])  # compiled without any LoRA layer
+    assert compiled.run_summary().metadata["recompiles"] == 0
+    steered = [request(1, [narrow_lora]), request(2)]
+    got = generate(compiled, steered)
+    assert_close(got, generate(eager, steered))
+    assert np.abs(got[1] - got[2]).mean() > 1.0  # the narrow LoRA acts
+    # The slot changed the modules of a model compiled without it: recompiled, and recorded.
+    assert compiled.run_summary().metadata["recompiles"] >= 1
+    # The slot adapts the query projections only: a LoRA on more layers cannot swap in.
+    with pytest.raises(ValueError, match="cannot be hotswapped into the slot of"):
+        generate(compiled, [request(3, [adapter(sdxl_adapters[0])])])
