@@ -12,6 +12,8 @@ from imagegen_pipeline.definitions import defs
 from imagegen_pipeline.defs.model_resources import settings_resource
 from imagegen_pipeline.defs.partitions import partition_key, prompt_set_partitions
 from imagegen_pipeline.registry import MODELS
+from imagegen_pipeline.reviews import record_verdict
+from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.tiny_models import build_tiny_model
 from tests.conftest import resources_maker, temporary_instance
 
@@ -50,7 +52,25 @@ def test_a_gated_set_through_the_graph(
             instance=instance,
             resources=resources,
         )
-    assert result.success
+        assert result.success
+        # A reviewer keeps the plain prompt's worst candidate: the verdict beats the score.
+        tables = tmp_path / "storage" / "tables"
+        chosen = pd.read_parquet(tables / "keepers" / "sdxl_turbo" / "best.parquet")
+        plain = chosen[chosen["prompt_id"] == "plain"].sort_values("score")
+        worst = plain.iloc[0]["image_id"]
+        record_verdict(Storage(tmp_path / "storage"), "best", "sdxl_turbo", worst, "keep")
+        again = dg.materialize(
+            assets,
+            selection=dg.AssetSelection.assets("keepers"),
+            partition_key=partition_key("best", "sdxl_turbo"),
+            instance=instance,
+            resources=resources,
+        )
+        assert again.success
+        reviewed = pd.read_parquet(tables / "keepers" / "sdxl_turbo" / "best.parquet")
+        kept_plain = reviewed[(reviewed["prompt_id"] == "plain") & reviewed["kept"]]
+        assert list(kept_plain["image_id"]) == [worst]
+        assert set(kept_plain["verdict"]) == {"keep"}
     images = result.asset_materializations_for_node("images.generate_on_gpu")
     metadata = {k: v.value for k, v in images[0].metadata.items()}
     assert metadata["gate_retries"] == 2 and metadata["candidate_rounds"] == 3
@@ -62,7 +82,7 @@ def test_a_gated_set_through_the_graph(
     quality = pd.read_parquet(tables / "quality" / "sdxl_turbo" / "best.parquet")
     assert quality["score_hpsv2"].notna().all() and len(quality) == 6
     assert set(quality["score_hpsv2_model"]) == {f"local-dir:{hps}"}
-    keepers = pd.read_parquet(tables / "keepers" / "sdxl_turbo" / "best.parquet")
+    keepers = chosen
     kept = keepers[keepers["kept"]].set_index("prompt_id")
     assert sorted(kept.index) == ["gated", "plain"]
     assert bool(kept.loc["gated", "below_gate"]) and not kept.loc["plain", "below_gate"]

@@ -13,6 +13,7 @@ from imagegen_pipeline.defs.partitions import (
 )
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.project_config import load_project_config
+from imagegen_pipeline.reviews import read_verdicts
 from imagegen_pipeline.steps.best_of_n import default_scorer_name, policies_of
 from imagegen_pipeline.steps.keepers import candidate_table, choose_keepers
 
@@ -44,7 +45,8 @@ def keepers(
     revision), score, rank, whether it is kept, whether it was kept below the gate, and why.
 
     Each prompt keeps its ``select`` best candidates by its ``scorer`` (CSV columns or set
-    defaults); with ``min_score``, a keeper under it is flagged ``below_gate``. Clips are made
+    defaults), after the reviewer's verdicts (a kept image is kept, a rejected one never is);
+    with ``min_score``, a keeper under it is flagged ``below_gate``. Clips are made
     from the kept rows, and the comparison shows them first. No model runs here: the scores
     are the quality report's.
     """
@@ -55,8 +57,9 @@ def keepers(
         prompt_set, backend = split_key(key)
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         policies = policies_of(prompts, backend, default_scorer)
-        # A reviewer's verdicts (image_id, verdict) would be the second argument.
-        table = choose_keepers(candidate_table(quality[key], policies))
+        # A reviewer's keep or reject overrides the scorer's choice.
+        verdicts = read_verdicts(store, prompt_set, backend)
+        table = choose_keepers(candidate_table(quality[key], policies), verdicts)
         kept = table[table["kept"].astype(bool)] if len(table) else table
         prompts_kept = kept["prompt_id"].nunique() if len(kept) else 0
         below = kept[kept["below_gate"].astype(bool)]["prompt_id"].nunique() if len(kept) else 0
