@@ -84,8 +84,17 @@ def _style(raw: str) -> str:
     return style
 
 
+# "any": the row goes to the local backend while its queue is short, else overflows to Gemini
+# (hybrid overflow, steps/hybrid.py); it stands alone in the cell.
+ANY_BACKEND = "any"
+
+
 def _backends(raw: str | list[str]) -> list[str]:
     names = [part for part in re.split(r"[;,|\s]+", raw) if part] if isinstance(raw, str) else raw
+    if ANY_BACKEND in names:
+        if len(names) > 1:
+            raise ValueError(f"{ANY_BACKEND!r} stands alone: the pipeline picks the backend")
+        return [ANY_BACKEND]
     unknown = [name for name in names if name not in BACKEND_NAMES]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; use {', '.join(BACKEND_NAMES)}")
@@ -102,7 +111,8 @@ def _loras(cell: str, info: ValidationInfo) -> str:
         adapters = [resolve_lora(ref, folder) for ref in parse_lora_cell(cell)]
     except (OSError, ValueError) as error:
         raise ValueError(str(error)) from None
-    for name in info.data.get("backends") or BACKEND_NAMES:
+    named = info.data.get("backends") or BACKEND_NAMES
+    for name in BACKEND_NAMES if ANY_BACKEND in named else named:
         spec = backend_spec(name)
         for adapter in adapters:
             try:

@@ -1,10 +1,11 @@
 """Gemini image generation through the official google-genai SDK, online or in batch mode.
 
 Online (``mode: online``), one ``generateContent`` call per image, with
-``responseModalities=["IMAGE"]``, the aspect ratio nearest to the requested size and the seed. The calls run concurrently on a private
-event loop in a helper thread, paced by a token bucket, retried with exponential backoff and full
-jitter on 408/429/5xx and timeouts (the SDK's own retries are off so that every retry is counted
-and paced), and stopped early by a per-run budget or an exhausted daily quota.
+``responseModalities=["IMAGE"]``, the aspect ratio nearest to the requested size and the seed. The
+calls run concurrently on a private event loop in a helper thread, paced by a token bucket, retried
+with exponential backoff and full jitter on 408/429/5xx and timeouts (the SDK's own retries are off
+so that every retry is counted and paced), and stopped early by a per-run budget or an exhausted
+daily quota.
 
 Every request ends in exactly one result: ``ok`` (an image), ``blocked`` (the model answered
 without an image: a safety refusal, NO_IMAGE, text only, a blocked prompt; never a placeholder),
