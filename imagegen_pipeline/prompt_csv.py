@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from imagegen_pipeline.lora import check_fits, lora_cell, parse_lora_cell, resolve_lora
-from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
+from imagegen_pipeline.registry import ANY_BACKEND, BACKEND_NAMES, backend_spec
 from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
 STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
@@ -84,16 +84,9 @@ def _style(raw: str) -> str:
     return style
 
 
-# "any": the row goes to the local backend while its queue is short, else overflows to Gemini
-# (hybrid overflow, steps/hybrid.py); it stands alone in the cell.
-ANY_BACKEND = "any"
-
-
 def _backends(raw: str | list[str]) -> list[str]:
     names = [part for part in re.split(r"[;,|\s]+", raw) if part] if isinstance(raw, str) else raw
-    if ANY_BACKEND in names:
-        if len(names) > 1:
-            raise ValueError(f"{ANY_BACKEND!r} stands alone: the pipeline picks the backend")
+    if list(names) == [ANY_BACKEND]:  # the pipeline picks (hybrid overflow, steps/hybrid.py)
         return [ANY_BACKEND]
     unknown = [name for name in names if name not in BACKEND_NAMES]
     if unknown:

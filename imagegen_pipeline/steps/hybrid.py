@@ -28,8 +28,8 @@ from typing import Any
 import pandas as pd
 
 from imagegen_pipeline.claims import partition_claim
-from imagegen_pipeline.prompt_csv import ANY_BACKEND
 from imagegen_pipeline.records import utc_now
+from imagegen_pipeline.registry import ANY_BACKEND
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.storage import Storage
 

@@ -39,6 +39,7 @@ MODEL_PRICES: dict[str, ModelPrice] = {
     # Nano Banana: $30 per 1M image tokens, 1290 tokens an image = $0.039. Legacy since the 3.x
     # image models, still served; the default so that existing images keep their addresses.
     "gemini-2.5-flash-image": ModelPrice(0.30e-6, 30.0e-6, 2.50e-6, 1290),
+    "gemini-2.5-flash-image-preview": ModelPrice(0.30e-6, 30.0e-6, 2.50e-6, 1290),  # its preview
     # Nano Banana 2: $60 per 1M image tokens, 1120 tokens a 1K image = $0.067.
     "gemini-3.1-flash-image-preview": ModelPrice(0.50e-6, 60.0e-6, 3.00e-6, 1120),
     # Nano Banana Pro: $120 per 1M image tokens, 1120 tokens a 1K or 2K image = $0.134.

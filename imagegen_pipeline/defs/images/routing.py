@@ -10,8 +10,12 @@ import pandas as pd
 
 from imagegen_pipeline.defs.model_resources import settings_of
 from imagegen_pipeline.registry import IMAGE_BACKENDS, LOCAL_BACKEND_NAMES
-from imagegen_pipeline.steps.gemini_batch import BatchImagesKind
-from imagegen_pipeline.steps.hybrid import Routing, first_local_backend, routed_prompts
+from imagegen_pipeline.steps.hybrid import (
+    Routing,
+    first_local_backend,
+    has_any_rows,
+    routed_prompts,
+)
 from imagegen_pipeline.steps.images import ImagesKind
 from imagegen_pipeline.steps.set_settings import settings_for_set
 
@@ -30,14 +34,19 @@ def set_settings(context: Any, warm: Any, backend: str, prompt_set: str) -> Any:
 
 def images_kind(settings: Any) -> type[ImagesKind]:
     """Batch mode's output kind for a backend whose settings ask for it."""
-    return BatchImagesKind if getattr(settings, "mode", "online") == "batch" else ImagesKind
+    if getattr(settings, "mode", "online") != "batch":
+        return ImagesKind
+    # Imported here: it imports google-genai, which loading the definitions must not.
+    from imagegen_pipeline.steps.gemini_batch import BatchImagesKind
+
+    return BatchImagesKind
 
 
 def route(
     context: Any, prompts: pd.DataFrame, prompt_set: str, log: Callable[[str], None]
 ) -> tuple[pd.DataFrame, Routing | None]:
     """``prompts`` with its ``any`` rows routed (see ``steps/hybrid.py``)."""
-    if OVERFLOW_SPEC is None or not LOCAL_BACKEND_NAMES:
+    if OVERFLOW_SPEC is None or not LOCAL_BACKEND_NAMES or not has_any_rows(prompts):
         return prompts, None
     resource = getattr(context.resources, OVERFLOW_SPEC.name, None)
     if resource is None:
