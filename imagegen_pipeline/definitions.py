@@ -7,6 +7,7 @@ from imagegen_pipeline.defs.comparison.assets import backend_comparison
 from imagegen_pipeline.defs.comparison.sensors import comparison_automation_sensor
 from imagegen_pipeline.defs.executor import project_executor
 from imagegen_pipeline.defs.images.assets import images
+from imagegen_pipeline.defs.images.batch_sensor import gemini_batch_sensor
 from imagegen_pipeline.defs.images.checks import images_checks
 from imagegen_pipeline.defs.images.sensors import (
     bulk_generation_schedule,
@@ -28,7 +29,12 @@ defs = dg.Definitions(
     asset_checks=[prompt_checks, images_checks, quality_checks],
     jobs=[prepare_prompts_job, generate_images_job, compare_backends_job],
     schedules=[bulk_generation_schedule],
-    sensors=[prompt_files_sensor, generate_after_prompts_sensor, comparison_automation_sensor],
+    sensors=[
+        prompt_files_sensor,
+        generate_after_prompts_sensor,
+        comparison_automation_sensor,
+        gemini_batch_sensor,
+    ],
     resources=default_resources(),
     executor=project_executor(),
 )

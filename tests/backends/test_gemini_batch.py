@@ -226,11 +226,11 @@ def test_the_budget_limits_what_is_submitted(server, tmp_path):
     outcome, _ = run(backend, planned_images(backend, 4), Storage(tmp_path), "r1")
 
     assert sorted(statuses(outcome).values()) == ["ok", "ok", "skipped_budget", "skipped_budget"]
-    assert list(server.jobs.values())[0].requests == 2
+    assert next(iter(server.jobs.values())).requests == 2
 
 
 def test_an_unknown_model_needs_explicit_prices_before_any_request(server):
-    with pytest.raises(UnknownModelPriceError, match="gemini-9-image.*no request was sent"):
+    with pytest.raises(UnknownModelPriceError, match=r"gemini-9-image.*no request was sent"):
         backend_on(server, model="gemini-9-image")
     explicit = {
         "price_per_input_token_usd": 1e-6,
