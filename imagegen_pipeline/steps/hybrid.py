@@ -62,13 +62,15 @@ def has_any_rows(enhanced: pd.DataFrame) -> bool:
 
 def measured_seconds_per_image(storage: Storage, backend: str) -> float | None:
     """The local backend's seconds per image over its last step rows that made images."""
-    steps = load_run_metadata(
-        storage, "steps", backend=backend, columns=["asset", "generated", "seconds", "finished_at"]
-    )
+    # Every set's rows of that backend: the folders are per set, so read the table's columns.
+    columns = ["asset", "backend", "generated", "seconds", "recorded_at"]
+    steps = load_run_metadata(storage, "steps", columns=columns)
     if not len(steps):
         return None
-    made = steps[(steps["asset"] == "images") & (steps["generated"] > 0)]
-    made = made.sort_values("finished_at").tail(MEASURED_STEPS)
+    made = steps[
+        (steps["asset"] == "images") & (steps["backend"] == backend) & (steps["generated"] > 0)
+    ]
+    made = made.sort_values("recorded_at").tail(MEASURED_STEPS)
     rates = [row.seconds / row.generated for row in made.itertuples() if row.seconds > 0]
     return statistics.median(rates) if rates else None
 
@@ -134,6 +136,7 @@ def routed_prompts(
     path = routing_path(storage, prompt_set)
     with partition_claim(storage, "routing", prompt_set, ANY_BACKEND, log):
         previous = Routing(local_backend, overflow_backend)
+        saved: dict[str, Any] = {}
         if storage.exists(path):
             saved = json.loads(storage.read_bytes(path))
             previous = Routing(
@@ -144,11 +147,13 @@ def routed_prompts(
             for pid, backends in zip(enhanced["prompt_id"], enhanced["backends"], strict=True)
             if ANY_BACKEND in list(backends) and pid not in previous.rows
         ]
-        measured = measured_seconds_per_image(storage, previous.local_backend)
+        # Measured only when something is to be decided: it reads the steps table.
+        measured = measured_seconds_per_image(storage, previous.local_backend) if pending else None
+        rate = measured or saved.get("seconds_per_image") or settings.overflow_seconds_per_image
         routing = route_rows(
             enhanced,
             previous,
-            seconds_per_image=measured or settings.overflow_seconds_per_image,
+            seconds_per_image=rate,
             limit_seconds=settings.overflow_queue_limit_seconds,
             image_usd=settings.expected_image_usd(),
             budget_usd=settings.budget_usd,
@@ -191,3 +196,33 @@ def first_local_backend(local_backends: Sequence[str], wanted: str | None) -> st
             )
         return wanted
     return local_backends[0]
+
+
+HYBRID_COLUMNS = ("any_rows_images", "any_rows_cost_usd")
+
+
+def load_routing(storage: Storage, prompt_set: str) -> dict[str, str]:
+    """The set's routed ``any`` rows (prompt id -> backend); empty for a set without any."""
+    path = routing_path(storage, prompt_set)
+    if not storage.exists(path):
+        return {}
+    return dict(json.loads(storage.read_bytes(path))["rows"])
+
+
+def with_hybrid_split(
+    summary: pd.DataFrame, reports: dict[str, pd.DataFrame], routed: dict[str, str]
+) -> pd.DataFrame:
+    """The comparison's rows with, per backend, the images of ``any`` rows it made and their
+    cost (a set without such rows is returned as it is)."""
+    if not routed or not len(summary):
+        return summary
+    images, costs = [], []
+    for backend in summary["backend"]:
+        table = reports.get(backend, pd.DataFrame())
+        mine = [pid for pid, where in routed.items() if where == backend]
+        rows = table[table["prompt_id"].isin(mine)] if "prompt_id" in table else table.head(0)
+        made = rows[rows["status"].isin(("ok", "skipped_existing"))] if len(rows) else rows
+        images.append(len(made))
+        cost = pd.to_numeric(made.get("generation_cost_usd", pd.Series(dtype=float)))
+        costs.append(float(cost.fillna(0.0).sum()))
+    return summary.assign(any_rows_images=images, any_rows_cost_usd=costs)

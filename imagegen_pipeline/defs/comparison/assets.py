@@ -18,6 +18,7 @@ from imagegen_pipeline.steps.comparison import (
     data_uri,
     gallery_html,
 )
+from imagegen_pipeline.steps.hybrid import HYBRID_COLUMNS, load_routing, with_hybrid_split
 
 SUMMARY_COLUMNS = [
     "backend",
@@ -90,6 +91,8 @@ def backend_comparison(
             raise dg.Failure(f"No backend of {prompt_set!r} has a quality report yet.")
         videos = video_by_set.get(prompt_set, {})
         summary = backend_summary(reports, videos)
+        # Rows with backends "any": how many of their images, and what cost, each backend took.
+        summary = with_hybrid_split(summary, reports, load_routing(store, prompt_set))
         chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
         page = gallery_html(
             prompt_set,
@@ -109,7 +112,10 @@ def backend_comparison(
         context.add_asset_metadata(
             {
                 "backends": len(summary),
-                "summary": markdown_table(summary.round(4), SUMMARY_COLUMNS),
+                "summary": markdown_table(
+                    summary.round(4),
+                    SUMMARY_COLUMNS + [c for c in HYBRID_COLUMNS if c in summary],
+                ),
                 "chart": dg.MetadataValue.md(f"![comparison]({data_uri(chart, 'image/png')})"),
                 "gallery": dg.MetadataValue.path(str(gallery_path)),
                 "chart_png": dg.MetadataValue.path(str(chart_path)),
