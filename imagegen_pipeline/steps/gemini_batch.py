@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -212,13 +213,14 @@ class BatchImagesKind(ImagesKind):
             open_jobs = still_open
             waited = time.monotonic() - started
             if open_jobs:
-                states = ", ".join(
-                    f"{job.record.job_name} {job.record.state or 'JOB_STATE_PENDING'} "
-                    f"({len(job.keys)} requests)"
-                    for job in open_jobs
-                )
+                by_state = Counter(job.record.state or "JOB_STATE_PENDING" for job in open_jobs)
+                states = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
+                requests = sum(len(job.keys) for job in open_jobs)
                 self.log(
-                    f"Gemini batch: {len(open_jobs)} job(s) open after {waited:.0f} s: {states}"
+                    f"Gemini batch: {len(open_jobs)} job(s) open after {waited:.0f} s, "
+                    f"{requests} requests: {states} "
+                    f"({', '.join(job.record.job_name for job in open_jobs[:5])}"
+                    f"{', ...' if len(open_jobs) > 5 else ''})"
                 )
                 if waited >= settings.batch_wait_seconds:
                     break

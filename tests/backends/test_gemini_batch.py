@@ -97,7 +97,7 @@ def test_batches_are_submitted_as_jsonl_polled_and_written(server, tmp_path):
     }
     assert first.gets >= 2  # pending or running first, then succeeded
     progress = [message for message in log if "job(s) open after" in message]
-    assert progress and "JOB_STATE_PENDING (4 requests)" in progress[0]  # logged while waiting
+    assert progress and "6 requests: 2 JOB_STATE_PENDING" in progress[0]  # logged while waiting
     for record in outcome.records:
         assert Path(record.path).is_file() and record.sha256
         online = record.prompt_tokens * 0.30e-6 + 1290 * 30e-6
@@ -128,9 +128,7 @@ def test_a_partial_failure_is_retried_as_set_and_refusals_are_blocked(server, tm
     elif retry == "batch":
         assert got["p1"] == "ok" and server.batch_creates == 2
         follow_up = list(server.jobs.values())[1]
-        assert [line["key"] for line in server.requests_in(follow_up.name)] == [
-            planned[1].image_id
-        ]
+        assert [line["key"] for line in server.requests_in(follow_up.name)] == [planned[1].image_id]
     else:
         online = [r for r in server.requests if r.path.endswith(":generateContent")]
         assert got["p1"] == "ok" and server.batch_creates == 1 and len(online) == 1
