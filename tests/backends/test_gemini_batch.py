@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,3 +258,23 @@ def test_the_price_table_per_model_and_mode(model, per_image):
 
 def replace_mode(settings: GeminiSettings, mode: str) -> GeminiSettings:
     return settings.model_copy(update={"mode": mode})
+
+
+def test_a_process_killed_while_waiting_is_resumed_without_paying_twice(tmp_path):
+    from benchmarks.gemini_batch import finish, start_child
+
+    with FakeGeminiBatch(api_key=FAKE_GEMINI_KEY, pending_seconds=1.5, running_seconds=0.2) as s:
+        killed = start_child(s.url, "batch", tmp_path, 6, "r-killed")
+        assert killed.stdout is not None
+        for line in killed.stdout:
+            if "job(s) open after" in line:  # recorded, and waiting on it
+                break
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert s.batch_creates == 1 and not list(tmp_path.rglob("*.png"))
+
+        resumed = finish(start_child(s.url, "batch", tmp_path, 6, "r-resumed"))
+
+        assert resumed["counts"] == {"ok": 6}
+        assert s.batch_creates == 1  # the same job, polled again
+        assert len(list(tmp_path.rglob("*.png"))) == 6
