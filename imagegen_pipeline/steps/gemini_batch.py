@@ -61,18 +61,18 @@ def _missing(value: Any) -> bool:
         return False
 
 
-def display_name(prompt_set: str, backend: str, keys: list[str], attempt: int) -> str:
-    """A job's name of our own: the same keys give the same name, so a run killed between
-    creating a job and recording it finds the job by this name instead of paying again."""
-    digest = hashlib.sha256(f"{prompt_set}|{backend}|{attempt}|{','.join(keys)}".encode())
-    return f"imagegen-{digest.hexdigest()[:24]}"
+def display_name(run_id: str, prompt_set: str, backend: str, keys: list[str], attempt: int) -> str:
+    """A job's name of our own, recorded before the job is created: a run killed between
+    creating a job and recording it is followed by one that finds the job by this name
+    instead of paying again. The run id keeps a later submission of the same keys apart."""
+    key = f"{run_id}|{prompt_set}|{backend}|{attempt}|{','.join(keys)}"
+    return f"imagegen-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
 @dataclass
 class _Job:
     record: BatchJobRecord
     keys: list[str]
-    started: float  # time.monotonic() when this run began watching it
 
 
 @dataclass
@@ -147,13 +147,15 @@ class BatchImagesKind(ImagesKind):
                 continue  # every image already written: nothing to wait for
             if record.status == "submitting":
                 found = client.find(record.display_name)
-                if found is None:
-                    continue  # never created: its images are submitted again below
+                if found is None:  # never created: its images are submitted again below
+                    error = "the run submitting it was stopped before the job was created"
+                    self._write(replace(record, status="failed", error=error))
+                    continue
                 record = self._write(replace(record, status="open", job_name=found))
                 self.log(f"Found batch job {found}, created but not recorded by a killed run.")
             else:
                 self.log(f"Resuming batch job {record.job_name} ({len(keys)} requests).")
-            jobs.append(_Job(record, keys, time.monotonic()))
+            jobs.append(_Job(record, keys))
         return jobs
 
     def _submit(self, client: BatchClient, items: list[PlannedImage], attempt: int) -> _Job:
@@ -167,7 +169,11 @@ class BatchImagesKind(ImagesKind):
                 prompt_set=self.step.prompt_set,
                 backend=self.target.settings.backend,
                 display_name=display_name(
-                    self.step.prompt_set, self.target.settings.backend, keys, attempt
+                    self.step.run_id,
+                    self.step.prompt_set,
+                    self.target.settings.backend,
+                    keys,
+                    attempt,
                 ),
                 status="submitting",
                 model_id=self.target.settings.model_id,
@@ -182,7 +188,7 @@ class BatchImagesKind(ImagesKind):
         name, input_file = client.submit(record.display_name, lines)
         record = self._write(replace(record, status="open", job_name=name, input_file=input_file))
         self.log(f"Submitted batch job {name}: {len(keys)} request(s), attempt {attempt}.")
-        return _Job(record, keys, time.monotonic())
+        return _Job(record, keys)
 
     # --- waiting and collecting ---
 

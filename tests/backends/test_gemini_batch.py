@@ -278,3 +278,29 @@ def test_a_process_killed_while_waiting_is_resumed_without_paying_twice(tmp_path
         assert resumed["counts"] == {"ok": 6}
         assert s.batch_creates == 1  # the same job, polled again
         assert len(list(tmp_path.rglob("*.png"))) == 6
+
+
+class KilledBeforeCreate(BatchImagesKind):
+    """Dies after recording its intent, before the job exists."""
+
+    def _write(self, record):
+        written = super()._write(record)
+        if record.status == "submitting":
+            raise KeyboardInterrupt("killed")
+        return written
+
+
+def test_an_intent_without_a_job_is_closed_and_submitted_once(server, tmp_path):
+    storage = Storage(tmp_path)
+    backend = backend_on(server)
+    planned = planned_images(backend, 2)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(backend, planned, storage, "r1", kind=KilledBeforeCreate)
+    assert server.batch_creates == 0 and len(open_batch_jobs(storage)) == 1
+
+    outcome, _ = run(backend, planned, storage, "r2")
+
+    assert set(statuses(outcome).values()) == {"ok"} and server.batch_creates == 1
+    jobs = load_run_metadata(tmp_path, "batch_jobs")
+    assert sorted(jobs["status"]) == ["collected", "failed"]  # the intent closed, the job done
