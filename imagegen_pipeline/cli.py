@@ -21,7 +21,13 @@ from filelock import FileLock
 
 from imagegen_pipeline.model_spec import WeightSource
 from imagegen_pipeline.model_weights import pull
-from imagegen_pipeline.registry import MODELS, configured_backends, enabled_backends
+from imagegen_pipeline.registry import (
+    CLIP_MODEL,
+    MODELS,
+    SCORERS,
+    configured_backends,
+    enabled_backends,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +82,8 @@ def announce_models() -> bool:
     project = load_project_config()
     all_tiny = True
     for spec in MODELS.values():
-        if not spec.is_local:
+        # Best-of-N scorers other than CLIP load only for rows that name them (resolved then).
+        if not spec.is_local or (spec in SCORERS.values() and spec is not CLIP_MODEL):
             continue
         resolved = resolve_model(spec, "auto", project)
         all_tiny &= resolved.is_tiny
@@ -102,7 +109,7 @@ def demo(args: argparse.Namespace) -> int:
     from imagegen_pipeline.definitions import defs
     from imagegen_pipeline.local_runner import materialize_prompt_sets, release_interrupted_runs
     from imagegen_pipeline.project_config import load_project_config
-    from imagegen_pipeline.prompt_csv import find_prompt_csvs
+    from imagegen_pipeline.prompt_folder import find_prompt_csvs
 
     project = load_project_config()
     started = time.perf_counter()

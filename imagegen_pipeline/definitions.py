@@ -18,6 +18,8 @@ from imagegen_pipeline.defs.jobs import (
     generate_images_job,
     prepare_prompts_job,
 )
+from imagegen_pipeline.defs.keepers.assets import keepers
+from imagegen_pipeline.defs.keepers.checks import keepers_checks
 from imagegen_pipeline.defs.prompts.assets import enhanced_prompts, prompt_checks, prompts
 from imagegen_pipeline.defs.prompts.sensors import prompt_files_sensor
 from imagegen_pipeline.defs.quality.assets import quality, video_quality
@@ -25,8 +27,17 @@ from imagegen_pipeline.defs.quality.checks import quality_checks
 from imagegen_pipeline.defs.resources import default_resources
 
 defs = dg.Definitions(
-    assets=[prompts, enhanced_prompts, images, quality, clips, video_quality, backend_comparison],
-    asset_checks=[prompt_checks, images_checks, quality_checks],
+    assets=[
+        prompts,
+        enhanced_prompts,
+        images,
+        quality,
+        keepers,
+        clips,
+        video_quality,
+        backend_comparison,
+    ],
+    asset_checks=[prompt_checks, images_checks, quality_checks, keepers_checks],
     jobs=[prepare_prompts_job, generate_images_job, compare_backends_job],
     schedules=[bulk_generation_schedule],
     sensors=[

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections.abc import Collection, Sequence
@@ -44,6 +45,9 @@ _PREFIXES = (
     ("lora_te1_", "text_encoder"),
     ("lora_te_", "text_encoder"),
 )
+# The down (A) matrix of a layer, whose first dimension is the rank: PEFT's "lora_A[.name]",
+# diffusers' "lora.down", kohya's "lora_down".
+_LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ def _weight_file(ref: LoraRef, base_dir: Path) -> Path:
 
 def safetensors_names(path: Path) -> list[str]:
     """The tensor names of a .safetensors file, from its JSON header (no tensor is read)."""
+    return list(safetensors_shapes(path))
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a .safetensors file, by name, from its JSON header."""
     with path.open("rb") as handle:
         header = handle.read(8)
         if len(header) != 8:
@@ -132,21 +141,43 @@ def safetensors_names(path: Path) -> list[str]:
             names = json.loads(handle.read(length))
         except ValueError:
             raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
-    return [name for name in names if name != "__metadata__"]
+    return {name: tuple(info["shape"]) for name, info in names.items() if name != "__metadata__"}
+
+
+def _component_of(name: str) -> str | None:
+    if _KOHYA_FLUX_BLOCKS.match(name):
+        return "transformer"
+    for prefix, component in _PREFIXES:
+        if name.startswith(prefix):
+            return component
+    return None
 
 
 def lora_targets(path: Path) -> frozenset[str]:
     """The pipeline components the adapter in ``path`` adapts, from its tensor names."""
-    targets = set()
-    for name in safetensors_names(path):
-        if _KOHYA_FLUX_BLOCKS.match(name):
-            targets.add("transformer")
-            continue
-        for prefix, component in _PREFIXES:
-            if name.startswith(prefix):
-                targets.add(component)
-                break
-    return frozenset(targets)
+    return frozenset(
+        component
+        for component in map(_component_of, safetensors_names(path))
+        if component is not None
+    )
+
+
+def lora_rank(path: Path) -> int:
+    """The adapter's rank: the largest inner dimension of its down (A) matrices."""
+    shapes = safetensors_shapes(path)
+    ranks = [shape[0] for name, shape in shapes.items() if _LORA_DOWN.search(name) and shape]
+    return max(ranks, default=0)
+
+
+def lora_elements(path: Path) -> dict[str, int]:
+    """Parameters the adapter adds to each pipeline component it adapts (what it weighs
+    once loaded, in the component's dtype: the memory planner's adapter share)."""
+    elements: dict[str, int] = {}
+    for name, shape in safetensors_shapes(path).items():
+        component = _component_of(name)
+        if component is not None:
+            elements[component] = elements.get(component, 0) + math.prod(shape)
+    return elements
 
 
 @cache

@@ -16,6 +16,7 @@ lazily inside functions, so importing it is cheap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -194,11 +195,14 @@ def plan_memory(
     text_tokens: int | None = None,
     offload: str = "auto",
     batch_size: int | None = None,
+    adapter_bytes: Mapping[str, int] | None = None,
 ) -> MemoryPlan:
     """Choose offload and batch size for the pipeline in ``model_dir`` given ``free_bytes``.
 
     ``offload`` or ``batch_size`` given explicitly (not "auto"/None) is kept and only the other
-    is chosen; ``text_tokens`` is FLUX's max_sequence_length (None: the pipeline's 512).
+    is chosen; ``text_tokens`` is FLUX's max_sequence_length (None: the pipeline's 512);
+    ``adapter_bytes``: weights added to a component after loading, which live and move with
+    it: its LoRA adapters, and for the denoiser the ControlNet that runs beside it.
     """
     if offload != "auto" and offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be 'auto' or one of {OFFLOAD_MODES}, not {offload!r}")
@@ -216,8 +220,9 @@ def plan_memory(
         sizes, memory, width=width, height=height, text_tokens=text_tokens
     )
     vae_names = frozenset(s.name for s in sizes if s.class_name.startswith("Autoencoder"))
+    adapters = adapter_bytes or {}
     estimate = _Estimate(
-        weights={s.name: s.weight_bytes for s in sizes},
+        weights={s.name: s.weight_bytes + adapters.get(s.name, 0) for s in sizes},
         largest_module={s.name: s.largest_module_bytes for s in sizes},
         activations=activations,
         vae_names=vae_names,
@@ -231,6 +236,8 @@ def plan_memory(
         size for name, size in activations.items() if not (vae_slicing and name in vae_names)
     )
     budget = f"{_gib(usable)} usable ({_gib(free_bytes)} free - {_gib(reserve)} reserve)"
+    if sum(adapters.values()):
+        budget += f", LoRA adapters and ControlNets {_gib(sum(adapters.values()))} included"
 
     def batch_note(mode: Offload, batch: int) -> str:
         if batch >= max_batch_size:

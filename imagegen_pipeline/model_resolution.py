@@ -41,7 +41,10 @@ def weights_present(spec: ModelSpec, revision: str | None = None) -> bool:
     if spec.weights is None:
         return True  # a hosted API: nothing to download
     if spec.weights.open_clip_tag is None:
-        return is_cached(spec.weights.repo_id, revision)
+        sources = [spec.weights, *spec.weights.companions]
+        return is_cached(spec.weights.repo_id, revision, spec.weights.index_file) and all(
+            is_cached(source.repo_id, None, source.index_file) for source in sources[1:]
+        )
     from huggingface_hub import try_to_load_from_cache
 
     names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

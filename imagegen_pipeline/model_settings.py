@@ -54,6 +54,7 @@ HF_HUB = "hf-hub:"  # open_clip's prefix for a Hugging Face Hub repo
 Device = str  # "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:1", "mps"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Offload = Literal["auto", "none", "model", "sequential"]
+Compile = Literal["off", "regional", "full"]  # the speed mode: backends/compilation.py
 
 
 class ModelSettings(BaseModel):
@@ -96,6 +97,27 @@ class DiffusersImageSettings(ModelSettings):
     guidance: float = Field(0.0, description="classifier-free guidance; 0 for distilled models")
     width: int | None = Field(None, description="size of rows without one; None: model's native")
     height: int | None = Field(None, description="size of rows without one; None: model's native")
+    controlnets: dict[str, str] | None = Field(
+        None,
+        description="ControlNet per control type (canny, depth, pose, none): a repo id or a "
+        "folder; types not named keep the backend's defaults",
+    )
+    # Not in the content address: compiled and eager images agree within float tolerance.
+    compile: Compile = Field(
+        "off",
+        description="speed mode: 'regional' compiles the denoiser's repeated blocks, 'full' the "
+        "whole denoiser (torch.compile); LoRAs are then hotswapped so a switch does not recompile",
+    )
+    compile_backend: str = Field(
+        "inductor",
+        description="torch.compile backend: 'inductor' (generates kernels), or 'aot_eager' "
+        "(traces only: checks graphs and recompiles without kernel build time)",
+    )
+    hotswap_rank: int | None = Field(
+        None,
+        description="under compile: the LoRA rank hotswap slots are padded to; None: the highest "
+        "rank among the first step's LoRAs (a higher one later is refused)",
+    )
 
     def image_target(self, backend: str, model_id: str) -> ImageTarget:
         """What ``backend``'s images are planned from with these (resolved) settings."""

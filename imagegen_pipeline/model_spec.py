@@ -28,6 +28,10 @@ class WeightSource:
     allow_patterns: tuple[str, ...] | None = None
     ignore_patterns: tuple[str, ...] | None = None
     open_clip_tag: tuple[str, str] | None = None  # (model, pretrained) fetched by open_clip itself
+    # The file whose presence in the Hugging Face cache says the weights were pulled.
+    index_file: str = "model_index.json"
+    # Other repos the model reads files from (a scorer's processor), pulled with it.
+    companions: tuple[WeightSource, ...] = ()
 
 
 # (component config, width, height, text tokens, pixels per latent cell, bytes per element)

@@ -37,6 +37,8 @@ def pull(source: WeightSource, revision: str | None = None) -> str:
         return open_clip.download_pretrained(open_clip.get_pretrained_cfg(*source.open_clip_tag))
     from huggingface_hub import snapshot_download
 
+    for companion in source.companions:
+        pull(companion)
     return snapshot_download(
         source.repo_id,
         revision=revision,
@@ -45,9 +47,12 @@ def pull(source: WeightSource, revision: str | None = None) -> str:
     )
 
 
-def is_cached(repo_id: str, revision: str | None = None) -> bool:
-    """True when ``repo_id``'s diffusers index is in the local Hugging Face cache."""
+def is_cached(
+    repo_id: str, revision: str | None = None, index_file: str = "model_index.json"
+) -> bool:
+    """True when ``repo_id``'s index file (a diffusers repo's by default) is in the local
+    Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    found = try_to_load_from_cache(repo_id, index_file, revision=revision)
     return isinstance(found, str)

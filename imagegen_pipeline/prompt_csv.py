@@ -9,10 +9,8 @@ import csv
 import hashlib
 import io
 import json
-import re
 import tomllib
-import unicodedata
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,28 +23,24 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     computed_field,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
-from imagegen_pipeline.lora import check_fits, lora_cell, parse_lora_cell, resolve_lora
-from imagegen_pipeline.registry import ANY_BACKEND, BACKEND_NAMES, backend_spec
+from imagegen_pipeline import prompt_cells as cells
+from imagegen_pipeline.control import DEFAULT_CONTROL_SCALE
+from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
 from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
-STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_IMAGES_PER_PROMPT = 16
+MAX_CANDIDATES = 64  # best-of-N draws per prompt, gate retries included
 # A hard cap well above real prompts that still stops a pasted document. A prompt longer than
 # CLIP reads is accepted and flagged (see PromptRow.prompt_truncated_by_encoders).
 MAX_PROMPT_CHARS = 20_000
 # Ids become file and folder names: 1-64 letters, digits, '.', '_' or '-', no leading '.', no '..'.
 SAFE_ID = r"^(?!\.)(?!.*\.\.)[A-Za-z0-9._-]{1,64}$"
-
-# Prompt-set names become folder and file names with prefixes and suffixes (temporary Parquet
-# files among them); file systems allow 255 bytes.
-MAX_SET_NAME_BYTES = 100
-SET_NAME_HASH_CHARS = 8
 
 REJECTED_COLUMNS = ("file", "line", "field", "reason", "value", "row")
 
@@ -56,66 +50,7 @@ def derived_prompt_id(prompt: str) -> str:
     return "p-" + hashlib.sha256(prompt.encode()).hexdigest()[:10]
 
 
-def _int_range(lo: int, hi: int, multiple: int = 1) -> BeforeValidator:
-    """An integer cell in [lo, hi] that is a multiple of ``multiple``.
-
-    Custom, because pydantic reports only the bound that was crossed.
-    """
-
-    def check(raw: Any, info: ValidationInfo) -> int:
-        field = info.field_name
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{field} must be an integer, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"{field} must be between {lo} and {hi}, got {value}")
-        if value % multiple:
-            raise ValueError(f"{field} must be a multiple of {multiple}, got {value}")
-        return value
-
-    return BeforeValidator(check)
-
-
-def _style(raw: str) -> str:
-    style = raw.lower()
-    if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
-    return style
-
-
-def _backends(raw: str | list[str]) -> list[str]:
-    names = [part for part in re.split(r"[;,|\s]+", raw) if part] if isinstance(raw, str) else raw
-    if list(names) == [ANY_BACKEND]:  # the pipeline picks (hybrid overflow, steps/hybrid.py)
-        return [ANY_BACKEND]
-    unknown = [name for name in names if name not in BACKEND_NAMES]
-    if unknown:
-        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; use {', '.join(BACKEND_NAMES)}")
-    return list(names) or list(BACKEND_NAMES)  # none named: every backend
-
-
-def _loras(cell: str, info: ValidationInfo) -> str:
-    """Adapters found (relative to the CSV's folder) and fitting every backend of the row,
-    written back with absolute paths; a clear reason for the first that does not."""
-    if not cell:
-        return ""
-    folder = Path((info.context or {}).get("folder", "."))
-    try:
-        adapters = [resolve_lora(ref, folder) for ref in parse_lora_cell(cell)]
-    except (OSError, ValueError) as error:
-        raise ValueError(str(error)) from None
-    named = info.data.get("backends") or BACKEND_NAMES
-    for name in BACKEND_NAMES if ANY_BACKEND in named else named:
-        spec = backend_spec(name)
-        for adapter in adapters:
-            try:
-                check_fits(adapter, spec.lora_components, name)
-            except ValueError as error:
-                raise ValueError(f"{error}; list the backends it fits in `backends`") from None
-    return lora_cell(adapters)
-
-
-Side = Annotated[int, _int_range(MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)]
+Side = Annotated[int, cells.int_range(MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)]
 
 
 class PromptRow(BaseModel):
@@ -129,18 +64,36 @@ class PromptRow(BaseModel):
     prompt_id: str = Field(
         default_factory=lambda data: derived_prompt_id(data["prompt"]), pattern=SAFE_ID
     )
-    style: Annotated[str, BeforeValidator(_style)] = "none"
+    style: Annotated[str, BeforeValidator(cells.style)] = "none"
     negative_prompt: str = ""
-    seed: Annotated[int, _int_range(0, 2**31 - 1)] | None = None
+    seed: Annotated[int, cells.int_range(0, 2**31 - 1)] | None = None
     width: Side | None = None
     height: Side | None = None
-    num_images: Annotated[int, _int_range(1, MAX_IMAGES_PER_PROMPT)] = 1
+    num_images: Annotated[int, cells.int_range(1, MAX_IMAGES_PER_PROMPT)] = 1
     # Validating the default "" runs the splitter, which turns "no backend named" into all.
-    backends: Annotated[list[str], BeforeValidator(_backends)] = Field(
+    backends: Annotated[list[str], BeforeValidator(cells.backends)] = Field(
         default="", validate_default=True
     )
     # Declared after ``backends``: each adapter is checked against every backend of the row.
-    lora: Annotated[str, AfterValidator(_loras)] = ""
+    lora: Annotated[str, AfterValidator(cells.loras)] = ""
+    control_image: Annotated[str, AfterValidator(cells.control_image)] = ""
+    # Declared after ``control_image``: the type's default depends on an image being given.
+    control_type: Annotated[str, AfterValidator(cells.control_type)] = Field(
+        default="", validate_default=True
+    )
+    control_scale: Annotated[float, BeforeValidator(cells.control_scale)] = DEFAULT_CONTROL_SCALE
+    # Best-of-N (steps/best_of_n.py): empty cells keep every image made (N = select = num_images).
+    candidates: Annotated[int, cells.int_range(1, MAX_CANDIDATES)] | None = None
+    select: Annotated[int, cells.int_range(1, MAX_IMAGES_PER_PROMPT)] | None = None
+    scorer: Annotated[str, BeforeValidator(cells.scorer)] = ""
+    min_score: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> "PromptRow":
+        keepers = self.select or self.num_images
+        if self.candidates is not None and self.candidates < keepers:
+            raise ValueError(f"candidates ({self.candidates}) must be at least select ({keepers})")
+        return self
 
     @computed_field
     @property
@@ -162,6 +115,13 @@ VALID_COLUMNS = (
     "num_images",
     "backends",
     "lora",
+    "control_image",
+    "control_type",
+    "control_scale",
+    "candidates",
+    "select",
+    "scorer",
+    "min_score",
     "prompt_truncated_by_encoders",
 )
 
@@ -196,27 +156,6 @@ class PromptTable:
     def rejected_rows(self) -> int:
         """How many CSV rows were rejected (a row with two problems counts once)."""
         return int(self.rejected["line"].nunique()) if len(self.rejected) else 0
-
-
-def prompt_set_name(csv_path: Path) -> str:
-    """The prompt set of a CSV file: its stem made safe as a file or folder name, an object-store
-    key and a Dagster partition key (multi-partition keys join with '|').
-
-    Letters, digits and marks of any script are kept, as are '.', '_' and '-'; anything else
-    becomes '_', runs of dots one dot, and a name is cut to ``MAX_SET_NAME_BYTES`` UTF-8 bytes.
-    A name that had to be changed or cut ends in '-' and a hash of the stem, so ``a,b`` and
-    ``a|b`` stay two sets.
-    """
-    stem = unicodedata.normalize("NFC", csv_path.stem)
-    safe = "".join(c if c in "._-" or unicodedata.category(c)[0] in "LNM" else "_" for c in stem)
-    safe = re.sub(r"\.{2,}", ".", safe).lstrip(".")
-    if safe == stem and len(safe.encode()) <= MAX_SET_NAME_BYTES:
-        return safe
-    suffix = "-" + hashlib.sha256(stem.encode()).hexdigest()[:SET_NAME_HASH_CHARS]
-    room = MAX_SET_NAME_BYTES - len(suffix)
-    # Cut on a character boundary, never inside a UTF-8 sequence.
-    cut = safe.encode()[:room].decode(errors="ignore").rstrip(".")
-    return (cut or "prompts") + suffix
 
 
 # Columns a set's sidecar cannot default: they tell one row from another.
@@ -254,7 +193,7 @@ def read_set_defaults(csv_path: Path) -> SetDefaults:
         if key not in KNOWN_COLUMNS or key in ROW_ONLY_COLUMNS:
             allowed = [c for c in KNOWN_COLUMNS if c not in ROW_ONLY_COLUMNS]
             raise PromptFileError(f"{path}: unknown key {key!r}; use {', '.join(allowed)}")
-    _, reasons = _check_row({"prompt": "-", **rows}, {}, csv_path.parent)
+    _, reasons = _check_row({"prompt": "-", **rows}, {}, csv_path.parent, from_set=set(rows))
     if reasons:
         field, reason = reasons[0]
         raise PromptFileError(f"{path}, {field}: {reason}")
@@ -282,46 +221,6 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
-@dataclass
-class PromptFolder:
-    """The CSV files of a prompts folder by prompt set; a set with two files is refused."""
-
-    paths: dict[str, list[Path]]
-
-    @property
-    def files(self) -> dict[str, Path]:
-        """The usable sets: one file each."""
-        return {name: paths[0] for name, paths in self.paths.items() if len(paths) == 1}
-
-    @property
-    def problems(self) -> dict[str, str]:
-        """The refused sets, each with a message naming its files."""
-        return {
-            name: f"Prompt set {name!r}: {' and '.join(str(p) for p in paths)} map to the same "
-            "set (names that differ only by case or by characters replaced with '_'); "
-            "rename one of them"
-            for name, paths in self.paths.items()
-            if len(paths) > 1
-        }
-
-
-def find_prompt_csvs(folder: str | Path) -> PromptFolder:
-    """Every CSV file (any case of '.csv') of ``folder``, grouped by prompt set.
-
-    Sets are told apart case-insensitively: on macOS and Windows disks ``X`` and ``x`` would
-    be one output folder.
-    """
-    files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() == ".csv" and p.is_file())
-    by_key: dict[str, list[Path]] = {}
-    names: dict[str, str] = {}
-    for path in files:
-        name = prompt_set_name(path)
-        key = name.casefold()
-        names.setdefault(key, name)
-        by_key.setdefault(key, []).append(path)
-    return PromptFolder({names[key]: paths for key, paths in by_key.items()})
-
-
 def read_prompt_csv(path: Path) -> PromptTable:
     """Validate ``path``, its rows on top of its sidecar's defaults (``read_set_defaults``);
     raises :class:`PromptFileError` only when no row can be used."""
@@ -337,8 +236,9 @@ def read_prompt_csv(path: Path) -> PromptTable:
     try:
         for line, record in _rows_with_start_lines(reader, lines):
             cells = {key: (value or "").strip() for key, value in record.items() if key is not None}
-            given = defaults | _non_empty(cells)
-            row, reasons = _check_row(given, seen_ids, path.parent)
+            own = _non_empty(cells)
+            given = defaults | own
+            row, reasons = _check_row(given, seen_ids, path.parent, set(defaults) - set(own))
             if row is None:
                 raw = json.dumps(cells, ensure_ascii=False)
                 problems.extend(
@@ -367,7 +267,7 @@ def read_prompt_csv(path: Path) -> PromptTable:
             f"{name}: no valid prompt row" + (f" ({reasons})" if reasons else ""), rejected
         )
     table = pd.DataFrame(valid, columns=list(VALID_COLUMNS))
-    for column in ("seed", "width", "height"):
+    for column in ("seed", "width", "height", "candidates", "select"):
         table[column] = table[column].astype("Int64")
     return PromptTable(valid=table, rejected=rejected)
 
@@ -446,13 +346,18 @@ def _rows_with_start_lines(
 
 
 def _check_row(
-    cells: dict[str, str], seen_ids: dict[str, int], folder: Path
+    cells: dict[str, str],
+    seen_ids: dict[str, int],
+    folder: Path,
+    from_set: Collection[str] = (),
 ) -> tuple[PromptRow | None, list[tuple[str, str]]]:
-    """The valid row, or None and every (field, reason) that rejects it (LoRA files are
-    relative to ``folder``, the CSV's)."""
+    """The valid row, or None and every (field, reason) that rejects it (LoRA and control
+    files are relative to ``folder``, the CSV's; ``from_set``: the keys the set's sidecar
+    gave rather than the row)."""
     given = _non_empty(cells)
+    context = {"folder": folder, "from_set": from_set}
     try:
-        row: PromptRow | None = PromptRow.model_validate(given, context={"folder": folder})
+        row: PromptRow | None = PromptRow.model_validate(given, context=context)
     except ValidationError as exc:
         row = None
         # Skip default_factory_not_called: prompt_id has no default because the prompt is bad.

@@ -55,6 +55,7 @@ class ImageRecord:
     guidance: float
     status: str  # ImageStatus
     loras: str = ""  # JSON list of the LoRA adapters applied: source, file sha256, scale
+    control: str = ""  # JSON: control image, its sha256, type and scale; the map beside the PNG
     error: str = ""
     path: str | None = None
     sha256: str | None = None  # of the PNG file's bytes
@@ -152,6 +153,11 @@ class StepRecord:
     adapter_switches: int = 0  # changes of the active adapter set
     adapter_load_seconds: float = 0.0  # reading LoRA files into the pipeline, once per file
     adapter_switch_seconds: float = 0.0  # changing the active set between loaded adapters
+    controlnet_loads: int = 0  # ControlNets loaded beside the warm base model (once per type)
+    controlnet_load_seconds: float = 0.0
+    compile_mode: str | None = None  # the denoiser's: off, regional, full (local backends)
+    compile_seconds: float = 0.0  # torch.compile during this step (the first step pays it)
+    recompiles: int = 0  # graphs compiled again after the compiled model's first call
     peak_gpu_memory_mb: float | None = None
     cost_usd: float | None = None
     started_at: datetime | None = None

@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_BACKENDS",
     "LOCAL_BACKEND_NAMES",
     "MODELS",
+    "SCORERS",
     "SVD",
     "ModelSpec",
     "WeightSource",
@@ -39,6 +40,7 @@ __all__ = [
     "has_key",
     "implementation_class",
     "project_backends",
+    "scorer_spec",
 ]
 
 BACKEND_ENTRY_POINT_GROUP = "imagegen_pipeline.backends"
@@ -49,6 +51,12 @@ BUILT_IN_BACKENDS = (
 )
 VIDEO_MODEL = "imagegen_pipeline.video.svd"
 SCORER = "imagegen_pipeline.scoring.clip_model"
+# Best-of-N scorers by the name prompt rows give in their ``scorer`` column.
+PREFERENCE_SCORERS = {
+    "clip": SCORER,
+    "hpsv2": "imagegen_pipeline.scoring.hpsv2",
+    "pickscore": "imagegen_pipeline.scoring.pickscore",
+}
 
 
 def _spec_of(module_name: str) -> ModelSpec:
@@ -83,9 +91,12 @@ IMAGE_BACKENDS: tuple[ModelSpec, ...] = _unique(
 )
 SVD: ModelSpec = _spec_of(VIDEO_MODEL)
 CLIP_MODEL: ModelSpec = _spec_of(SCORER)
+SCORERS: dict[str, ModelSpec] = {
+    name: _spec_of(module) for name, module in PREFERENCE_SCORERS.items()
+}
 
 MODELS: dict[str, ModelSpec] = {
-    spec.name: spec for spec in _unique([*IMAGE_BACKENDS, SVD, CLIP_MODEL])
+    spec.name: spec for spec in _unique([*IMAGE_BACKENDS, SVD, *SCORERS.values()])
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(spec.name for spec in IMAGE_BACKENDS)
 LOCAL_BACKEND_NAMES: tuple[str, ...] = tuple(s.name for s in IMAGE_BACKENDS if s.is_local)
@@ -100,6 +111,13 @@ def backend_spec(name: str) -> ModelSpec:
         if spec.name == name:
             return spec
     raise KeyError(f"unknown image backend {name!r}; known: {', '.join(BACKEND_NAMES)}")
+
+
+def scorer_spec(name: str) -> ModelSpec:
+    """The registry entry of best-of-N scorer ``name``; a clear error for unknown names."""
+    if name not in SCORERS:
+        raise KeyError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
+    return SCORERS[name]
 
 
 def has_key(spec: ModelSpec) -> bool:

@@ -378,3 +378,16 @@ def test_free_memory_bytes_cuda_reads_the_named_device(monkeypatch: pytest.Monke
     assert free_memory_bytes("cuda:1") == 7 * GIB
     assert free_memory_bytes("cuda") == 7 * GIB
     assert calls == [1, None]
+
+
+def test_lora_adapters_count_with_the_component_they_adapt() -> None:
+    # FLUX at 24 GiB had 0.15 GiB to spare under model offload (see the top): a 200 MiB LoRA
+    # on the transformer (about a rank-64 FLUX LoRA in bf16) no longer fits that way.
+    lora = {"transformer": 200 * 2**20}
+    plan = flux_plan(24, adapter_bytes=lora)
+    assert plan.weights_bytes["transformer"] == 23_782_357_120 + 200 * 2**20
+    assert (plan.offload, flux_plan(24).offload) == ("sequential", "model")
+    assert "LoRA adapters and ControlNets 0.20 GiB included" in plan.reason
+    # SDXL-Turbo at 16 GiB: batch 7 left 0.37 GiB; a 0.5 GiB UNet LoRA takes one image off.
+    assert sdxl_plan(16, adapter_bytes={"unet": GIB // 2}).batch_size == 6
+    assert sdxl_plan(16, adapter_bytes={}).batch_size == 7

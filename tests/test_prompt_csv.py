@@ -14,13 +14,11 @@ from dagster._core.definitions.partitions.utils.base import (  # the check Dagst
 
 from imagegen_pipeline.prompt_csv import (
     MAX_PROMPT_CHARS,
-    MAX_SET_NAME_BYTES,
     PromptFileError,
     derived_prompt_id,
-    find_prompt_csvs,
-    prompt_set_name,
     read_prompt_csv,
 )
+from imagegen_pipeline.prompt_folder import MAX_SET_NAME_BYTES, find_prompt_csvs, prompt_set_name
 from imagegen_pipeline.registry import BACKEND_NAMES
 from imagegen_pipeline.text_encoders import count_clip_tokens
 
@@ -126,6 +124,13 @@ def test_valid_table_columns_and_types(tmp_path):
         "num_images",
         "backends",
         "lora",  # LoRA adapters, absolute paths with scales (tests/lora/test_lora.py)
+        "control_image",  # ControlNet inputs (tests/control/test_control.py)
+        "control_type",
+        "control_scale",
+        "candidates",  # best-of-N (tests/test_best_of_n.py)
+        "select",
+        "scorer",
+        "min_score",
         "prompt_truncated_by_encoders",
     ]
     assert {str(valid[column].dtype) for column in ("seed", "width", "height")} == {"Int64"}

@@ -74,6 +74,15 @@ EXPECTED_FILES = {
         ),
     ],
     "clip_model": ["open_clip_config.json", "open_clip_model.safetensors"],
+    "hpsv2": ["HPS_v2.1_compressed.pt"],
+    "pickscore": [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+    ],
 }
 
 
@@ -119,12 +128,16 @@ def test_names_and_folders_follow_the_registry() -> None:
         "sdxl_turbo": "stabilityai/sdxl-turbo",
         "svd": "stabilityai/stable-video-diffusion-img2vid-xt",
         "clip_model": "ViT-L-14",
+        "hpsv2": "xswu/HPSv2",
+        "pickscore": "yuvalkirstain/PickScore_v1",
     }
     assert TINY_MODEL_DIRS == {
         "flux_schnell": "FLUX.1-schnell",
         "sdxl_turbo": "sdxl-turbo",
         "svd": "stable-video-diffusion-img2vid-xt",
         "clip_model": "ViT-L-14",
+        "hpsv2": "HPSv2",
+        "pickscore": "PickScore_v1",
     }
     assert sorted(TINY_MODELS) == sorted(REAL_REPOS)
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from imagegen_pipeline.control import ControlInput
 from imagegen_pipeline.lora import LoraAdapter
 from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.model_spec import ModelSpec
@@ -32,6 +33,7 @@ class ImageRequest:
     width: int
     height: int
     loras: tuple[LoraAdapter, ...] = ()  # adapters to apply, with their scales
+    control: ControlInput | None = None  # a ControlNet's image, type and scale (or reference)
 
 
 @dataclass

@@ -17,9 +17,13 @@ from PIL import Image
 
 from imagegen_pipeline.backends.adapters import AdapterSwitcher
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
+from imagegen_pipeline.backends.compilation import CompileWatch
+from imagegen_pipeline.backends.controlnets import ControlNets, TinyControlNetBuilder
+from imagegen_pipeline.control import control_map
 from imagegen_pipeline.memory_fit import MemoryPlan, free_memory_bytes, plan_memory
 from imagegen_pipeline.model_settings import DiffusersImageSettings, GenerationSettings, ImageTarget
 from imagegen_pipeline.records import utc_now
+from imagegen_pipeline.tiny_models import is_tiny_model
 from imagegen_pipeline.torch_runtime import (
     DiffusersModel,
     PeakMemory,
@@ -41,6 +45,10 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
     """A text-to-image diffusers pipeline, loaded once and called once per batch."""
 
     pipeline_class_name: ClassVar[str]  # a diffusers pipeline class, imported at load time
+    # Its ControlNet pipeline and model classes, and how to build a tiny ControlNet for tests.
+    controlnet_pipeline_class_name: ClassVar[str]
+    controlnet_model_class_name: ClassVar[str]
+    build_tiny_controlnet: ClassVar[TinyControlNetBuilder]
 
     def __init__(self, settings: DiffusersImageSettings, model_id: str | None = None) -> None:
         self.config = settings
@@ -52,6 +60,8 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.batch_size = settings.batch_size or 1
         self.offload = "none" if settings.offload == "auto" else settings.offload
         self.adapters: AdapterSwitcher | None = None  # created with the pipeline
+        self.controlnets: ControlNets | None = None  # created with the pipeline
+        self.compile_watch = CompileWatch(settings.compile, settings.compile_backend)
 
     @property
     def target(self) -> ImageTarget:
@@ -78,8 +88,11 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         """The precision the pipeline runs in."""
         return self._dtype
 
-    def plan_memory(self) -> MemoryPlan | None:
-        """Offload and batch size for the free memory of the device (None when both are set)."""
+    def plan_memory(
+        self, adapter_bytes: dict[str, int] | None = None, offload: str | None = None
+    ) -> MemoryPlan | None:
+        """Offload and batch size for the free memory of the device (None when both are set);
+        ``adapter_bytes``: LoRA weights on each component; ``offload``: keep this mode."""
         config = self.config
         if config.offload != "auto" and config.batch_size is not None:
             return None
@@ -103,12 +116,38 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 height=height,
                 max_batch_size=config.max_batch_size,
                 vae_slicing=config.vae_slicing,
-                offload=config.offload,
+                offload=offload or config.offload,
                 batch_size=config.batch_size,
+                adapter_bytes=adapter_bytes,
             )
         except ValueError as error:  # a layout the estimates do not know: run unoffloaded
             logger.warning("%s: no memory plan (%s); offload none, batch 1.", self.name, error)
             return None
+
+    def fit_adapters(self, requests: Sequence[ImageRequest]) -> None:
+        """Re-plan the batch size for the LoRA and ControlNet weights ``requests`` load
+        (offload is kept: the model is placed already). Only when the batch size is the
+        planner's."""
+        if self.memory_plan is None or self.config.batch_size is not None:
+            return
+        import torch
+
+        per_element = torch.finfo(self._dtype).bits // 8
+        extra = self.adapters.planned_bytes((r.loras for r in requests), per_element)
+        # A ControlNet runs beside the denoiser (offload moves them together): its weights
+        # count with the denoiser's.
+        control_types = {r.control.type for r in requests if r.control is not None}
+        try:
+            controlnet = self.controlnets.planned_elements(control_types) * per_element
+        except ValueError:  # a type without a ControlNet: its images fail with the reason
+            controlnet = 0
+        if controlnet:
+            denoiser = self.spec.lora_components[0]  # "unet" or "transformer"
+            extra = {**extra, denoiser: extra.get(denoiser, 0) + controlnet}
+        plan = self.plan_memory(adapter_bytes=extra, offload=self.offload) if extra else None
+        if plan is not None:
+            self.memory_plan = plan
+            self.batch_size = min(self.batch_size, plan.batch_size)
 
     def load(self) -> float:
         if self.pipeline is not None:
@@ -136,9 +175,38 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         if self.config.vae_tiling:
             pipeline.vae.enable_tiling()
         self.pipeline = pipeline
-        self.adapters = AdapterSwitcher(pipeline)
+        # Compiled: LoRAs hotswap into fixed slots, so a switch keeps the compiled graph.
+        compiled = self.config.compile != "off"
+        self.adapters = AdapterSwitcher(
+            pipeline, hotswap=compiled, hotswap_rank=self.config.hotswap_rank
+        )
+        self.compile_watch.apply(pipeline)
         self.offload = offload
+        folder = local_model_folder(self.config.model, self.config.revision)
+        tiny = folder is not None and is_tiny_model(folder)
+        self.controlnets = ControlNets(
+            pipeline,
+            self.name,
+            self.controlnet_pipeline_class_name,
+            self.controlnet_model_class_name,
+            # The backend's defaults, with the configured types replacing theirs.
+            {**self.spec.defaults.get("controlnets", {}), **(self.config.controlnets or {})},
+            dtype=self._dtype,
+            device=self._device,
+            offload=offload,
+            allow_download=self.config.allow_download,
+            tiny_base=folder if tiny else None,
+            build_tiny=type(self).build_tiny_controlnet,
+        )
         return time.perf_counter() - started
+
+    def unload(self) -> None:
+        self.controlnets = None
+        super().unload()
+
+    def weight_bytes(self) -> int:
+        controlnets = self.controlnets.weight_bytes() if self.controlnets else 0
+        return super().weight_bytes() + controlnets
 
     def run_summary(self) -> RunSummary:
         plan = self.memory_plan
@@ -151,6 +219,11 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 "adapter_switches": self.adapters.switches if self.adapters else 0,
                 "adapter_load_seconds": self.adapters.load_seconds if self.adapters else 0.0,
                 "adapter_switch_seconds": self.adapters.switch_seconds if self.adapters else 0.0,
+                "controlnet_loads": self.controlnets.loads if self.controlnets else 0,
+                "controlnet_load_seconds": (
+                    self.controlnets.load_seconds if self.controlnets else 0.0
+                ),
+                **self.compile_watch.summary(),
             }
         )
 
@@ -173,14 +246,21 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         batch retries its images one by one, so one bad prompt fails alone.
         """
         self.load()
-        self.adapters.reset_counts()  # the run summary reports this call's loads and switches
-        # One group per adapter set and size: the base model stays loaded and the adapters
-        # switch between groups (each group's last use frees its adapters).
+        # The run summary reports this call's loads and switches.
+        self.adapters.reset_counts()
+        self.controlnets.reset_counts()
+        self.compile_watch.reset_counts()
+        self.adapters.prepare(request.loras for request in requests)  # hotswap slots, if any
+        self.fit_adapters(requests)
+        # One group per adapter set, ControlNet and size: the base model stays loaded and the
+        # adapters switch between groups (each group's last use frees its adapters).
         groups: dict[tuple[Any, ...], list[ImageRequest]] = {}
         for request in requests:
             adapters = tuple((a.adapter_name, a.scale) for a in request.loras)
-            groups.setdefault((adapters, request.width, request.height), []).append(request)
-        order = sorted(groups, key=lambda key: (len(key[0]), key[0]))
+            control = (request.control.type, request.control.scale) if request.control else ()
+            key = (adapters, control, request.width, request.height)
+            groups.setdefault(key, []).append(request)
+        order = sorted(groups, key=lambda key: (len(key[0]), key[0], key[1]))
         for position, key in enumerate(order):
             same_group = groups[key]
             self.adapters.activate(same_group[0].loras)
@@ -198,7 +278,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 continue
             started_at = utc_now()
             try:
-                images, seconds, peak_mb = self._call(batch)
+                images, maps, seconds, peak_mb = self._call(batch)
             except Exception as exc:
                 if len(batch) > 1:
                     if is_out_of_memory(exc):
@@ -218,7 +298,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                     free_accelerator_memory()
                 yield ImageResult(batch[0], "failed", error=f"{type(exc).__name__}: {exc}")
                 continue
-            for request, image in zip(batch, images, strict=True):
+            for request, image, control in zip(batch, images, maps, strict=True):
                 yield ImageResult(
                     request,
                     "ok",
@@ -228,6 +308,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                         "peak_gpu_memory_mb": peak_mb,
                         "batch_size": len(batch),
                         "started_at": started_at,
+                        "control_map": control,
                     },
                 )
 
@@ -235,15 +316,30 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         size = self.batch_size
         return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
 
-    def _call(self, batch: Sequence[ImageRequest]) -> tuple[list[Image.Image], float, float | None]:
+    def control_kwargs(self, maps: list[Image.Image], scale: float) -> dict[str, Any]:
+        """The ControlNet pipeline's arguments for one batch's control maps."""
+        return {"image": maps, "controlnet_conditioning_scale": scale}
+
+    def _call(
+        self, batch: Sequence[ImageRequest]
+    ) -> tuple[list[Image.Image], list[Image.Image | None], float, float | None]:
+        """One pipeline call: the images, each one's control map (None without), the seconds
+        and the peak memory."""
         import torch
 
         # One CPU generator per image: each image's initial noise depends on its own seed
         # alone, so any image can be regenerated by itself, on any device, in any batch.
         generators = [torch.Generator("cpu").manual_seed(request.seed) for request in batch]
+        control = batch[0].control  # one type and scale per batch (see ``generate``)
+        pipeline, maps, control_kwargs = self.pipeline, [None] * len(batch), {}
+        if control is not None:
+            width, height = batch[0].width, batch[0].height
+            pipeline = self.controlnets.pipeline_for(control.type)
+            maps = [control_map(request.control, width, height) for request in batch]
+            control_kwargs = self.control_kwargs(maps, control.scale)
         started = time.perf_counter()
         with PeakMemory(self._device) as peak, torch.inference_mode():
-            output = self.pipeline(
+            output = pipeline(
                 prompt=[request.prompt for request in batch],
                 generator=generators,
                 num_inference_steps=self.config.steps,
@@ -253,5 +349,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 output_type="pil",
                 **self._negative_prompts(batch),
                 **self.pipeline_kwargs(batch),
+                **control_kwargs,
             )
-        return list(output.images), time.perf_counter() - started, peak.mib
+        self.compile_watch.after_call()
+        return list(output.images), maps, time.perf_counter() - started, peak.mib

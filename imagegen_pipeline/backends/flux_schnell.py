@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from pydantic import Field
 
 from imagegen_pipeline import memory_estimates
 from imagegen_pipeline.backends.base import ImageRequest
+from imagegen_pipeline.backends.controlnets import randomize_zero_convolutions
 from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToImage
 from imagegen_pipeline.model_settings import TINY_IMAGE_SIDE, DiffusersImageSettings
 from imagegen_pipeline.model_spec import MemoryHooks, ModelSpec, WeightSource
@@ -124,6 +126,24 @@ def build_tiny(dest: Path) -> None:
     )
 
 
+def build_tiny_controlnet(base: Path, dest: Path) -> None:
+    """A tiny FLUX ControlNet for the tiny model at ``base``, in the layout of
+    InstantX/FLUX.1-dev-Controlnet-Canny (the control image goes through the VAE)."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    config = transformer.config
+    controlnet = FluxControlNetModel.from_transformer(
+        transformer,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+    )
+    randomize_zero_convolutions(controlnet)
+    controlnet.save_pretrained(dest)
+
+
 SPEC = ModelSpec(
     name="flux_schnell",
     role="image",
@@ -138,7 +158,15 @@ SPEC = ModelSpec(
         ignore_patterns=("flux1-schnell.safetensors", "*.md"),
     ),
     dtype="bfloat16",
-    defaults={"width": 1024, "height": 1024},
+    defaults={
+        "width": 1024,
+        "height": 1024,
+        # FLUX.1-dev ControlNets steer schnell too (same transformer); no pose one by default.
+        "controlnets": {
+            "canny": "InstantX/FLUX.1-dev-Controlnet-Canny",
+            "depth": "Shakker-Labs/FLUX.1-dev-ControlNet-Depth",
+        },
+    },
     tiny_defaults={"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE},
     tiny_builder=build_tiny,
     memory=MemoryHooks(
@@ -159,8 +187,14 @@ class FluxSchnellBackend(DiffusersTextToImage):
 
     spec = SPEC
     pipeline_class_name = "FluxPipeline"
+    controlnet_pipeline_class_name = "FluxControlNetPipeline"
+    controlnet_model_class_name = "FluxControlNetModel"
+    build_tiny_controlnet = staticmethod(build_tiny_controlnet)
 
     config: FluxSchnellSettings
 
     def pipeline_kwargs(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
         return {"max_sequence_length": self.config.max_sequence_length}
+
+    def control_kwargs(self, maps: list[Image.Image], scale: float) -> dict[str, Any]:
+        return {"control_image": maps, "controlnet_conditioning_scale": scale}

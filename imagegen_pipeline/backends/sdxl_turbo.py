@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 
 from imagegen_pipeline import memory_estimates
+from imagegen_pipeline.backends.controlnets import randomize_zero_convolutions
 from imagegen_pipeline.backends.diffusers_text_to_image import DiffusersTextToImage
 from imagegen_pipeline.model_settings import TINY_IMAGE_SIDE, DiffusersImageSettings
 from imagegen_pipeline.model_spec import MemoryHooks, ModelSpec, WeightSource
@@ -119,6 +120,17 @@ def build_tiny(dest: Path) -> None:
     )
 
 
+def build_tiny_controlnet(base: Path, dest: Path) -> None:
+    """A tiny SDXL ControlNet for the tiny model at ``base``, in the layout of
+    diffusers/controlnet-canny-sdxl-1.0 (fp16 and fp32 files side by side)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    controlnet = ControlNetModel.from_unet(unet)
+    randomize_zero_convolutions(controlnet)
+    save_with_fp16_variant(controlnet, dest)
+
+
 SPEC = ModelSpec(
     name="sdxl_turbo",
     role="image",
@@ -132,7 +144,16 @@ SPEC = ModelSpec(
     ),
     dtype="float16",
     variant="fp16",  # the repo ships fp16 files; the fp32 ones are twice the download
-    defaults={"width": 512, "height": 512},
+    defaults={
+        "width": 512,
+        "height": 512,
+        # SDXL ControlNets work with SDXL-Turbo's UNet (same architecture, distilled weights).
+        "controlnets": {
+            "canny": "diffusers/controlnet-canny-sdxl-1.0",
+            "depth": "diffusers/controlnet-depth-sdxl-1.0",
+            "pose": "thibaud/controlnet-openpose-sdxl-1.0",
+        },
+    },
     tiny_defaults={"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE},
     tiny_builder=build_tiny,
     memory=MemoryHooks(
@@ -153,5 +174,8 @@ class SdxlTurboBackend(DiffusersTextToImage):
 
     spec = SPEC
     pipeline_class_name = "StableDiffusionXLPipeline"
+    controlnet_pipeline_class_name = "StableDiffusionXLControlNetPipeline"
+    controlnet_model_class_name = "ControlNetModel"
+    build_tiny_controlnet = staticmethod(build_tiny_controlnet)
 
     config: SdxlTurboSettings

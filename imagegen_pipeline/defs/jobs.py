@@ -13,9 +13,9 @@ prepare_prompts_job = dg.define_asset_job(
 
 generate_images_job = dg.define_asset_job(
     "generate_images",
-    selection=dg.AssetSelection.groups("images", "quality", "clips"),
+    selection=dg.AssetSelection.groups("images", "quality", "keepers", "clips"),
     partitions_def=prompt_set_x_backend_partitions,
-    description="Images, quality reports and video clips of prompt sets, for one backend.",
+    description="Images, quality reports, keepers and video clips of prompt sets, per backend.",
 )
 
 compare_backends_job = dg.define_asset_job(

@@ -34,6 +34,13 @@ PASSTHROUGH_COLUMNS = (
     "num_images",
     "backends",
     "lora",
+    "control_image",
+    "control_type",
+    "control_scale",
+    "candidates",
+    "select",
+    "scorer",
+    "min_score",
 )
 ENHANCED_COLUMNS = (
     "prompt_id",
@@ -116,11 +123,14 @@ def enhance_prompts(prompts: pd.DataFrame, enhancer: PromptEnhancer) -> pd.DataF
                 "clip_truncated": clip_tokens > CLIP_TOKEN_LIMIT,
                 "t5_tokens_estimate": t5_tokens,
                 "t5_truncated": t5_tokens > T5_TOKEN_LIMIT,
-                # .get: tables validated before a column existed lack it (lora)
+                # .get: tables validated before a column existed lack it (lora, control_*)
                 **{column: prompt.get(column, "") for column in PASSTHROUGH_COLUMNS},
             }
         )
     table = pd.DataFrame(rows, columns=list(ENHANCED_COLUMNS))
     for column in ("seed", "width", "height"):
         table[column] = table[column].astype("Int64")
+    for column in ("candidates", "select"):  # "" in tables validated before they existed
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    table["min_score"] = pd.to_numeric(table["min_score"], errors="coerce").astype("float64")
     return table

@@ -200,6 +200,11 @@ class ClipModel:
         return self.config.scorer_label(self.model_id)
 
     @property
+    def model_revision(self) -> str:
+        """The revision of the weights ("main" unless pinned)."""
+        return self.config.revision or "main"
+
+    @property
     def context_length(self) -> int:
         """Tokens the text tower reads; longer prompts are truncated."""
         return int(getattr(self.tokenizer, "context_length", 77))
@@ -350,6 +355,10 @@ class ClipModel:
             enhanced = enhanced_prompts[start : start + size] if enhanced_prompts else None
             rows += self.score_pixels(pixels, prompts[start : start + size], enhanced)
         return rows
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """CLIPScore of each image against its prompt (``scoring.preference``'s interface)."""
+        return [row["clip_score"] for row in self.score_images(images, prompts)]
 
     def score_video_clip(
         self, source: Image.Image, frames: Sequence[Image.Image]

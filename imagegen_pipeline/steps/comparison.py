@@ -77,6 +77,9 @@ def backend_summary(
             {
                 "backend": backend,
                 "images": int(status.isin(EXISTING_STATUSES).sum()),
+                # Best-of-N keepers (the keepers table); a quality report alone has none.
+                "keepers": int(table["kept"].eq(True).sum()) if "kept" in table else None,
+                "below_gate": int(table["below_gate"].eq(True).sum()) if "kept" in table else None,
                 "failed": int((status == "failed").sum()),
                 "blocked": int((status == "blocked").sum()),
                 "skipped_budget": int((status == "skipped_budget").sum()),
@@ -98,6 +101,33 @@ def backend_summary(
             }
         )
     return pd.DataFrame(rows)
+
+
+def steering_summary(quality: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per backend, LoRA set and control type: what each steering gave (images, CLIP
+    and aesthetic scores); empty when no image of the set was steered."""
+    frames = [table.assign(backend=backend) for backend, table in quality.items() if len(table)]
+    everything = _scored(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
+    columns = ["backend", "loras", "control", "images", "mean_clip_score", "mean_aesthetic"]
+    if everything.empty:
+        return pd.DataFrame(columns=columns)
+    lora = everything.get("loras", pd.Series("", index=everything.index)).fillna("")
+    control = everything.get("control", pd.Series("", index=everything.index)).fillna("")
+    if not (lora.astype(bool) | control.astype(bool)).any():
+        return pd.DataFrame(columns=columns)
+    labelled = everything.assign(
+        loras=[_lora_label(value) or "none" for value in lora],
+        control=[_control_label(value) or "none" for value in control],
+        clip=_numbers(everything, "clip_score"),
+        aes=_numbers(everything, "aesthetic"),
+    )
+    grouped = labelled.groupby(["backend", "loras", "control"], sort=True)
+    summary = grouped.agg(
+        images=("image_id", "size"),
+        mean_clip_score=("clip", "mean"),
+        mean_aesthetic=("aes", "mean"),
+    )
+    return summary.reset_index()[columns]
 
 
 def bar_chart_png(summary: pd.DataFrame, title: str) -> bytes:
@@ -192,7 +222,43 @@ def _image_figure(
         "blank": _flag(row.get("is_blank")),
         "truncated": _flag(row.get("clip_truncated")),
         "loras": _lora_label(row.get("loras")),
+        "control": _control_label(row.get("control")),
+        "control_src": _control_map_uri(str(row["path"]), side, read_bytes)
+        if _text(row.get("control"))
+        else None,
+        "choice": _choice_label(row),
     }
+
+
+def _control_label(recorded: object) -> str:
+    """The control an image was made with, as "canny ×0.8 layout.png" (empty for none)."""
+    if not _text(recorded):
+        return ""
+    control = json.loads(str(recorded))
+    name = Path(control["image"]).name
+    if control.get("used_as") == "reference":
+        return f"reference {name}"
+    return f"{control['type']} ×{control['scale']:g} {name}"
+
+
+def _control_map_uri(image_path: str, side: int, read_bytes: Callable[[str], bytes]) -> str | None:
+    """The thumbnail of the control map saved beside an image (None when there is none)."""
+    try:
+        return _jpeg_thumbnail_uri(
+            read_bytes(image_path.removesuffix(".png") + ".control.png"), side
+        )
+    except (OSError, *DECODE_ERRORS):
+        return None
+
+
+def _choice_label(row: Mapping[str, Any]) -> str:
+    """A candidate's place under best-of-N: "KEEPER · hpsv2 0.281", "candidate 3 · ..."."""
+    if "kept" not in row or _missing(row.get("kept")):
+        return ""
+    score = _format(row.get("score"), "{:.4g}")
+    place = "KEEPER" if _flag(row.get("kept")) else f"candidate {_format(row.get('rank'), '{}')}"
+    gate = " · below gate" if _flag(row.get("below_gate")) else ""
+    return f"{place} · {row.get('scorer')} {score}{gate}"
 
 
 def _lora_label(recorded: object) -> str:
@@ -240,6 +306,7 @@ def gallery_html(
     video_quality: Mapping[str, pd.DataFrame],
     chart_png: bytes,
     *,
+    steering: pd.DataFrame | None = None,
     read_bytes: Callable[[str], bytes],
     worst_first: bool = False,
     thumbnail_side: int = 256,
@@ -265,7 +332,11 @@ def gallery_html(
                 columns.append({"name": backend, "figures": []})
                 continue
             order = ["clip_score", "image_index"] if worst_first else ["image_index"]
-            mine = mine.sort_values(order, na_position="first")
+            ascending = [True] * len(order)
+            if "kept" in mine:  # keepers first, by rank; the other candidates behind them
+                mine = mine.assign(_kept=mine["kept"].eq(True), _rank=mine["rank"])
+                order, ascending = ["_kept", "_rank", *order], [False, True, *ascending]
+            mine = mine.sort_values(order, ascending=ascending, na_position="first")
             figures = [
                 _image_figure(row, thumbnail_side, read_bytes) for row in mine.to_dict("records")
             ]
@@ -301,6 +372,12 @@ def gallery_html(
         summary_rows=[
             [_summary_cell(value) for value in row]
             for row in summary.itertuples(index=False, name=None)
+        ],
+        steering_columns=[] if steering is None else [str(c) for c in steering.columns],
+        steering_rows=[]
+        if steering is None
+        else [
+            [_summary_cell(v) for v in row] for row in steering.itertuples(index=False, name=None)
         ],
         sections=sections,
     )

@@ -18,6 +18,7 @@ from upath import UPath
 
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult
 from imagegen_pipeline.claims import partition_claim
+from imagegen_pipeline.control import DEFAULT_CONTROL_SCALE, control_of
 from imagegen_pipeline.image_files import (
     DEFAULT_PNG_COMPRESS_LEVEL,
     encode_png,
@@ -27,6 +28,7 @@ from imagegen_pipeline.image_files import (
 from imagegen_pipeline.lora import adapters_of, describe
 from imagegen_pipeline.model_settings import GenerationSettings, ImageTarget
 from imagegen_pipeline.records import ImageRecord, facts_from_json, utc_now
+from imagegen_pipeline.registry import backend_spec
 from imagegen_pipeline.steps.skeleton import (
     DEFAULT_WRITER_THREADS,
     StepOutcome,
@@ -67,6 +69,9 @@ def content_address(settings: GenerationSettings, request: ImageRequest) -> str:
     }
     if request.loras:  # by file content and scale: a changed LoRA file is other work
         key["loras"] = [[adapter.sha256, adapter.scale] for adapter in request.loras]
+    if request.control:  # the map is a function of the image's bytes, its type and the size
+        control = request.control
+        key["control"] = [control.sha256, control.type, control.scale]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -105,6 +110,11 @@ def plan_images(enhanced: pd.DataFrame, target: ImageTarget) -> list[PlannedImag
         # Record the negative prompt only where the backend uses it: the address stays honest.
         negative = row["negative_prompt"] if target.supports_negative_prompt else ""
         loras = adapters_of(row.get("lora") or "")
+        control = control_of(
+            row.get("control_image") or "",
+            row.get("control_type") or "",
+            float(row.get("control_scale") or DEFAULT_CONTROL_SCALE),
+        )
         for index in range(int(row["num_images"])):
             request = ImageRequest(
                 prompt_id=row["prompt_id"],
@@ -115,11 +125,17 @@ def plan_images(enhanced: pd.DataFrame, target: ImageTarget) -> list[PlannedImag
                 width=width,
                 height=height,
                 loras=loras,
+                control=control,
             )
             image_id = content_address(settings, request)
             name = f"{request.prompt_id}/{index:02d}_{image_id[:ADDRESS_CHARS]}.png"
             planned.append(PlannedImage(request, image_id, name))
     return planned
+
+
+def control_map_name(item: PlannedImage) -> str:
+    """The control map's file, beside its image: ``<index>_<address>.control.png``."""
+    return item.relative_path.removesuffix(".png") + ".control.png"
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,11 @@ class ImagesKind:
     @property
     def what(self) -> str:
         return f"images {self.step.prompt_set}/{self.target.settings.backend}"
+
+    @property
+    def control_use(self) -> str:
+        """How the backend uses a row's control image: a ControlNet locally, else an input."""
+        return "controlnet" if backend_spec(self.target.settings.backend).is_local else "reference"
 
     def key(self, item: PlannedImage) -> str:
         return item.relative_path
@@ -196,6 +217,7 @@ class ImagesKind:
             height=request.height,
             status=status,
             loras=describe(request.loras) if request.loras else "",
+            control=request.control.describe(self.control_use) if request.control else "",
             **facts,
         )
 
@@ -238,8 +260,13 @@ class ImagesKind:
         request = item.request
         parameters = {
             **asdict(self.target.settings),
-            **{k: v for k, v in asdict(request).items() if k != "loras"},
+            **{k: v for k, v in asdict(request).items() if k not in ("loras", "control")},
             **({"loras": json.loads(describe(request.loras))} if request.loras else {}),
+            **(
+                {"control": json.loads(request.control.describe(self.control_use))}
+                if request.control
+                else {}
+            ),
             "image_id": item.image_id,
         }
         png = encode_png(
@@ -249,10 +276,20 @@ class ImagesKind:
             compress_level=self.step.png_compress_level,
         )
         path = self.step.storage.path(*self.folder_parts, item.relative_path)
+        control_map = details.get("control_map")
+        if control_map is not None:  # beside the image, for review; written first
+            map_path = self.step.storage.path(*self.folder_parts, control_map_name(item))
+            self.step.storage.write_bytes(map_path, encode_png(control_map, {}, {}))
         self.step.storage.write_bytes(path, png)
         sha256 = hashlib.sha256(png).hexdigest()
         files = {"path": str(path), "sha256": sha256, "bytes": len(png)}
-        return self.record(item, "ok", run_id, **facts, **files)
+        record = self.record(item, "ok", run_id, **facts, **files)
+        if control_map is not None:
+            # Of the map's pixels (not its PNG bytes): what the ControlNet saw.
+            described = json.loads(record.control)
+            described["map_sha256"] = hashlib.sha256(control_map.tobytes()).hexdigest()
+            record.control = json.dumps(described)
+        return record
 
 
 def run_images_step(

@@ -13,7 +13,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from imagegen_pipeline.prompt_csv import find_prompt_csvs, read_set_defaults, set_defaults_path
+from imagegen_pipeline.prompt_csv import read_set_defaults, set_defaults_path
+from imagegen_pipeline.prompt_folder import find_prompt_csvs
 
 S = TypeVar("S", bound=BaseModel)
 

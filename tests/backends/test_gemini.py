@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -489,3 +490,28 @@ def test_the_api_key_stays_out_of_the_run_summary(fake_gemini: FakeGemini):
     assert summary.metadata["budget_reached"] and summary.metadata["daily_quota_exhausted"]
     assert len(summary.warnings) == 2
     assert FAKE_GEMINI_KEY not in repr(summary) and FAKE_GEMINI_KEY not in str(summary)
+
+
+def test_a_control_image_is_sent_as_a_reference_image(fake_gemini: FakeGemini, tmp_path):
+    """Gemini has no ControlNet: a row's control image goes before the prompt as an input."""
+    import base64
+
+    from imagegen_pipeline.control import control_of
+
+    layout = tmp_path / "layout.png"
+    Image.new("RGB", (32, 32), "white").save(layout)
+    backend = make_backend(fake_gemini)
+    wanted = request("fox", "a red fox", seed=1, width=1024, height=1024)
+    wanted = dataclasses.replace(wanted, control=control_of(str(layout), "canny", 1.0))
+
+    [result] = list(backend.generate([wanted]))
+
+    assert result.status == "ok"
+    [sent] = fake_gemini.requests
+    image_part, text_part = sent.body["contents"][0]["parts"]
+    blob = image_part["inlineData"]
+    # Protobuf JSON takes either spelling; the SDK sends the field name as declared.
+    assert blob.get("mimeType", blob.get("mime_type")) == "image/png"
+    data = blob["data"]  # URL-safe base64, unpadded, as the SDK sends bytes
+    assert base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)) == layout.read_bytes()
+    assert text_part == {"text": "a red fox"}

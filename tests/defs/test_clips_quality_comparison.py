@@ -140,6 +140,25 @@ def test_the_whole_graph_on_tiny_models(first_run):
     assert list(clip_steps["generated"]) == [3, 2, 0, 0]
 
 
+def test_every_prompt_keeps_its_images_by_default(first_run):
+    # No best-of-N column: every image made is kept (cat asks for 2), ranked by CLIP score.
+    results, _, storage, _ = first_run
+    for backend, wanted in [("flux_schnell", 3), ("sdxl_turbo", 2)]:
+        keepers = table(storage, "keepers", "example", backend)
+        assert keepers["kept"].all() and len(keepers) == wanted + 1
+        assert (keepers["scorer"] == "clip").all() and not keepers["below_gate"].any()
+        assert list(keepers["score"]) == list(keepers["clip_score"])
+        clips = table(storage, "clips", "example", backend)
+        assert set(clips["source_image_id"]) <= set(keepers["image_id"])
+    checks = {
+        f"{e.check_name} {e.partition}": e.passed
+        for r in results
+        for e in r.get_asset_check_evaluations()
+        if e.asset_key == dg.AssetKey("keepers")
+    }
+    assert len(checks) == 2 * len(BACKENDS) and all(checks.values())
+
+
 @needs_chromium
 def test_the_gallery_renders_in_headless_chromium(first_run, tmp_path):
     _, _, storage, _ = first_run

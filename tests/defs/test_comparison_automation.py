@@ -22,7 +22,7 @@ def test_comparison_is_requested_after_a_backend_finishes(dagster_instance, make
     assets = [*defs.assets, *(defs.asset_checks or [])]
     dg.materialize(
         assets,
-        selection=dg.AssetSelection.groups("images", "clips", "quality"),
+        selection=dg.AssetSelection.groups("images", "clips", "quality", "keepers"),
         partition_key=key,
         instance=dagster_instance,
         resources=resources,

@@ -24,6 +24,7 @@ def test_assets_and_resources_resolve():
         "enhanced_prompts",
         "images",
         "quality",
+        "keepers",
         "clips",
         "video_quality",
         "backend_comparison",

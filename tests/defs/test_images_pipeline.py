@@ -102,6 +102,8 @@ def test_many_prompt_sets_run_as_one_run_per_backend_with_one_load(
         "sdxl_turbo": 1,
     }
     assert images_steps.groupby("backend")["run_id"].nunique().eq(1).all()
+    # The speed mode is in every step row of a local backend: compile off by default.
+    assert set(images_steps["compile_mode"]) == {"off"} and images_steps["recompiles"].eq(0).all()
     for prompt_set in ("example", "second", "third"):
         event = dagster_instance.get_latest_materialization_event(dg.AssetKey("backend_comparison"))
         assert event is not None

@@ -10,7 +10,7 @@ from imagegen_pipeline.defs.prompts.sensors import prompt_files_sensor
 from imagegen_pipeline.defs.resources import default_resources
 from imagegen_pipeline.defs.storage import StorageResource, TableIOManager
 from imagegen_pipeline.local_runner import range_tags
-from imagegen_pipeline.prompt_csv import prompt_set_name
+from imagegen_pipeline.prompt_folder import prompt_set_name
 
 
 def test_new_and_changed_files_become_partitions_and_runs(tmp_path, dagster_instance):

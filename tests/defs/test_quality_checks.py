@@ -70,9 +70,9 @@ def test_the_new_assets_in_the_graph():
     }
     assert parents == {
         "quality": {"images", "enhanced_prompts"},
-        "clips": {"quality"},
+        "clips": {"keepers"},
         "video_quality": {"clips"},
-        "backend_comparison": {"quality", "video_quality"},
+        "backend_comparison": {"keepers", "video_quality"},
     }
     for name in ("quality", "clips", "video_quality"):
         assets_def = defs.resolve_assets_def(name)

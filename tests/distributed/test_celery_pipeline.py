@@ -464,7 +464,7 @@ def test_two_prompt_sets_both_backends_on_celery_with_outputs_on_s3(pipeline: Pi
     ]
     tables += [
         f"tables/{asset}/{b}/{s}.parquet"
-        for asset in ("images", "quality", "clips", "video_quality")
+        for asset in ("images", "quality", "keepers", "clips", "video_quality")
         for b in LOCAL_BACKENDS
         for s in sets
     ]

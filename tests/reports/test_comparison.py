@@ -269,3 +269,48 @@ def test_an_image_made_with_loras_is_captioned_with_them(tables):
     summary = backend_summary(quality, video_quality)
     page = gallery_html("x", summary, quality, video_quality, b"", read_bytes=read_bytes)
     assert page.count("LoRA brand.safetensors ×0.8, detail-lora ×1") == 1
+
+
+def test_steered_images_are_grouped_by_lora_and_control_and_show_their_map(tables, tmp_path):
+    from imagegen_pipeline.steps.comparison import steering_summary
+
+    quality, video_quality = tables
+    assert steering_summary(quality).empty  # nothing steered: no table
+    flux = quality["flux_schnell"]
+    lora = json.dumps([{"source": "styles/brand.safetensors", "sha256": "ab", "scale": 0.8}])
+    control = json.dumps(
+        {"image": "/x/layout.png", "sha256": "cd", "type": "canny", "scale": 1.0}
+        | {"used_as": "controlnet"}
+    )
+    flux["image_id"] = ["i0", "i1", "i2"]
+    quality["gemini"]["image_id"] = ["g0", "g1", "g2"]
+    flux["loras"] = [lora, lora, ""]
+    flux["control"] = [control, "", ""]
+    Image.new("RGB", (40, 40), "white").save(
+        flux.loc[0, "path"].removesuffix(".png") + ".control.png"
+    )
+
+    steering = steering_summary(quality).set_index(["backend", "loras", "control"])
+    assert (
+        steering.loc[("flux_schnell", "brand.safetensors ×0.8", "canny ×1 layout.png"), "images"]
+        == 1
+    )
+    assert (
+        steering.loc[("flux_schnell", "brand.safetensors ×0.8", "none"), "mean_clip_score"] == 20.0
+    )
+    assert steering.loc[("flux_schnell", "none", "none"), "images"] == 1
+    assert steering.loc[("gemini", "none", "none"), "images"] == 2  # the failed one unscored
+
+    summary = backend_summary(quality, video_quality)
+    page = gallery_html(
+        "x",
+        summary,
+        quality,
+        video_quality,
+        b"",
+        read_bytes=read_bytes,
+        steering=steering_summary(quality),
+    )
+    assert "By LoRA and ControlNet" in page
+    assert page.count('class="control-map"') == 1
+    assert "control canny ×1 layout.png" in page

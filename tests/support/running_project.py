@@ -21,7 +21,7 @@ import dagster as dg
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUSY = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
 DONE_BACKFILL = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
-PER_BACKEND_ASSETS = ("images", "quality", "clips", "video_quality")
+PER_BACKEND_ASSETS = ("images", "quality", "keepers", "clips", "video_quality")
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 LAUNCH_BACKFILL = """
 mutation LaunchBackfill($params: LaunchBackfillParams!) {

@@ -34,7 +34,11 @@ from PIL import Image
 
 from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
 from imagegen_pipeline.backends.gemini import SPEC
-from imagegen_pipeline.backends.gemini.content import image_call_config, read_answer
+from imagegen_pipeline.backends.gemini.content import (
+    image_call_config,
+    read_answer,
+    request_contents,
+)
 from imagegen_pipeline.backends.gemini.errors import (
     MISSING_KEY_MESSAGE,
     CallFailure,
@@ -79,8 +83,6 @@ def checked_settings(settings: GeminiSettings) -> GeminiSettings:
     if settings.budget_usd is not None and settings.budget_usd < 0:
         raise ValueError(f"GeminiSettings.budget_usd must be >= 0, got {settings.budget_usd}")
     settings.prices()  # an unknown model without explicit prices is refused before any request
-    if settings.batch_max_requests < 1:
-        raise ValueError("GeminiSettings.batch_max_requests must be >= 1")
     return settings.model_copy(update={"api_key": key})
 
 
@@ -439,7 +441,7 @@ class GeminiBackend(ImageBackend):
             try:
                 async with asyncio.timeout(config.timeout_seconds):
                     response = await client.aio.models.generate_content(
-                        model=config.model, contents=request.prompt, config=call_config
+                        model=config.model, contents=request_contents(request), config=call_config
                     )
                 return response, None, time.perf_counter() - started
             except Exception as exc:  # classified: retried, failed or a daily quota

@@ -18,8 +18,10 @@ The step that writes the images, keeps the ledger of jobs and decides retries is
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import mimetypes
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -43,11 +45,18 @@ FINAL_STATES = frozenset(
 
 def request_line(key: str, request: ImageRequest) -> dict[str, Any]:
     """One JSONL line: the image's key and the generateContent body of an online call
-    (content.image_call_config: image only, the nearest aspect ratio, the seed)."""
+    (content.request_contents and image_call_config: the reference image if any, the prompt,
+    image only, the nearest aspect ratio, the seed)."""
+    parts: list[dict[str, Any]] = [{"text": request.prompt}]
+    if request.control is not None:  # the row's reference image first, as online
+        path = request.control.path
+        data = base64.b64encode(path.read_bytes()).decode()
+        mime_type = mimetypes.guess_type(path.name)[0] or "image/png"
+        parts.insert(0, {"inlineData": {"mimeType": mime_type, "data": data}})
     return {
         "key": key,
         "request": {
-            "contents": [{"role": "user", "parts": [{"text": request.prompt}]}],
+            "contents": [{"role": "user", "parts": parts}],
             "generationConfig": {
                 "responseModalities": ["IMAGE"],
                 "imageConfig": {"aspectRatio": aspect_ratio_for(request.width, request.height)},

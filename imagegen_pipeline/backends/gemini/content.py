@@ -1,7 +1,9 @@
 """What one image call sends, and what its answer means.
 
-The request: the prompt as the only content, ``responseModalities=["IMAGE"]``, the supported
-aspect ratio nearest to the requested size (Gemini takes a ratio, not pixels) and the seed.
+The request: the prompt (after the row's control image as a reference image, when the row has
+one: Gemini takes no ControlNet but composes from an image it is given),
+``responseModalities=["IMAGE"]``, the supported aspect ratio nearest to the requested size
+(Gemini takes a ratio, not pixels) and the seed.
 
 The answer: an image, or no image. Any answer without an image is *blocked*, whatever the cause
 (a safety refusal, NO_IMAGE, a text-only reply, a blocked prompt): the reason and whatever the
@@ -11,6 +13,7 @@ model said go into the error text, and no placeholder image is ever made.
 from __future__ import annotations
 
 import math
+import mimetypes
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +42,18 @@ def aspect_ratio_for(width: int, height: int) -> str:
         return abs(math.log(int(w) / int(h)) - wanted)
 
     return min(ASPECT_RATIOS, key=distance)
+
+
+def request_contents(request: ImageRequest) -> str | list[types.Part]:
+    """The contents of the call for ``request``: its prompt, after its reference image."""
+    if request.control is None:
+        return request.prompt
+    path = request.control.path
+    mime_type = mimetypes.guess_type(path.name)[0] or "image/png"
+    return [
+        types.Part.from_bytes(data=path.read_bytes(), mime_type=mime_type),
+        types.Part.from_text(text=request.prompt),
+    ]
 
 
 def image_call_config(request: ImageRequest) -> types.GenerateContentConfig:

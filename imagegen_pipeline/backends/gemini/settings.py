@@ -45,7 +45,7 @@ class GeminiSettings(BaseModel):
         "online", description="online: generateContent per image; batch: the Batch API, half price"
     )
     batch_max_requests: int = Field(
-        100, description="images per batch job (about 2 MB of results each; bounded to fetch)"
+        100, ge=1, description="images per batch job (about 2 MB of results each; bounded)"
     )
     batch_poll_seconds: float = Field(30.0, description="between two looks at an open batch job")
     batch_wait_seconds: float = Field(

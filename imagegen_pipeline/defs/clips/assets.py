@@ -40,16 +40,16 @@ CLIP_COLUMNS = list(VideoClipRecord.__dataclass_fields__)
     required_resource_keys={"storage", SVD.name},
 )
 def clips(
-    context: dg.AssetExecutionContext, quality: dict[str, pd.DataFrame]
+    context: dg.AssetExecutionContext, keepers: dict[str, pd.DataFrame]
 ) -> dict[str, pd.DataFrame]:
     """An MP4 video clip and an animated WebP preview of the chosen images; one row per clip.
 
-    Reads ``quality`` rather than ``images``: the quality table holds every image row plus its
-    scores, so ``selection="top_n"`` can rank each prompt's images by CLIP score, and blank
-    images are never animated. The graph is therefore a chain, images -> quality -> clips ->
-    video_quality: ``quality`` never reads clips (their scores are ``video_quality``), so there
-    is no cycle. Clips are content-addressed, so a re-run makes only the missing ones; one
-    failed clip fails alone.
+    Reads ``keepers``: only kept candidates are animated (their rows carry the quality
+    report's columns, so ``selection="top_n"`` can still rank a prompt's keepers by CLIP
+    score, and blank images are never animated). The graph is therefore a chain, images ->
+    quality -> keepers -> clips -> video_quality: nothing upstream reads clips (their scores
+    are ``video_quality``), so there is no cycle. Clips are content-addressed, so a re-run
+    makes only the missing ones; one failed clip fails alone.
     """
     storage_resource = context.resources.storage
     storage = storage_resource.storage()
@@ -57,7 +57,9 @@ def clips(
     def step(warm: Any, key: str, prompt_set: str, backend: str) -> PartitionStep:
         settings = warm.settings
         clip_settings = video_clip_settings(settings, warm.model_id)
-        sources = select_sources(quality[key], settings.selection, settings.n)
+        chosen = keepers[key]
+        kept = chosen[chosen["kept"].astype(bool)] if len(chosen) else chosen
+        sources = select_sources(kept, settings.selection, settings.n)
         planned = plan_video_clips(sources, clip_settings)
         where = VideoStepContext(
             storage=storage,

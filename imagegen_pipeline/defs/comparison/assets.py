@@ -17,12 +17,14 @@ from imagegen_pipeline.steps.comparison import (
     bar_chart_png,
     data_uri,
     gallery_html,
+    steering_summary,
 )
 from imagegen_pipeline.steps.hybrid import HYBRID_COLUMNS, load_routing, with_hybrid_split
 
 SUMMARY_COLUMNS = [
     "backend",
     "images",
+    "keepers",
     "failed",
     "blocked",
     "mean_clip_score",
@@ -62,7 +64,7 @@ def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]
 
 @dg.asset(
     partitions_def=prompt_set_partitions,
-    ins={"quality": PER_BACKEND_INPUT, "video_quality": PER_BACKEND_INPUT},
+    ins={"keepers": PER_BACKEND_INPUT, "video_quality": PER_BACKEND_INPUT},
     backfill_policy=single_run,
     group_name="comparison",
     kinds={"html", "parquet"},
@@ -77,13 +79,16 @@ def backend_comparison(
     context: dg.AssetExecutionContext,
     config: ComparisonConfig,
     storage: StorageResource,
-    quality: dict[str, pd.DataFrame],
+    keepers: dict[str, pd.DataFrame],
     video_quality: dict[str, pd.DataFrame],
 ) -> dict[str, pd.DataFrame]:
-    """One row per backend (images, failures, CLIP and aesthetic scores, seconds and cost per
-    image, video clips), a bar chart, and storage/reports/<prompt set>/gallery.html."""
+    """One row per backend (images, keepers, failures, CLIP and aesthetic scores, seconds and
+    cost per image, video clips), a bar chart, and storage/reports/<prompt set>/gallery.html
+    (per prompt each backend's keepers first, its other candidates behind them).
+
+    Reads ``keepers``: each row is a quality-report row plus its keeper columns."""
     store = storage.storage()
-    quality_by_set, video_by_set = by_set(quality), by_set(video_quality)
+    quality_by_set, video_by_set = by_set(keepers), by_set(video_quality)
     summaries = {}
     for prompt_set in context.partition_keys:
         reports = quality_by_set.get(prompt_set, {})
@@ -93,6 +98,7 @@ def backend_comparison(
         summary = backend_summary(reports, videos)
         # Rows with backends "any": how many of their images, and what cost, each backend took.
         summary = with_hybrid_split(summary, reports, load_routing(store, prompt_set))
+        steering = steering_summary(reports)
         chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
         page = gallery_html(
             prompt_set,
@@ -101,6 +107,7 @@ def backend_comparison(
             videos,
             chart,
             read_bytes=store.read_bytes,
+            steering=steering,
             worst_first=config.worst_first,
             thumbnail_side=config.thumbnail_side,
         )
@@ -115,6 +122,11 @@ def backend_comparison(
                 "summary": markdown_table(
                     summary.round(4),
                     SUMMARY_COLUMNS + [c for c in HYBRID_COLUMNS if c in summary],
+                ),
+                **(
+                    {"by_lora_and_control": markdown_table(steering.round(4), list(steering))}
+                    if len(steering)
+                    else {}
                 ),
                 "chart": dg.MetadataValue.md(f"![comparison]({data_uri(chart, 'image/png')})"),
                 "gallery": dg.MetadataValue.path(str(gallery_path)),

@@ -22,6 +22,7 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
+from imagegen_pipeline.defs.scorers import SCORER_RESOURCE_KEYS, scorer_handles
 from imagegen_pipeline.defs.step_records import (
     PartitionStep,
     each_partition,
@@ -30,14 +31,14 @@ from imagegen_pipeline.defs.step_records import (
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import EXISTING_STATUSES, IMAGE_STATUSES, ImageRecord
 from imagegen_pipeline.registry import IMAGE_BACKENDS, backend_spec
-from imagegen_pipeline.steps.hybrid import Routing
-from imagegen_pipeline.steps.images import (
-    ImagesKind,
-    ImagesStepContext,
-    images_folder,
-    plan_images,
-    run_images_step,
+from imagegen_pipeline.steps.best_of_n import (
+    default_scorer_name,
+    policies_of,
+    run_candidates_step,
+    scorers_needed,
 )
+from imagegen_pipeline.steps.hybrid import Routing
+from imagegen_pipeline.steps.images import ImagesKind, ImagesStepContext, images_folder
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
 API_BACKENDS = frozenset(spec.name for spec in IMAGE_BACKENDS if not spec.is_local)
@@ -65,7 +66,8 @@ def make_images(
         target = settings.image_target(backend_name, warm.model_id if same else settings.model)
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         prompts, routing = route(context, prompts, prompt_set, context.log.info)
-        planned = plan_images(prompts, target)
+        default_scorer = default_scorer_name(project)
+        gated = scorers_needed(policies_of(prompts, backend_name, default_scorer), True)
         # A set whose sidecar changes a hosted model's settings gets its own model object.
         per_set: list[Any] = []
 
@@ -85,7 +87,20 @@ def make_images(
             verify=storage_resource.verify,
         )
         kind = images_kind(settings)
-        outcome = run_images_step(target, model, planned, where, log=context.log.info, kind=kind)
+        # Best-of-N: candidates in rounds, scored here where a gate needs it.
+        with scorer_handles(context, gated, project) as scorers:
+            best_of_n = run_candidates_step(
+                target,
+                model,
+                prompts,
+                where,
+                scorers,
+                default_scorer=default_scorer,
+                backend_settings=settings,
+                log=context.log.info,
+                kind=kind,
+            )
+        outcome = best_of_n.outcome
         # The backend's totals are those of its last generate call: this partition's only if
         # it made something (a batch step makes no generate call).
         made = outcome.generated and kind is ImagesKind
@@ -110,6 +125,11 @@ def make_images(
             adapter_switches=summary.metadata.get("adapter_switches", 0),
             adapter_load_seconds=summary.metadata.get("adapter_load_seconds", 0.0),
             adapter_switch_seconds=summary.metadata.get("adapter_switch_seconds", 0.0),
+            controlnet_loads=summary.metadata.get("controlnet_loads", 0),
+            controlnet_load_seconds=summary.metadata.get("controlnet_load_seconds", 0.0),
+            compile_mode=summary.metadata.get("compile_mode"),
+            compile_seconds=summary.metadata.get("compile_seconds", 0.0),
+            recompiles=summary.metadata.get("recompiles", 0),
             peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
             cost_usd=_sum(r.cost_usd for r in outcome.records),
             pending=counts.get("pending", 0),
@@ -120,7 +140,7 @@ def make_images(
         if failures:
             first = next((r.error for r in outcome.records if r.error), "")
             context.log.warning(
-                f"{prompt_set}/{backend_name}: {failures} of {len(planned)} image(s) "
+                f"{prompt_set}/{backend_name}: {failures} of {len(outcome.records)} image(s) "
                 f"failed or were blocked; first error: {first}"
             )
         metadata = {
@@ -136,6 +156,10 @@ def make_images(
             "model_cache_hits": record.model_cache_hits,
             "model_load_seconds": round(record.model_load_seconds, 3),
             "images_per_second": float(record.items_per_second or 0.0),
+            "candidate_rounds": best_of_n.rounds,
+            "gate_retries": best_of_n.gate_retries,
+            "scored_in_step": best_of_n.scored_in_step,
+            "scoring_seconds": round(best_of_n.scoring_seconds, 3),
             "cost_usd": float(record.cost_usd or 0.0),
             **({"mode": settings.mode} if hasattr(settings, "mode") else {}),
             **{k: v for k, v in hybrid_split(routing, prompts, backend_name).items()},
@@ -186,7 +210,7 @@ ENHANCED_PROMPTS_IN = dg.In(metadata=PROMPT_SET_INPUT.metadata)
 
 @dg.op(
     ins={"enhanced_prompts": ENHANCED_PROMPTS_IN},
-    required_resource_keys={"storage", *API_BACKENDS},
+    required_resource_keys={"storage", *API_BACKENDS, *SCORER_RESOURCE_KEYS},
     out=dg.Out(io_manager_key="step_io_manager"),
 )
 def generate_with_apis(
@@ -199,7 +223,7 @@ def generate_with_apis(
 @dg.op(
     ins={"enhanced_prompts": ENHANCED_PROMPTS_IN, "api_images": dg.In()},
     # The hosted backends' resources too: their settings route rows with backends "any".
-    required_resource_keys={"storage", *LOCAL_BACKENDS, *API_BACKENDS},
+    required_resource_keys={"storage", *LOCAL_BACKENDS, *API_BACKENDS, *SCORER_RESOURCE_KEYS},
     pool=GPU_POOL,
     tags=gpu_op_tags(),
 )
@@ -239,6 +263,7 @@ def images(enhanced_prompts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]
     """Every image of each prompt set the backend lacks, as PNGs; this table has one row per
     image (status, path, seed, seconds, cost).
 
+    Best-of-N rows draw their candidates here, in rounds behind their gate (``min_score``).
     Outputs are content-addressed, so a re-run generates only what is missing. One failed
     prompt fails alone: the ``every_image_generated`` check reports it.
     """

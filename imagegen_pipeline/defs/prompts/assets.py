@@ -19,9 +19,9 @@ from imagegen_pipeline.prompt_csv import (
     REJECTED_COLUMNS,
     VALID_COLUMNS,
     PromptFileError,
-    find_prompt_csvs,
     read_prompt_csv,
 )
+from imagegen_pipeline.prompt_folder import find_prompt_csvs
 
 
 def prompt_csv_files(prompts_dir: str | Path) -> dict[str, Path]:

@@ -10,7 +10,8 @@ from imagegen_pipeline.defs.jobs import prepare_prompts_job
 from imagegen_pipeline.defs.partitions import prompt_set_partitions
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.prompt_csv import find_prompt_csvs, set_defaults_path
+from imagegen_pipeline.prompt_csv import set_defaults_path
+from imagegen_pipeline.prompt_folder import find_prompt_csvs
 
 
 @dg.sensor(

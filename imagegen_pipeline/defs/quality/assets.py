@@ -15,6 +15,7 @@ from imagegen_pipeline.defs.partitions import (
     prompts_of,
     single_run,
 )
+from imagegen_pipeline.defs.scorers import SCORER_RESOURCE_KEYS, scorer_handles
 from imagegen_pipeline.defs.step_records import (
     PartitionStep,
     each_partition,
@@ -24,6 +25,8 @@ from imagegen_pipeline.defs.storage import stored_table
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.registry import CLIP_MODEL
 from imagegen_pipeline.run_metadata import load_run_metadata
+from imagegen_pipeline.steps.best_of_n import default_scorer_name, policies_of, scorers_needed
+from imagegen_pipeline.steps.candidate_scores import ScoreBook, add_scorer_columns
 from imagegen_pipeline.steps.scores import (
     Scorer,
     score_image_table,
@@ -123,7 +126,7 @@ def score_partitions(
     kinds={"pytorch", "parquet"},
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    required_resource_keys={"storage", "quality_thresholds", CLIP_MODEL.name},
+    required_resource_keys={"storage", "quality_thresholds", *SCORER_RESOURCE_KEYS},
 )
 def quality(
     context: dg.AssetExecutionContext,
@@ -136,10 +139,12 @@ def quality(
     and cost of the run that generated it (``generation_*``, also for images a re-run skipped),
     CLIPScore against the original and the enhanced prompt with truncation flags, CLIP
     aesthetic and per-aspect probabilities, the LAION aesthetic when a head is configured, and
-    brightness, contrast, saturation, sharpness and the blank flag. Images that do not exist
-    (failed, blocked, skipped for budget) keep their row with empty scores.
+    brightness, contrast, saturation, sharpness and the blank flag; per best-of-N scorer the
+    set's rows use, ``score_<scorer>`` with its ``_model`` and ``_revision``. Images that do
+    not exist (failed, blocked, skipped for budget) keep their row with empty scores.
     """
     storage = context.resources.storage.storage()
+    project = load_project_config()
     thresholds = context.resources.quality_thresholds.blank_thresholds()
     workers = getattr(context.resources, CLIP_MODEL.name).workers
 
@@ -158,6 +163,11 @@ def quality(
         )
         made = load_run_metadata(storage, "images", prompt_set=prompt_set, backend=backend)
         table = with_generation_facts(table, made)
+        # The best-of-N scorers of the set's rows: one score column each, kept in the book.
+        policies = policies_of(prompts, backend, default_scorer_name(project))
+        with scorer_handles(context, scorers_needed(policies, False), project) as scorers:
+            book = ScoreBook.read(storage, prompt_set, backend)
+            table = add_scorer_columns(table, scorers, book, originals, context.log.info)
         scored = _scored(table)
         worst = scored.sort_values("clip_score") if len(scored) else scored
         return table, {
@@ -167,6 +177,8 @@ def quality(
             "mean_clip_score_enhanced": _mean(scored, "clip_score_enhanced"),
             "mean_aesthetic": _mean(scored, "aesthetic"),
             "mean_laion_aesthetic": _mean(scored, "laion_aesthetic"),
+            **{f"mean_score_{name}": _mean(scored, f"score_{name}") for name in scorers},
+            "scored_by_scorers": book.computed,
             "worst_images": markdown_table(worst, PREVIEW_COLUMNS),
             "worst_thumbnails": thumbnails(
                 list(worst["path"]) if len(worst) else [], storage.read_bytes, limit=4

@@ -1,0 +1,53 @@
+"""What every human-preference scorer shares: one small interface and its common settings.
+
+A scorer turns (image, prompt) pairs into one float each, higher meaning "people prefer it";
+best-of-N ranks a prompt's candidates by it. Each scorer is one module (``clip_model``,
+``hpsv2``, ``pickscore``) with a ``SPEC``, settings, ``build_tiny`` and a class meeting
+:class:`PreferenceScorer`; ``registry.SCORERS`` lists them by the name prompt rows use.
+Scores of one pair never depend on the batch it was scored in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+from PIL import Image
+from pydantic import Field
+
+from imagegen_pipeline.model_settings import ModelSettings
+
+
+class PreferenceScorer(Protocol):
+    """A scorer loaded once per step (through the warm model cache) and called in batches."""
+
+    device: Any
+    model_loads: int
+    load_seconds: float
+
+    @property
+    def model_label(self) -> str: ...  # the model as recorded with every score
+
+    @property
+    def model_revision(self) -> str: ...  # its revision ("main" when none was pinned)
+
+    def load(self) -> float: ...
+    def unload(self) -> None: ...
+    def weight_bytes(self) -> int: ...
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]: ...
+
+
+class PreferenceScorerSettings(ModelSettings):
+    """What the preference scorers share: precision and batch size."""
+
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp32 keeps scores comparable across machines"
+    )
+    batch_size: int = Field(16, description="images per forward pass; scores do not depend on it")
+
+    def scorer_label(self, model_id: str | None = None) -> str:
+        """The model as recorded with every score (and part of each score's reuse key)."""
+        return model_id or self.model
+
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
