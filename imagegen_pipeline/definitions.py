@@ -7,6 +7,7 @@ from imagegen_pipeline.defs.comparison.assets import backend_comparison
 from imagegen_pipeline.defs.comparison.sensors import comparison_automation_sensor
 from imagegen_pipeline.defs.executor import project_executor
 from imagegen_pipeline.defs.images.assets import images
+from imagegen_pipeline.defs.images.batch_sensor import gemini_batch_sensor
 from imagegen_pipeline.defs.images.checks import images_checks
 from imagegen_pipeline.defs.images.sensors import (
     bulk_generation_schedule,
@@ -46,6 +47,7 @@ defs = dg.Definitions(
         generate_after_prompts_sensor,
         comparison_automation_sensor,
         regenerate_rejected_sensor,
+        gemini_batch_sensor,
     ],
     resources=default_resources(),
     executor=project_executor(),

@@ -17,7 +17,7 @@ from imagegen_pipeline.control import (
     resolve_control_image,
 )
 from imagegen_pipeline.lora import check_fits, lora_cell, parse_lora_cell, resolve_lora
-from imagegen_pipeline.registry import BACKEND_NAMES, SCORERS, backend_spec
+from imagegen_pipeline.registry import ANY_BACKEND, BACKEND_NAMES, SCORERS, backend_spec
 
 STYLES = ("photorealistic", "artistic", "cinematic", "anime", "none")
 
@@ -52,6 +52,8 @@ def style(raw: str) -> str:
 
 def backends(raw: str | list[str]) -> list[str]:
     names = [part for part in re.split(r"[;,|\s]+", raw) if part] if isinstance(raw, str) else raw
+    if list(names) == [ANY_BACKEND]:  # the pipeline picks (hybrid overflow, steps/hybrid.py)
+        return [ANY_BACKEND]
     unknown = [name for name in names if name not in BACKEND_NAMES]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; use {', '.join(BACKEND_NAMES)}")
@@ -68,7 +70,8 @@ def loras(cell: str, info: ValidationInfo) -> str:
         adapters = [resolve_lora(ref, folder) for ref in parse_lora_cell(cell)]
     except (OSError, ValueError) as error:
         raise ValueError(str(error)) from None
-    for name in info.data.get("backends") or BACKEND_NAMES:
+    named = info.data.get("backends") or BACKEND_NAMES
+    for name in BACKEND_NAMES if ANY_BACKEND in named else named:
         spec = backend_spec(name)
         for adapter in adapters:
             try:

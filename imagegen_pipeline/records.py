@@ -18,7 +18,10 @@ import pyarrow as pa
 
 # "damaged": a file found but not trusted (size, decoding or sha256 against its row), moved to
 # the quarantine; the run metadata keeps that row, the output is made again.
-ImageStatus = Literal["ok", "failed", "blocked", "skipped_budget", "skipped_existing", "damaged"]
+# "pending": in a Gemini batch job that has not finished yet; a later run collects it.
+ImageStatus = Literal[
+    "ok", "failed", "blocked", "skipped_budget", "skipped_existing", "damaged", "pending"
+]
 VideoClipStatus = Literal["ok", "failed", "skipped_existing", "damaged"]
 IMAGE_STATUSES: tuple[str, ...] = get_args(ImageStatus)
 VIDEO_CLIP_STATUSES: tuple[str, ...] = get_args(VideoClipStatus)
@@ -162,6 +165,45 @@ class StepRecord:
     finished_at: datetime | None = None
     row_id: str | None = None  # set by the run metadata, like the rows of images and clips
     recorded_at: datetime | None = None
+    # Hybrid overflow (rows with backends "any"): how many images of the set went to the local
+    # backend and to Gemini, the local queue estimate that decided it, and Gemini's share of
+    # the cost. Set on the step rows of both partitions of such a set.
+    hybrid_local_images: int | None = None
+    hybrid_overflow_images: int | None = None
+    hybrid_queue_seconds: float | None = None
+    pending: int = 0  # images waiting in a Gemini batch job, collected by a later run
+
+
+@dataclass
+class BatchJobRecord:
+    """One Gemini batch job of one partition, as the runs that submitted, watched and
+    collected it saw it. Written before anyone waits on it, so a killed run's successor
+    resumes the same job instead of paying for a second one."""
+
+    run_id: str
+    prompt_set: str
+    backend: str
+    display_name: str  # derived from the job's image keys: its id in this table
+    status: str  # submitting, open, collected, cancelled, failed
+    model_id: str
+    job_name: str = ""  # batches/...
+    state: str = ""  # the API's last JOB_STATE_*
+    attempt: int = 0  # 0: first submission; 1: the follow-up batch of failed keys
+    requests: int = 0
+    keys: str = ""  # JSON list of the image content addresses, one per request line
+    input_file: str = ""
+    result_file: str = ""
+    ok: int = 0
+    blocked: int = 0
+    failed: int = 0
+    cost_usd: float | None = None
+    error: str = ""
+    created_at: datetime | None = None
+    deadline_at: datetime | None = None
+    finished_at: datetime | None = None
+    row_id: str | None = None
+    recorded_at: datetime | None = None
+    superseded_by: str | None = None
 
 
 def facts_from_json(facts: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +244,7 @@ RECORD_TYPES: dict[str, type] = {
     "images": ImageRecord,
     "clips": VideoClipRecord,
     "steps": StepRecord,
+    "batch_jobs": BatchJobRecord,
 }
 TABLE_SCHEMAS: dict[str, pa.Schema] = {name: arrow_schema(t) for name, t in RECORD_TYPES.items()}
 

@@ -24,6 +24,7 @@ from imagegen_pipeline.model_spec import ModelSpec, WeightSource
 from imagegen_pipeline.project_config import ConfigError, ProjectConfig, api_key
 
 __all__ = [
+    "ANY_BACKEND",
     "BACKEND_NAMES",
     "CLIP_MODEL",
     "IMAGE_BACKENDS",
@@ -99,6 +100,9 @@ MODELS: dict[str, ModelSpec] = {
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(spec.name for spec in IMAGE_BACKENDS)
 LOCAL_BACKEND_NAMES: tuple[str, ...] = tuple(s.name for s in IMAGE_BACKENDS if s.is_local)
+# The CSV ``backends`` value that leaves the choice to the pipeline: a local backend while its
+# queue is short, else overflow to the hosted one (hybrid overflow, steps/hybrid.py).
+ANY_BACKEND = "any"
 
 
 def backend_spec(name: str) -> ModelSpec:

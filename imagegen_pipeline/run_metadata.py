@@ -48,7 +48,7 @@ COMPACT_FILES = 8  # a partition holding more files than this is compacted by it
 COMPACTED_PREFIX = "compacted_"
 READ_ATTEMPTS = 20  # a compaction may delete a listed file before it is read: list again
 # The tables with one current row per output, and the column naming the output.
-OUTPUT_IDS = {"images": "image_id", "clips": "clip_id"}
+OUTPUT_IDS = {"images": "image_id", "clips": "clip_id", "batch_jobs": "display_name"}
 # Rows that only say an output was found: never the current row of their output.
 OBSERVATION_STATUSES = ("skipped_existing",)
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)

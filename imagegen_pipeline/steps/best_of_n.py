@@ -145,6 +145,7 @@ def run_candidates_step(
     backend_settings: Any = None,
     extra: Sequence[PlannedImage] = (),
     log: Callable[[str], None] = print,
+    kind: type[ImagesKind] | None = None,
 ) -> CandidatesOutcome:
     """Make every prompt's candidates (see the module docstring), holding the partition's
     claim over all rounds; ``scorers`` by name, each created only if a gate needs a score;
@@ -164,7 +165,7 @@ def run_candidates_step(
         writer_threads=step.writer_threads,
         verify=step.verify,
     )
-    kind = ImagesKind(target, backend, step, log)
+    maker = (kind or ImagesKind)(target, backend, step, log)  # BatchImagesKind: Gemini batch
     book = ScoreBook.read(step.storage, step.prompt_set, name)
     result = CandidatesOutcome(StepOutcome([]), policies)
     records: dict[tuple[str, int], ImageRecord] = {}
@@ -174,13 +175,13 @@ def run_candidates_step(
         # apart from the candidates' bookkeeping, which is by slot.
         extra_records = []
         if extra:
-            extra_outcome = run_step(kind, list(extra), place, log)
+            extra_outcome = run_step(maker, list(extra), place, log)
             _add(result.outcome, extra_outcome)
             extra_records = extra_outcome.records
         planned = plan_candidates(enhanced, target, drawn, since)
         while planned:
             result.rounds += 1
-            outcome = run_step(kind, planned, place, log)
+            outcome = run_step(maker, planned, place, log)
             _add(result.outcome, outcome)
             records.update({(r.prompt_id, r.image_index): r for r in outcome.records})
             since = dict(drawn)
@@ -245,7 +246,9 @@ def _spend_within_budget(
     """Cut the next round to what the rest of a hosted backend's budget pays for: the
     budget is the run's, not one round's."""
     budget = getattr(settings, "budget_usd", None)
-    price = getattr(settings, "price_per_image_usd", None)
+    # Gemini's expected price of an image in its mode (the price table's, half in batch mode).
+    expected = getattr(settings, "expected_image_usd", None)
+    price = expected() if callable(expected) else getattr(settings, "price_per_image_usd", None)
     if budget is None or not price:
         return
     spent = sum(record.cost_usd or 0.0 for record in records.values())

@@ -302,6 +302,7 @@ def run_images_step(
     planned: list[PlannedImage],
     step: ImagesStepContext,
     log: Callable[[str], None] = print,
+    kind: type[ImagesKind] | None = None,
 ) -> StepOutcome[ImageRecord]:
     """Generate what is missing or damaged, write each PNG atomically, describe every image.
 
@@ -318,4 +319,5 @@ def run_images_step(
     )
     # Held over listing and making: a second run of the partition waits, then finds it done.
     with partition_claim(step.storage, "images", step.prompt_set, target.settings.backend, log):
-        return run_step(ImagesKind(target, backend, step, log), planned, place, log)
+        maker = (kind or ImagesKind)(target, backend, step, log)  # BatchImagesKind: Gemini batch
+        return run_step(maker, planned, place, log)

@@ -1,14 +1,18 @@
-"""Gemini image generation (``gemini-2.5-flash-image``) through the official google-genai SDK.
+"""Gemini image generation through the official google-genai SDK, online or in batch mode.
 
-One ``generateContent`` call per image, with ``responseModalities=["IMAGE"]``, the aspect ratio
-nearest to the requested size and the request's seed. The calls run concurrently on a private
-event loop in a helper thread, paced by a token bucket, retried with exponential backoff and full
-jitter on 408/429/5xx and timeouts (the SDK's own retries are off so that every retry is counted
-and paced), and stopped early by a per-run budget or an exhausted daily quota.
+Online (``mode: online``), one ``generateContent`` call per image, with
+``responseModalities=["IMAGE"]``, the aspect ratio nearest to the requested size and the seed. The
+calls run concurrently on a private event loop in a helper thread, paced by a token bucket, retried
+with exponential backoff and full jitter on 408/429/5xx and timeouts (the SDK's own retries are off
+so that every retry is counted and paced), and stopped early by a per-run budget or an exhausted
+daily quota.
 
 Every request ends in exactly one result: ``ok`` (an image), ``blocked`` (the model answered
 without an image: a safety refusal, NO_IMAGE, text only, a blocked prompt; never a placeholder),
 ``failed`` (an error, with its text) or ``skipped_budget``.
+
+Batch (``mode: batch``, per prompt set too): the same requests as JSONL lines submitted to the
+Batch API at half the price; see ``batch`` and ``steps/gemini_batch.py``.
 
 Negative prompts: Gemini has no negative-prompt parameter, and this backend does not fold one
 into the prompt text ("Avoid: ..."). Google's prompting guide for image generation recommends
@@ -30,7 +34,9 @@ listing the backends never imports google-genai):
 - ``content``: what a call sends (aspect ratio, seed) and what its answer means (image/blocked);
 - ``errors``: what a failed call means (retry, give up, daily quota) and the backend's errors;
 - ``pacing``: the token bucket and the retry backoff;
-- ``pricing``: tokens and cost of an answer.
+- ``pricing``: tokens and cost of an answer;
+- ``prices``: the price table per model (one place, with its source and date);
+- ``batch``: the Batch API calls and files (the batch step is ``steps/gemini_batch.py``).
 """
 
 from imagegen_pipeline.backends.gemini.settings import GeminiSettings
@@ -44,4 +50,11 @@ SPEC = ModelSpec(
     default_model=GeminiSettings.model_fields["model"].default,
     key_env_var="GEMINI_API_KEY",
     runs_on="api",
+    per_set_settings=(
+        "mode",
+        "model",
+        "batch_max_requests",
+        "batch_retry",
+        "overflow_queue_limit_seconds",
+    ),
 )

@@ -82,6 +82,7 @@ def checked_settings(settings: GeminiSettings) -> GeminiSettings:
         raise ValueError(f"GeminiSettings.max_attempts must be >= 1, got {settings.max_attempts}")
     if settings.budget_usd is not None and settings.budget_usd < 0:
         raise ValueError(f"GeminiSettings.budget_usd must be >= 0, got {settings.budget_usd}")
+    settings.prices()  # an unknown model without explicit prices is refused before any request
     return settings.model_copy(update={"api_key": key})
 
 
@@ -303,7 +304,7 @@ class GeminiBackend(ImageBackend):
                     alive.release()
                     await emit(skipped)
                     continue
-                state.reserved_usd += config.price_per_image_usd
+                state.reserved_usd += config.expected_image_usd()
                 task = asyncio.create_task(run_one(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -326,7 +327,7 @@ class GeminiBackend(ImageBackend):
         if config.budget_usd is None:
             return None
         committed = stats.spent_usd + state.reserved_usd
-        if committed + config.price_per_image_usd <= config.budget_usd + 1e-12:
+        if committed + config.expected_image_usd() <= config.budget_usd + 1e-12:
             return None
         if not stats.budget_reached:
             logger.warning(
@@ -339,7 +340,7 @@ class GeminiBackend(ImageBackend):
         stats.skipped_budget += 1
         error = (
             f"budget reached: ${config.budget_usd:.4f} per run, ${committed:.4f} spent or "
-            f"committed, ${config.price_per_image_usd:.4f} expected per image; not sent"
+            f"committed, ${config.expected_image_usd():.4f} expected per image; not sent"
         )
         return _Outcome(request, "skipped_budget", error=error)
 
@@ -356,7 +357,7 @@ class GeminiBackend(ImageBackend):
         while True:
             sent = await self._send(client, request, call_config, state)
             if sent is None:  # a daily quota ran out while this request waited: never sent
-                state.reserved_usd -= config.price_per_image_usd
+                state.reserved_usd -= config.expected_image_usd()
                 return _Outcome(
                     request,
                     "failed",
@@ -374,7 +375,7 @@ class GeminiBackend(ImageBackend):
             if failure is None:
                 answer = read_answer(response, config)
                 details.update(answer.details)
-                state.reserved_usd -= config.price_per_image_usd
+                state.reserved_usd -= config.expected_image_usd()
                 stats.spent_usd += details["cost_usd"] or 0.0
                 stats.prompt_tokens += details["prompt_tokens"] or 0
                 stats.output_tokens += details["output_tokens"] or 0
@@ -395,7 +396,7 @@ class GeminiBackend(ImageBackend):
                 state.daily_quota_error = failure.message
                 stats.daily_quota_exhausted = True
             if failure.daily_quota or not failure.retryable or retries + 1 >= config.max_attempts:
-                state.reserved_usd -= config.price_per_image_usd
+                state.reserved_usd -= config.expected_image_usd()
                 after = f" (after {retries} retries)" if retries else ""
                 details["http_status"] = failure.kind
                 return _Outcome(

@@ -109,7 +109,7 @@ def read_answer(response: types.GenerateContentResponse, settings: GeminiSetting
     }
     if image_bytes is not None and not block_reason:
         if cost is None:  # no usage metadata: charge the expected price of an image
-            details["cost_usd"] = settings.price_per_image_usd
+            details["cost_usd"] = settings.expected_image_usd()
         return Answer(image_bytes, details=details)
     if block_reason:
         reason = f"prompt blocked (blockReason {block_reason})"

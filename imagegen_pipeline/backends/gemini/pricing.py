@@ -1,9 +1,10 @@
 """What one Gemini answer cost, from the token counts in its usage metadata.
 
-Prices are settings (``GeminiSettings.price_per_*``, Google's list prices by default) because
-they change and differ per model. Output is priced per modality: an image token costs 12 times a
-text token for gemini-2.5-flash-image, and thinking is billed as text output, so the answer's
-per-modality breakdown is used when it has one.
+Prices come from the one table, ``prices.py`` (per model, with its source date), under any
+price set on the resource; batch mode pays ``BATCH_DISCOUNT`` of every token. Output is priced
+per modality: an image token costs 12 times a text token for gemini-2.5-flash-image, and
+thinking is billed as text output, so the answer's per-modality breakdown is used when it has
+one.
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ from typing import Any
 from google.genai import types
 
 from imagegen_pipeline.backends.gemini.settings import GeminiSettings
-
-# Output tokens of one image up to 1024x1024 px: at $30 per 1M tokens, about $0.039 an image
-# (the default of GeminiSettings.price_per_image_usd, which the budget reserves per request).
-TOKENS_PER_IMAGE = 1290
 
 
 def enum_name(value: Any) -> str:
@@ -45,9 +42,10 @@ def usage_cost(
             if enum_name(detail.modality) == "IMAGE"
         )
         text_tokens += candidates_tokens - image_tokens
-    cost = (
-        prompt_tokens * settings.price_per_input_token_usd
-        + image_tokens * settings.price_per_output_token_usd
-        + text_tokens * settings.price_per_output_text_token_usd
+    price = settings.prices()
+    cost = settings.price_factor * (
+        prompt_tokens * price.input_per_token
+        + image_tokens * price.image_output_per_token
+        + text_tokens * price.text_output_per_token
     )
     return prompt_tokens, candidates_tokens + thoughts_tokens, cost

@@ -20,6 +20,7 @@ from imagegen_pipeline.steps.comparison import (
     gallery_html,
     steering_summary,
 )
+from imagegen_pipeline.steps.hybrid import HYBRID_COLUMNS, load_routing, with_hybrid_split
 from imagegen_pipeline.storage import Storage
 
 SUMMARY_COLUMNS = [
@@ -109,6 +110,8 @@ def backend_comparison(
         }
         videos = video_by_set.get(prompt_set, {})
         summary = backend_summary(reports, videos)
+        # Rows with backends "any": how many of their images, and what cost, each backend took.
+        summary = with_hybrid_split(summary, reports, load_routing(store, prompt_set))
         steering = steering_summary(reports)
         chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
         page = gallery_html(
@@ -130,7 +133,10 @@ def backend_comparison(
         context.add_asset_metadata(
             {
                 "backends": len(summary),
-                "summary": markdown_table(summary.round(4), SUMMARY_COLUMNS),
+                "summary": markdown_table(
+                    summary.round(4),
+                    SUMMARY_COLUMNS + [c for c in HYBRID_COLUMNS if c in summary],
+                ),
                 **(
                     {"by_lora_and_control": markdown_table(steering.round(4), list(steering))}
                     if len(steering)

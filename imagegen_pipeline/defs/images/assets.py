@@ -14,6 +14,7 @@ import pandas as pd
 
 from imagegen_pipeline.backends.base import RunSummary
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
+from imagegen_pipeline.defs.images.routing import images_kind, route, set_settings
 from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     PROMPT_SET_INPUT,
@@ -36,7 +37,8 @@ from imagegen_pipeline.steps.best_of_n import (
     run_candidates_step,
     scorers_needed,
 )
-from imagegen_pipeline.steps.images import ImagesStepContext, images_folder
+from imagegen_pipeline.steps.hybrid import Routing
+from imagegen_pipeline.steps.images import ImagesKind, ImagesStepContext, images_folder
 from imagegen_pipeline.steps.regenerate import standing_replacements
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
@@ -60,12 +62,25 @@ def make_images(
 
     def step(warm: Any, key: str, prompt_set: str, backend_name: str) -> PartitionStep:
         spec = backend_spec(backend_name)
-        target = warm.settings.image_target(backend_name, warm.model_id)
+        settings = set_settings(context, warm, backend_name, prompt_set)
+        same = settings == warm.settings
+        target = settings.image_target(backend_name, warm.model_id if same else settings.model)
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
+        prompts, routing = route(context, prompts, prompt_set, context.log.info)
         default_scorer = default_scorer_name(project)
         gated = scorers_needed(policies_of(prompts, backend_name, default_scorer), True)
         # Replacements of rejected images, listed again beside the CSV's (see steps/regenerate).
         replacements = standing_replacements(storage, prompt_set, backend_name, target)
+        # A set whose sidecar changes a hosted model's settings gets its own model object.
+        per_set: list[Any] = []
+
+        def model() -> Any:
+            if same:
+                return warm.model
+            if not per_set:
+                per_set.append(spec.implementation_class()(settings))
+            return per_set[0]
+
         where = ImagesStepContext(
             storage=storage,
             prompt_set=prompt_set,
@@ -74,23 +89,26 @@ def make_images(
             writer_threads=storage_resource.writer_threads,
             verify=storage_resource.verify,
         )
+        kind = images_kind(settings)
         # Best-of-N: candidates in rounds, scored here where a gate needs it.
         with scorer_handles(context, gated, project) as scorers:
             best_of_n = run_candidates_step(
                 target,
-                lambda: warm.model,
+                model,
                 prompts,
                 where,
                 scorers,
                 default_scorer=default_scorer,
-                backend_settings=warm.settings,
+                backend_settings=settings,
                 extra=replacements,
                 log=context.log.info,
+                kind=kind,
             )
         outcome = best_of_n.outcome
         # The backend's totals are those of its last generate call: this partition's only if
-        # it made something.
-        summary = warm.model.run_summary() if outcome.generated else RunSummary()
+        # it made something (a batch step makes no generate call).
+        made = outcome.generated and kind is ImagesKind
+        summary = model().run_summary() if made else RunSummary()
         for warning in summary.warnings:
             context.log.warning(warning)
         counts = outcome.counts
@@ -118,6 +136,8 @@ def make_images(
             recompiles=summary.metadata.get("recompiles", 0),
             peak_gpu_memory_mb=_max(r.peak_gpu_memory_mb for r in outcome.records),
             cost_usd=_sum(r.cost_usd for r in outcome.records),
+            pending=counts.get("pending", 0),
+            **hybrid_split(routing, prompts, backend_name),
         )
         table = pd.DataFrame([r.__dict__ for r in outcome.records], columns=IMAGE_COLUMNS)
         failures = counts.get("failed", 0) + counts.get("blocked", 0)
@@ -145,6 +165,8 @@ def make_images(
             "scored_in_step": best_of_n.scored_in_step,
             "scoring_seconds": round(best_of_n.scoring_seconds, 3),
             "cost_usd": float(record.cost_usd or 0.0),
+            **({"mode": settings.mode} if hasattr(settings, "mode") else {}),
+            **{k: v for k, v in hybrid_split(routing, prompts, backend_name).items()},
             "preview": markdown_table(table, PREVIEW_COLUMNS),
             "images_dir": dg.MetadataValue.path(
                 str(images_folder(storage, prompt_set, backend_name))
@@ -157,6 +179,17 @@ def make_images(
 
     done = each_partition(context, "images", step, model, backends)
     return {key: (result.table, result.metadata) for key, result in done.items()}
+
+
+def hybrid_split(routing: Routing | None, prompts: pd.DataFrame, backend: str) -> dict[str, Any]:
+    """The step row's hybrid figures of a set with ``any`` rows (none for other sets)."""
+    if routing is None:
+        return {}
+    return {
+        "hybrid_local_images": routing.images(prompts, routing.local_backend),
+        "hybrid_overflow_images": routing.images(prompts, routing.overflow_backend),
+        "hybrid_queue_seconds": routing.queue_seconds,
+    }
 
 
 def _rate(generated: int, records: list[ImageRecord]) -> float | None:
@@ -193,7 +226,8 @@ def generate_with_apis(
 
 @dg.op(
     ins={"enhanced_prompts": ENHANCED_PROMPTS_IN, "api_images": dg.In()},
-    required_resource_keys={"storage", *LOCAL_BACKENDS, *SCORER_RESOURCE_KEYS},
+    # The hosted backends' resources too: their settings route rows with backends "any".
+    required_resource_keys={"storage", *LOCAL_BACKENDS, *API_BACKENDS, *SCORER_RESOURCE_KEYS},
     pool=GPU_POOL,
     tags=gpu_op_tags(),
 )
@@ -212,7 +246,8 @@ def generate_on_gpu(
         existing += len(paths)
         metadata["thumbnails"] = thumbnails(paths, storage.read_bytes)
         context.add_asset_metadata(metadata, asset_key="images", partition_key=key)
-    if planned and not existing:
+    pending = sum(int((table["status"] == "pending").sum()) for table, _ in results.values())
+    if planned and not existing and not pending:  # a batch still running is not a failure
         tables = [table for table, _ in results.values()]
         first = next((e for t in tables for e in t["error"] if e), "n/a")
         raise dg.Failure(
