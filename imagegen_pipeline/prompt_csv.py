@@ -30,6 +30,7 @@ from pydantic_core import ErrorDetails
 
 from imagegen_pipeline import prompt_cells as cells
 from imagegen_pipeline.control import DEFAULT_CONTROL_SCALE
+from imagegen_pipeline.records import PROMPT_COLUMNS
 from imagegen_pipeline.registry import BACKEND_NAMES, backend_spec
 from imagegen_pipeline.text_encoders import CLIP_TOKEN_LIMIT, count_clip_tokens
 
@@ -103,27 +104,9 @@ class PromptRow(BaseModel):
 
 
 KNOWN_COLUMNS = tuple(PromptRow.model_fields)
-VALID_COLUMNS = (
-    "prompt_id",
-    "line",
-    "prompt",
-    "style",
-    "negative_prompt",
-    "seed",
-    "width",
-    "height",
-    "num_images",
-    "backends",
-    "lora",
-    "control_image",
-    "control_type",
-    "control_scale",
-    "candidates",
-    "select",
-    "scorer",
-    "min_score",
-    "prompt_truncated_by_encoders",
-)
+# The table's columns: every field of PromptRow and the CSV line (records.PROMPT_COLUMNS, which
+# enhancement passes on; tests/test_prompt_csv.py checks that no field is left out).
+VALID_COLUMNS = PROMPT_COLUMNS
 
 # Reasons for pydantic's own checks, worded like the custom validators' messages.
 _REASONS = {

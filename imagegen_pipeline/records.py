@@ -16,6 +16,30 @@ from typing import Any, Literal, get_args
 
 import pyarrow as pa
 
+# The columns of a validated prompt table, in order (prompt_csv.PromptRow and the CSV line).
+PROMPT_COLUMNS = (
+    "prompt_id",
+    "line",
+    "prompt",
+    "style",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "num_images",
+    "backends",
+    "lora",
+    "control_image",
+    "control_type",
+    "control_scale",
+    "candidates",
+    "select",
+    "scorer",
+    "min_score",
+    "prompt_truncated_by_encoders",
+)
+
+
 # "damaged": a file found but not trusted (size, decoding or sha256 against its row), moved to
 # the quarantine; the run metadata keeps that row, the output is made again.
 # "pending": in a Gemini batch job that has not finished yet; a later run collects it.

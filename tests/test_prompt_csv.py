@@ -108,6 +108,13 @@ def test_defaults_and_derived_ids_are_stable(tmp_path):
     assert not row["prompt_truncated_by_encoders"]
 
 
+def test_every_row_field_is_a_table_column():
+    from imagegen_pipeline.prompt_csv import VALID_COLUMNS, PromptRow
+
+    fields = {"line", *PromptRow.model_fields, *PromptRow.model_computed_fields}
+    assert set(VALID_COLUMNS) == fields and len(VALID_COLUMNS) == len(fields)
+
+
 def test_valid_table_columns_and_types(tmp_path):
     path = write(tmp_path, "prompt,seed,width,height\na cat,3,512,\n")
     valid = read_prompt_csv(path).valid

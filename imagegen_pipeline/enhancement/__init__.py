@@ -9,6 +9,7 @@ from imagegen_pipeline.enhancement.cache import EnhancementCache
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
 from imagegen_pipeline.model_settings import EnhancerSettings
 from imagegen_pipeline.project_config import api_key
+from imagegen_pipeline.records import PROMPT_COLUMNS
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.text_encoders import (
     CLIP_TOKEN_LIMIT,
@@ -25,22 +26,11 @@ __all__ = [
     "enhance_prompts",
 ]
 
-PASSTHROUGH_COLUMNS = (
-    "line",
-    "style",
-    "seed",
-    "width",
-    "height",
-    "num_images",
-    "backends",
-    "lora",
-    "control_image",
-    "control_type",
-    "control_scale",
-    "candidates",
-    "select",
-    "scorer",
-    "min_score",
+# Every column of the validated prompt table but the prompt itself, which enhancement rewrites.
+PASSTHROUGH_COLUMNS = tuple(
+    column
+    for column in PROMPT_COLUMNS
+    if column not in ("prompt_id", "prompt", "negative_prompt", "prompt_truncated_by_encoders")
 )
 ENHANCED_COLUMNS = (
     "prompt_id",
