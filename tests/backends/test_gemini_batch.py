@@ -331,3 +331,29 @@ def test_a_reference_image_goes_into_the_batch_line_as_online(tmp_path):
     assert base64.b64decode(image["inlineData"]["data"]) == b"\x89PNG fake bytes"
     assert text == {"text": "a castle from this sketch"}
     assert line["request"]["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
+
+
+class KilledBeforeClosing(BatchImagesKind):
+    """Dies after its images are written, before the job is recorded collected."""
+
+    def _write(self, record):
+        if record.status == "collected":
+            raise KeyboardInterrupt("killed")
+        return super()._write(record)
+
+
+def test_a_job_whose_images_are_all_made_is_closed(server, tmp_path):
+    from imagegen_pipeline.steps.gemini_batch import close_done_jobs
+
+    storage = Storage(tmp_path)
+    backend = backend_on(server)
+    with pytest.raises(KeyboardInterrupt):
+        run(backend, planned_images(backend, 3), storage, "r1", kind=KilledBeforeClosing)
+    assert len(list(tmp_path.rglob("*.png"))) == 3
+    [job] = open_batch_jobs(storage)  # nothing left for a run to do, yet open
+
+    assert close_done_jobs(storage, [job]) == []
+
+    assert open_batch_jobs(storage) == []
+    [row] = load_run_metadata(tmp_path, "batch_jobs").to_dict("records")
+    assert row["status"] == "collected" and "already made" in row["error"]
