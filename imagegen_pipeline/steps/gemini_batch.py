@@ -33,7 +33,7 @@ from PIL import Image
 
 from imagegen_pipeline.backends.base import ImageResult
 from imagegen_pipeline.backends.gemini.batch import BatchClient, JobStatus, request_line
-from imagegen_pipeline.records import BatchJobRecord, utc_now
+from imagegen_pipeline.records import EXISTING_STATUSES, BatchJobRecord, utc_now
 from imagegen_pipeline.run_metadata import load_run_metadata, write_records
 from imagegen_pipeline.steps.images import ImagesKind, PlannedImage
 from imagegen_pipeline.storage import Storage
@@ -52,6 +52,40 @@ def open_batch_jobs(
         values = {k: (None if _missing(v) else v) for k, v in row.items()}
         records.append(BatchJobRecord(**values))  # type: ignore[arg-type]
     return records
+
+
+def close_done_jobs(storage: Storage, jobs: list[BatchJobRecord]) -> list[BatchJobRecord]:
+    """Close the jobs whose every image is already made (a run killed after writing them and
+    before recording the job collected; images made online since); returns the others."""
+    still_open = []
+    done: dict[tuple[str, str], set[str]] = {}
+    for job in jobs:
+        where = (job.prompt_set, job.backend)
+        if where not in done:
+            rows = load_run_metadata(
+                storage,
+                "images",
+                prompt_set=job.prompt_set,
+                backend=job.backend,
+                columns=["image_id", "status"],
+            )
+            made = rows[rows["status"].isin(EXISTING_STATUSES)] if len(rows) else rows
+            done[where] = set(made["image_id"]) if len(made) else set()
+        keys = json.loads(job.keys or "[]")
+        if job.status == "open" and keys and all(key in done[where] for key in keys):
+            note = "every image of the job was already made"
+            closed = replace(job, status="collected", error=note, row_id=None, recorded_at=None)
+            write_records(
+                storage,
+                "batch_jobs",
+                [closed],
+                run_id=job.run_id,
+                prompt_set=job.prompt_set,
+                backend=job.backend,
+            )
+        else:
+            still_open.append(job)
+    return still_open
 
 
 def _missing(value: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 from collections.abc import Iterator
@@ -304,3 +305,55 @@ def test_an_intent_without_a_job_is_closed_and_submitted_once(server, tmp_path):
     assert set(statuses(outcome).values()) == {"ok"} and server.batch_creates == 1
     jobs = load_run_metadata(tmp_path, "batch_jobs")
     assert sorted(jobs["status"]) == ["collected", "failed"]  # the intent closed, the job done
+
+
+def test_a_reference_image_goes_into_the_batch_line_as_online(tmp_path):
+    from imagegen_pipeline.backends.gemini.batch import request_line
+    from imagegen_pipeline.control import ControlInput
+
+    sketch = tmp_path / "sketch.png"
+    sketch.write_bytes(b"\x89PNG fake bytes")
+    request = ImageRequest(
+        prompt_id="p",
+        image_index=0,
+        prompt="a castle from this sketch",
+        negative_prompt="",
+        seed=3,
+        width=1920,
+        height=1080,
+        control=ControlInput(sketch, "0" * 64, "none", 1.0),
+    )
+
+    line = request_line("key-1", request)
+
+    image, text = line["request"]["contents"][0]["parts"]
+    assert image["inlineData"]["mimeType"] == "image/png"
+    assert base64.b64decode(image["inlineData"]["data"]) == b"\x89PNG fake bytes"
+    assert text == {"text": "a castle from this sketch"}
+    assert line["request"]["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
+
+
+class KilledBeforeClosing(BatchImagesKind):
+    """Dies after its images are written, before the job is recorded collected."""
+
+    def _write(self, record):
+        if record.status == "collected":
+            raise KeyboardInterrupt("killed")
+        return super()._write(record)
+
+
+def test_a_job_whose_images_are_all_made_is_closed(server, tmp_path):
+    from imagegen_pipeline.steps.gemini_batch import close_done_jobs
+
+    storage = Storage(tmp_path)
+    backend = backend_on(server)
+    with pytest.raises(KeyboardInterrupt):
+        run(backend, planned_images(backend, 3), storage, "r1", kind=KilledBeforeClosing)
+    assert len(list(tmp_path.rglob("*.png"))) == 3
+    [job] = open_batch_jobs(storage)  # nothing left for a run to do, yet open
+
+    assert close_done_jobs(storage, [job]) == []
+
+    assert open_batch_jobs(storage) == []
+    [row] = load_run_metadata(tmp_path, "batch_jobs").to_dict("records")
+    assert row["status"] == "collected" and "already made" in row["error"]

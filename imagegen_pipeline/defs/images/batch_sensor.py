@@ -40,9 +40,10 @@ def gemini_batch_sensor(context: dg.SensorEvaluationContext) -> Any:
     """A run of each partition whose Gemini batch job finished (or is past its deadline)."""
     # Imported here: google-genai, which loading the definitions must not import.
     from imagegen_pipeline.backends.gemini.batch import BatchClient
-    from imagegen_pipeline.steps.gemini_batch import open_batch_jobs
+    from imagegen_pipeline.steps.gemini_batch import close_done_jobs, open_batch_jobs
 
-    jobs = open_batch_jobs(context.resources.storage.storage())
+    storage = context.resources.storage.storage()
+    jobs = close_done_jobs(storage, open_batch_jobs(storage))
     if not jobs:
         return dg.SkipReason("No open Gemini batch job.")
     busy = in_flight_sets(context.instance)
