@@ -81,12 +81,16 @@ class ModelSpec:
     memory: MemoryHooks | None = None  # None: offload and batch size are set by hand
     # Pipeline components a LoRA may adapt; empty: the model takes no LoRA (a hosted API).
     lora_components: tuple[str, ...] = ()
+    # The ControlNet repo per control type (canny, depth, pose); the `controlnets` setting
+    # replaces the types it names. Empty: the model takes no ControlNet.
+    controlnets: Mapping[str, str] = field(default_factory=dict)
     # Settings a prompt set's sidecar may change for that set alone (a ``[<name>]`` table).
     per_set_settings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", _frozen(self.defaults))
         object.__setattr__(self, "tiny_defaults", _frozen(self.tiny_defaults))
+        object.__setattr__(self, "controlnets", _frozen(self.controlnets))
 
     @property
     def is_local(self) -> bool:

@@ -190,7 +190,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
             self.controlnet_pipeline_class_name,
             self.controlnet_model_class_name,
             # The backend's defaults, with the configured types replacing theirs.
-            {**self.spec.defaults.get("controlnets", {}), **(self.config.controlnets or {})},
+            {**self.spec.controlnets, **(self.config.controlnets or {})},
             dtype=self._dtype,
             device=self._device,
             offload=offload,

@@ -158,14 +158,11 @@ SPEC = ModelSpec(
         ignore_patterns=("flux1-schnell.safetensors", "*.md"),
     ),
     dtype="bfloat16",
-    defaults={
-        "width": 1024,
-        "height": 1024,
-        # FLUX.1-dev ControlNets steer schnell too (same transformer); no pose one by default.
-        "controlnets": {
-            "canny": "InstantX/FLUX.1-dev-Controlnet-Canny",
-            "depth": "Shakker-Labs/FLUX.1-dev-ControlNet-Depth",
-        },
+    defaults={"width": 1024, "height": 1024},
+    # FLUX.1-dev ControlNets steer schnell too (same transformer); no pose one by default.
+    controlnets={
+        "canny": "InstantX/FLUX.1-dev-Controlnet-Canny",
+        "depth": "Shakker-Labs/FLUX.1-dev-ControlNet-Depth",
     },
     tiny_defaults={"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE},
     tiny_builder=build_tiny,

@@ -144,15 +144,12 @@ SPEC = ModelSpec(
     ),
     dtype="float16",
     variant="fp16",  # the repo ships fp16 files; the fp32 ones are twice the download
-    defaults={
-        "width": 512,
-        "height": 512,
-        # SDXL ControlNets work with SDXL-Turbo's UNet (same architecture, distilled weights).
-        "controlnets": {
-            "canny": "diffusers/controlnet-canny-sdxl-1.0",
-            "depth": "diffusers/controlnet-depth-sdxl-1.0",
-            "pose": "thibaud/controlnet-openpose-sdxl-1.0",
-        },
+    defaults={"width": 512, "height": 512},
+    # SDXL ControlNets work with SDXL-Turbo's UNet (same architecture, distilled weights).
+    controlnets={
+        "canny": "diffusers/controlnet-canny-sdxl-1.0",
+        "depth": "diffusers/controlnet-depth-sdxl-1.0",
+        "pose": "thibaud/controlnet-openpose-sdxl-1.0",
     },
     tiny_defaults={"width": TINY_IMAGE_SIDE, "height": TINY_IMAGE_SIDE},
     tiny_builder=build_tiny,
