@@ -88,6 +88,9 @@ def choose_keepers(candidates: pd.DataFrame, verdicts: pd.DataFrame | None = Non
     table = candidates.copy()
     for column, default in (("rank", None), ("kept", False), ("below_gate", False)):
         table[column] = default
+    if table.empty:  # a partition with nothing scored yet: the columns alone
+        columns = ["prompt_id", "image_id", *table.columns, *KEEPER_COLUMNS]
+        return pd.DataFrame(columns=list(dict.fromkeys(columns)))
     table["verdict"] = [said.get(image_id, "") for image_id in table["image_id"]]
     table["reason"] = ""
     for _, group in table.groupby("prompt_id", sort=False):
