@@ -236,6 +236,14 @@ def test_the_app_lists_filters_and_escapes(generated: Generated):
     assert page.text.count('class="card') == 4 and "replacement" in page.text
     unreviewed = client.get("/sets/example", params={"unreviewed": "1"})
     assert unreviewed.text.count('class="card') == 3  # all but the kept one
+    side = client.get("/sets/example", params={"view": "prompts"}).text
+    assert [h for h in ("<h3>cat</h3>", "<h3>city</h3>", "<h3>owl</h3>") if h in side] == [
+        "<h3>cat</h3>", "<h3>city</h3>", "<h3>owl</h3>"
+    ]  # fmt: skip
+    head = generated.images("example").sort_values("recorded_at").iloc[-1]
+    detail = client.get(f"/sets/example/images/flux_schnell/{head['image_id']}").text
+    assert detail.count('class="card') >= 2 and "reject" in detail  # its history, verdicts
+    assert f"seed {head['seed']}" in detail
     hostile = client.get("/sets/hostile").text
     assert "<script>alert" not in hostile and "&lt;script&gt;alert(" in hostile
     image = generated.images("hostile").iloc[0]
