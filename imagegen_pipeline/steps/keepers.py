@@ -88,6 +88,8 @@ def choose_keepers(candidates: pd.DataFrame, verdicts: pd.DataFrame | None = Non
     table = candidates.copy()
     for column, default in (("rank", None), ("kept", False), ("below_gate", False)):
         table[column] = default
+    if table.empty:  # a set with no image (its CSV failed): the columns, no row
+        return table.assign(verdict="", reason="", image_id=None, prompt_id=None)
     table["verdict"] = [said.get(image_id, "") for image_id in table["image_id"]]
     table["reason"] = ""
     for _, group in table.groupby("prompt_id", sort=False):
