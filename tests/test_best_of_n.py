@@ -214,3 +214,8 @@ def test_retry_rounds_draw_only_what_the_rest_of_the_run_budget_pays_for() -> No
     drawn = {"a": 3}
     _spend_within_budget(drawn, {"a": 1}, local, spent, result)
     assert drawn == {"a": 3}
+
+
+def test_a_partition_without_candidates_keeps_nothing() -> None:
+    table = choose_keepers(pd.DataFrame())
+    assert table.empty and {"kept", "rank", "reason", "image_id"} <= set(table.columns)

@@ -10,8 +10,10 @@ time on HPD v2, against 57-77 % for aesthetic predictors.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,22 @@ SPEC = ModelSpec(
 )
 
 
+class _RandomInitWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "no CLIP weights found" not in message and "initialized randomly" not in message
+
+
+@contextmanager
+def _without_random_init_warnings() -> Iterator[None]:
+    root, dropped = logging.getLogger(), _RandomInitWarnings()
+    root.addFilter(dropped)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropped)
+
+
 class Hpsv2Scorer:
     """HPS v2.1, loaded once per step; :meth:`score` ranks (image, prompt) pairs."""
 
@@ -150,7 +168,10 @@ class Hpsv2Scorer:
         name, checkpoint, local_config = self._sources()
         common = {"precision": self.config.precision, "device": self.device}
         if local_config:  # a config beside the weights: build it, then load the HPS file
-            model, _, preprocess = open_clip.create_model_and_transforms(name, **common)
+            # open_clip warns that a folder without its own weights file is "initialized
+            # randomly": not so here, the HPS checkpoint is loaded into it next.
+            with _without_random_init_warnings():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, **common)
             open_clip.load_checkpoint(model, str(checkpoint), strict=True)
         else:  # ViT-H-14 from open_clip's own config, every weight from the HPS file
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -157,6 +157,8 @@ def test_every_prompt_keeps_its_images_by_default(first_run):
         if e.asset_key == dg.AssetKey("keepers")
     }
     assert len(checks) == 2 * len(BACKENDS) and all(checks.values())
+    page = (storage / "reports" / "example" / "gallery.html").read_text()
+    assert page.count("<b>KEEPER · clip ") == 7  # every image is a keeper, with its score
 
 
 @needs_chromium
