@@ -13,6 +13,7 @@ import pytest
 from imagegen_pipeline.records import (
     RECORD_TYPES,
     TABLE_SCHEMAS,
+    BatchJobRecord,
     ImageRecord,
     StepRecord,
     VideoClipRecord,
@@ -74,7 +75,12 @@ def test_table_schema_names_are_the_dataclass_fields_in_order(table: str) -> Non
 
 
 def test_record_types_per_table() -> None:
-    expected = {"images": ImageRecord, "clips": VideoClipRecord, "steps": StepRecord}
+    expected = {
+        "images": ImageRecord,
+        "clips": VideoClipRecord,
+        "steps": StepRecord,
+        "batch_jobs": BatchJobRecord,  # Gemini batch jobs (tests/backends/test_gemini_batch.py)
+    }
     assert expected == RECORD_TYPES
     assert set(TABLE_SCHEMAS) == set(RECORD_TYPES)
 
