@@ -23,9 +23,8 @@ from pydantic import Field
 from imagegen_pipeline.model_settings import LOCAL_DIR
 from imagegen_pipeline.model_spec import ModelSpec, WeightSource
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
-from imagegen_pipeline.scoring.preference import PreferenceScorerSettings
+from imagegen_pipeline.scoring.preference import LoadedScorer, PreferenceScorerSettings
 from imagegen_pipeline.tiny_models import CLIP_MEAN, CLIP_STD, write_json
-from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
 
 REPO_ID = "xswu/HPSv2"
 CHECKPOINT = "HPS_v2.1_compressed.pt"
@@ -104,30 +103,15 @@ def _without_random_init_warnings() -> Iterator[None]:
         root.removeFilter(dropped)
 
 
-class Hpsv2Scorer:
+class Hpsv2Scorer(LoadedScorer):
     """HPS v2.1, loaded once per step; :meth:`score` ranks (image, prompt) pairs."""
 
+    config: Hpsv2Settings
+
     def __init__(self, config: Hpsv2Settings, model_id: str | None = None) -> None:
-        if config.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.config = config
-        self.model_id = model_id or config.model
-        self.device = resolve_device(config.device)
-        self.model: Any = None
+        super().__init__(config, model_id)
         self.preprocess: Any = None
         self.tokenizer: Any = None
-        self.load_seconds = 0.0
-        self.model_loads = 0
-
-    @property
-    def model_label(self) -> str:
-        """The model as recorded with every score."""
-        return self.model_id
-
-    @property
-    def model_revision(self) -> str:
-        """The revision of the weights ("main" unless pinned)."""
-        return self.config.revision or "main"
 
     def _sources(self) -> tuple[str, Path, bool]:
         """(open_clip model name, checkpoint file, whether the name is a local-dir config)."""
@@ -183,15 +167,6 @@ class Hpsv2Scorer:
         self.load_seconds = time.perf_counter() - started
         self.model_loads += 1
         return self.load_seconds
-
-    def unload(self) -> None:
-        """Free the model and the accelerator memory it holds."""
-        self.model = None
-        free_accelerator_memory()
-
-    def weight_bytes(self) -> int:
-        """Memory the loaded model holds (for the warm-model cache)."""
-        return module_bytes(self.model)
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         """The HPS of each image against its prompt: cos(image, text), batch_size at a time."""

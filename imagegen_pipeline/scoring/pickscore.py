@@ -20,14 +20,17 @@ from pydantic import Field
 from imagegen_pipeline.model_settings import LOCAL_DIR
 from imagegen_pipeline.model_spec import ModelSpec, WeightSource
 from imagegen_pipeline.model_weights import ModelWeightsMissingError, missing_weights_message
-from imagegen_pipeline.scoring.preference import TORCH_DTYPES, PreferenceScorerSettings
+from imagegen_pipeline.scoring.preference import (
+    TORCH_DTYPES,
+    LoadedScorer,
+    PreferenceScorerSettings,
+)
 from imagegen_pipeline.tiny_models import (
     CLIP_MEAN,
     CLIP_STD,
     clip_text_config,
     write_clip_tokenizer,
 )
-from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
 
 REPO_ID = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPO_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -98,29 +101,14 @@ SPEC = ModelSpec(
 )
 
 
-class PickScoreScorer:
+class PickScoreScorer(LoadedScorer):
     """PickScore, loaded once per step; :meth:`score` ranks (image, prompt) pairs."""
 
+    config: PickScoreSettings
+
     def __init__(self, config: PickScoreSettings, model_id: str | None = None) -> None:
-        if config.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.config = config
-        self.model_id = model_id or config.model
-        self.device = resolve_device(config.device)
-        self.model: Any = None
+        super().__init__(config, model_id)
         self.processor: Any = None
-        self.load_seconds = 0.0
-        self.model_loads = 0
-
-    @property
-    def model_label(self) -> str:
-        """The model as recorded with every score."""
-        return self.model_id
-
-    @property
-    def model_revision(self) -> str:
-        """The revision of the weights ("main" unless pinned)."""
-        return self.config.revision or "main"
 
     def _paths(self) -> tuple[str, str]:
         model = self.config.model.removeprefix(LOCAL_DIR)
@@ -155,15 +143,6 @@ class PickScoreScorer:
         self.load_seconds = time.perf_counter() - started
         self.model_loads += 1
         return self.load_seconds
-
-    def unload(self) -> None:
-        """Free the model and the accelerator memory it holds."""
-        self.model = None
-        free_accelerator_memory()
-
-    def weight_bytes(self) -> int:
-        """Memory the loaded model holds (for the warm-model cache)."""
-        return module_bytes(self.model)
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         """PickScore of each image against its prompt, batch_size at a time."""

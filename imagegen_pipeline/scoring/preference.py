@@ -16,6 +16,7 @@ from PIL import Image
 from pydantic import Field
 
 from imagegen_pipeline.model_settings import ModelSettings
+from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
 
 
 class PreferenceScorer(Protocol):
@@ -51,3 +52,37 @@ class PreferenceScorerSettings(ModelSettings):
 
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class LoadedScorer:
+    """What the scorer classes share: their settings, device and load counts, and how the
+    loaded model is labelled, sized and freed. Subclasses load and score."""
+
+    def __init__(self, config: PreferenceScorerSettings, model_id: str | None = None) -> None:
+        if config.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.config = config
+        self.model_id = model_id or config.model
+        self.device = resolve_device(config.device)
+        self.model: Any = None
+        self.load_seconds = 0.0
+        self.model_loads = 0
+
+    @property
+    def model_label(self) -> str:
+        """The model as recorded with every score."""
+        return self.model_id
+
+    @property
+    def model_revision(self) -> str:
+        """The revision of the weights ("main" unless pinned)."""
+        return self.config.revision or "main"
+
+    def unload(self) -> None:
+        """Free the model and the accelerator memory it holds."""
+        self.model = None
+        free_accelerator_memory()
+
+    def weight_bytes(self) -> int:
+        """Memory the loaded model holds (for the warm-model cache)."""
+        return module_bytes(self.model)
