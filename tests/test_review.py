@@ -6,6 +6,7 @@ the tests run in order, each a stage of a review."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -352,3 +353,12 @@ def test_the_cli_regenerates_one_slot_and_exports(
         manifest = pd.read_csv(archive.open("manifest.csv"))
     # The rejected first image is left out; the second slot shows its replacement.
     assert list(manifest["image_id"]) == list(new["image_id"])
+
+
+def test_a_steered_image_shows_its_control():
+    from imagegen_pipeline.steps.review import control_label
+
+    canny = {"image": "/p/layout.png", "sha256": "a", "type": "canny", "scale": 0.5}
+    assert control_label(json.dumps(canny | {"used_as": "controlnet"})) == "canny:0.5 layout.png"
+    assert control_label(json.dumps(canny | {"used_as": "reference"})) == "reference layout.png"
+    assert control_label("") == "" and control_label(None) == ""

@@ -32,6 +32,7 @@ IMAGE_COLUMNS = [
     "width",
     "height",
     "loras",
+    "control",
     "seconds",
     "cost_usd",
     "path",
@@ -68,6 +69,17 @@ def lora_names(cell: object) -> str:
     )
 
 
+def control_label(cell: object) -> str:
+    """A row's ``control`` JSON as "canny:1 layout.png" (or "reference layout.png") for people."""
+    if not isinstance(cell, str) or not cell:
+        return ""
+    control = json.loads(cell)
+    name = str(control["image"]).rsplit("/", 1)[-1]
+    if control.get("used_as") == "reference":
+        return f"reference {name}"
+    return f"{control['type']}:{control['scale']:g} {name}"
+
+
 def generated_images(storage: Storage, prompt_set: str) -> pd.DataFrame:
     """Every existing image of a prompt set, one row each: generation facts, scores, clip and
     lineage (``replaced_by``; ``is_head`` for the newest image of a slot)."""
@@ -93,6 +105,7 @@ def generated_images(storage: Storage, prompt_set: str) -> pd.DataFrame:
     rows["replaced_by"] = rows["image_id"].map(replaced)
     rows["is_head"] = rows["replaced_by"].isna()
     rows["lora"] = rows["loras"].map(lora_names)
+    rows["control_label"] = rows["control"].map(control_label)
     return rows.reset_index(drop=True)
 
 
