@@ -46,9 +46,10 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
 
     pipeline_class_name: ClassVar[str]  # a diffusers pipeline class, imported at load time
     # Its ControlNet pipeline and model classes, and how to build a tiny ControlNet for tests.
-    controlnet_pipeline_class_name: ClassVar[str]
-    controlnet_model_class_name: ClassVar[str]
-    build_tiny_controlnet: ClassVar[TinyControlNetBuilder]
+    # None: the backend takes no ControlNet (its control rows fail saying so).
+    controlnet_pipeline_class_name: ClassVar[str | None] = None
+    controlnet_model_class_name: ClassVar[str | None] = None
+    build_tiny_controlnet: ClassVar[TinyControlNetBuilder | None] = None
 
     def __init__(self, settings: DiffusersImageSettings, model_id: str | None = None) -> None:
         self.config = settings
@@ -138,7 +139,8 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         # count with the denoiser's.
         control_types = {r.control.type for r in requests if r.control is not None}
         try:
-            controlnet = self.controlnets.planned_elements(control_types) * per_element
+            nets = self.controlnets
+            controlnet = nets.planned_elements(control_types) * per_element if nets else 0
         except ValueError:  # a type without a ControlNet: its images fail with the reason
             controlnet = 0
         if controlnet:
@@ -184,6 +186,8 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.offload = offload
         folder = local_model_folder(self.config.model, self.config.revision)
         tiny = folder is not None and is_tiny_model(folder)
+        if self.controlnet_pipeline_class_name is None or self.controlnet_model_class_name is None:
+            return time.perf_counter() - started
         self.controlnets = ControlNets(
             pipeline,
             self.name,
@@ -248,7 +252,8 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self.load()
         # The run summary reports this call's loads and switches.
         self.adapters.reset_counts()
-        self.controlnets.reset_counts()
+        if self.controlnets is not None:
+            self.controlnets.reset_counts()
         self.compile_watch.reset_counts()
         self.adapters.prepare(request.loras for request in requests)  # hotswap slots, if any
         self.fit_adapters(requests)
@@ -334,6 +339,8 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         pipeline, maps, control_kwargs = self.pipeline, [None] * len(batch), {}
         if control is not None:
             width, height = batch[0].width, batch[0].height
+            if self.controlnets is None:
+                raise ValueError(f"{self.name} takes no ControlNet: leave control_image empty")
             pipeline = self.controlnets.pipeline_for(control.type)
             maps = [control_map(request.control, width, height) for request in batch]
             control_kwargs = self.control_kwargs(maps, control.scale)
