@@ -1,7 +1,8 @@
 """``imagegen export``: hand the chosen images of a prompt set on, with a manifest CSV.
 
 Chosen: every image shown in review (the newest of each slot) that is not rejected; with
-``keepers_only``, only those a reviewer kept. Each image (and its clip, if one was made) goes to
+``keepers_only``, only the keepers (the ``keepers`` asset's choice after the reviewers'
+verdicts, and any image a reviewer kept). Each image (and its clip, if one was made) goes to
 ``<backend>/<prompt_id>/<file>`` under the destination, a folder or a ``.zip``, beside
 ``manifest.csv`` (prompt, backend, seed, LoRA, scores, verdict, path). A zip is written to a
 temporary name and renamed, so a killed export leaves no half archive.
@@ -34,6 +35,9 @@ MANIFEST_COLUMNS = [
     "lora",
     "clip_score",
     "aesthetic",
+    "scorer",
+    "score",
+    "kept",
     "verdict",
     "note",
     "replaces",
@@ -46,8 +50,8 @@ def chosen_images(storage: Storage, prompt_set: str, keepers_only: bool) -> pd.D
     """The images an export of ``prompt_set`` holds, in gallery order."""
     rows = set_images(storage, prompt_set, VerdictCache(storage))
     heads = rows[rows["is_head"] & (rows["verdict"] != "reject")]
-    if keepers_only:
-        heads = heads[heads["verdict"] == "keep"]
+    if keepers_only:  # the keepers asset's choice (after verdicts), and what reviewers kept
+        heads = heads[heads["kept"].eq(True) | (heads["verdict"] == "keep")]
     return heads.sort_values(["prompt_id", "backend", "image_index"], kind="stable")
 
 

@@ -40,8 +40,11 @@ IMAGE_COLUMNS = [
     "recorded_at",
 ]
 SCORE_COLUMNS = ["clip_score", "aesthetic"]
+# From the ``keepers`` asset's table: the scorer's choice (after the reviewer's verdicts).
+KEEPER_COLUMNS = ["kept", "rank", "scorer", "score", "below_gate"]
 SORTS = {
-    "gallery": (["prompt_id", "backend", "image_index"], True),
+    # Keepers first, by rank, the other candidates behind them (see the keepers asset).
+    "gallery": (["prompt_id", "backend", "keeper_order", "rank", "image_index"], True),
     "score": (["clip_score"], False),
     "score_asc": (["clip_score"], True),
     "seconds": (["seconds"], False),
@@ -49,10 +52,12 @@ SORTS = {
 }
 
 
-def quality_table(storage: Storage, prompt_set: str, backend: str) -> pd.DataFrame | None:
-    """The last ``quality`` table of a partition (the path defs/storage.py's IO manager
+def quality_table(
+    storage: Storage, prompt_set: str, backend: str, asset: str = "quality"
+) -> pd.DataFrame | None:
+    """The last table of a partition of ``asset`` (the path defs/storage.py's IO manager
     writes: dimension values in the order of the dimension names, backend then set)."""
-    path = storage.path("tables", "quality", backend, f"{prompt_set}.parquet")
+    path = storage.path("tables", asset, backend, f"{prompt_set}.parquet")
     try:
         return pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
     except FileNotFoundError:
@@ -94,6 +99,14 @@ def generated_images(storage: Storage, prompt_set: str) -> pd.DataFrame:
             frames.append(scores[keep].drop_duplicates("image_id"))
     scores = pd.concat(frames) if frames else pd.DataFrame(columns=["image_id"])
     rows = rows.merge(scores.reindex(columns=["image_id", *SCORE_COLUMNS]), how="left")
+    keepers = [
+        table.reindex(columns=["image_id", *KEEPER_COLUMNS]).drop_duplicates("image_id")
+        for backend in rows["backend"].unique()
+        if (table := quality_table(storage, prompt_set, backend, "keepers")) is not None
+    ]
+    keeper_facts = pd.concat(keepers) if keepers else pd.DataFrame(columns=["image_id"])
+    rows = rows.merge(keeper_facts.reindex(columns=["image_id", *KEEPER_COLUMNS]), how="left")
+    rows["keeper_order"] = rows["kept"].map({True: 0, False: 1}).fillna(1)
     clips = load_run_metadata(storage, "clips", prompt_set=prompt_set)
     clips = clips[clips["status"].isin(EXISTING_STATUSES)]
     clips = clips[["source_image_id", "path", "preview_path"]].rename(
