@@ -286,7 +286,9 @@ def add_review_commands(commands: argparse._SubParsersAction) -> None:
     export_parser = commands.add_parser("export", help="the chosen images and a manifest CSV")
     export_parser.add_argument("prompt_set")
     export_parser.add_argument("dest", help="a folder, or a file ending in .zip")
-    export_parser.add_argument("--keepers-only", action="store_true", help="only the keepers (and images a reviewer kept)")
+    export_parser.add_argument(
+        "--keepers-only", action="store_true", help="only the keepers (and images a reviewer kept)"
+    )
     export_parser.set_defaults(func=export)
 
 
