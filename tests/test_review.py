@@ -362,3 +362,41 @@ def test_a_steered_image_shows_its_control():
     assert control_label(json.dumps(canny | {"used_as": "controlnet"})) == "canny:0.5 layout.png"
     assert control_label(json.dumps(canny | {"used_as": "reference"})) == "reference layout.png"
     assert control_label("") == "" and control_label(None) == ""
+
+
+def test_the_keepers_asset_orders_the_grid_and_picks_the_export(
+    generated: Generated, tmp_path: Path
+):
+    """With a keepers table (the best-of-N asset), a set's grid shows each prompt's keepers
+    first and --keepers-only exports them with the reviewers' keeps."""
+    from imagegen_pipeline.reviews import VerdictCache
+    from imagegen_pipeline.steps.review import ReviewFilter, filtered, set_images
+
+    storage = generated.storage
+    rows = set_images(storage, "example", VerdictCache(storage))
+    heads = rows[rows["is_head"] & (rows["backend"] == "flux_schnell")]
+    cat = heads[heads["prompt_id"] == heads["prompt_id"].iloc[0]].sort_values("image_index")
+    assert len(cat) >= 2
+    last = cat.iloc[-1]["image_id"]  # the scorer's keeper: the prompt's last image
+    table = cat.assign(kept=cat["image_id"] == last, rank=[2] * (len(cat) - 1) + [1])
+    table = table.assign(scorer="clip", score=1.0, below_gate=False)
+    path = tmp_path / "keepers.parquet"
+    table[["image_id", "prompt_id", "kept", "rank", "scorer", "score", "below_gate"]].to_parquet(
+        path
+    )
+    storage.write_bytes(
+        storage.path("tables", "keepers", "flux_schnell", "example.parquet"), path.read_bytes()
+    )
+    rows = set_images(storage, "example", VerdictCache(storage))
+    grid = filtered(rows, ReviewFilter(backend="flux_schnell"), gate=20.0)
+    same_prompt = grid[grid["prompt_id"] == cat.iloc[0]["prompt_id"]]
+    assert same_prompt.iloc[0]["image_id"] == last  # the keeper leads its prompt
+    count = export_set(storage, "example", tmp_path / "keepers", keepers_only=True)
+    manifest = pd.read_csv(tmp_path / "keepers" / "manifest.csv")
+    assert last in set(manifest["image_id"]) and count == len(manifest)
+    assert set(manifest["verdict"].fillna("") + "|" + manifest["kept"].astype(str)) <= {
+        "keep|True",
+        "keep|False",
+        "keep|nan",
+        "|True",
+    }
