@@ -36,7 +36,5 @@ lint: $(VENV)/.installed  ## ruff, and the import layers of pyproject.toml's [to
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles what it imports on first use; pip would byte-compile every
-	# file of torch and the rest up front (about a minute of CI on two cores).
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
