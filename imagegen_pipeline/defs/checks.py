@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 import dagster as dg
 import pandas as pd
 
+from imagegen_pipeline.defs.metadata import markdown_table
 from imagegen_pipeline.defs.partitions import prompt_set_x_backend_partitions
 
 CheckFunction = Callable[[pd.DataFrame], dg.AssetCheckResult]
@@ -55,3 +56,22 @@ def per_partition(
                 description=result.description,
                 partition=str(partition),
             )
+
+
+def every_prompt_has(
+    table: pd.DataFrame, wanted: pd.DataFrame, what: str, columns: list[str]
+) -> dg.AssetCheckResult:
+    """ERROR when a prompt of ``table`` has no row in ``wanted`` (its rows that count): the
+    metadata counts them as ``prompts_without_<what>`` and lists their rows' ``columns``."""
+    prompts = set(table["prompt_id"]) if len(table) else set()
+    missing = sorted(prompts - (set(wanted["prompt_id"]) if len(wanted) else set()))
+    rows = table[table["prompt_id"].isin(missing)] if missing else table.head(0)
+    return dg.AssetCheckResult(
+        passed=not missing,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "prompts": len(prompts),
+            f"prompts_without_{what}": len(missing),
+            "missing": markdown_table(rows, columns),
+        },
+    )

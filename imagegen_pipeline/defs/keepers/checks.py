@@ -8,7 +8,11 @@
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
+from imagegen_pipeline.defs.checks import (
+    every_prompt_has,
+    partitioned_check_specs,
+    per_partition,
+)
 from imagegen_pipeline.defs.metadata import markdown_table
 
 LIST_COLUMNS = ["prompt_id", "candidate_index", "scorer", "score", "min_score", "reason"]
@@ -38,18 +42,8 @@ def prompts_below_gate(keepers: pd.DataFrame) -> dg.AssetCheckResult:
 
 def every_prompt_has_a_keeper(keepers: pd.DataFrame) -> dg.AssetCheckResult:
     """ERROR when a prompt of the partition kept no image (none was made, or all blank)."""
-    prompts = set(keepers["prompt_id"]) if len(keepers) else set()
-    missing = sorted(prompts - set(_kept(keepers)["prompt_id"]))
-    rows = keepers[keepers["prompt_id"].isin(missing)] if missing else keepers.head(0)
-    return dg.AssetCheckResult(
-        passed=not missing,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "prompts": len(prompts),
-            "prompts_without_keeper": len(missing),
-            "missing": markdown_table(rows, ["prompt_id", "candidate_index", "status", "reason"]),
-        },
-    )
+    columns = ["prompt_id", "candidate_index", "status", "reason"]
+    return every_prompt_has(keepers, _kept(keepers), "keeper", columns)
 
 
 KEEPERS_CHECKS = {

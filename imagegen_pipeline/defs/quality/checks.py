@@ -14,7 +14,11 @@ from functools import partial
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
+from imagegen_pipeline.defs.checks import (
+    every_prompt_has,
+    partitioned_check_specs,
+    per_partition,
+)
 from imagegen_pipeline.defs.metadata import markdown_table
 from imagegen_pipeline.defs.quality.resources import QualityThresholds
 
@@ -66,19 +70,9 @@ def clip_scores_mostly_above_threshold(
 
 def every_prompt_has_a_scored_image(quality: pd.DataFrame) -> dg.AssetCheckResult:
     """ERROR when a prompt of the partition ended with no image that could be scored."""
-    prompts = set(quality["prompt_id"]) if len(quality) else set()
-    scored_prompts = set(_scored(quality)["prompt_id"]) if len(quality) else set()
-    missing = sorted(prompts - scored_prompts)
-    statuses = quality[quality["prompt_id"].isin(missing)] if missing else quality.head(0)
-    return dg.AssetCheckResult(
-        passed=not missing,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "prompts": len(prompts),
-            "prompts_without_scored_image": len(missing),
-            "missing": markdown_table(statuses, ["prompt_id", "image_index", "status", "error"]),
-        },
-    )
+    scored = _scored(quality) if len(quality) else quality.head(0)
+    columns = ["prompt_id", "image_index", "status", "error"]
+    return every_prompt_has(quality, scored, "scored_image", columns)
 
 
 QUALITY_CHECKS = {
