@@ -83,6 +83,13 @@ EXPECTED_FILES = {
         "merges.txt",
         "tokenizer_config.json",
     ],
+    "imagereward": [
+        "ImageReward.pt",
+        "med_config.json",
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ],
 }
 
 
@@ -130,6 +137,7 @@ def test_names_and_folders_follow_the_registry() -> None:
         "clip_model": "ViT-L-14",
         "hpsv2": "xswu/HPSv2",
         "pickscore": "yuvalkirstain/PickScore_v1",
+        "imagereward": "THUDM/ImageReward",
     }
     assert TINY_MODEL_DIRS == {
         "flux_schnell": "FLUX.1-schnell",
@@ -138,6 +146,7 @@ def test_names_and_folders_follow_the_registry() -> None:
         "clip_model": "ViT-L-14",
         "hpsv2": "HPSv2",
         "pickscore": "PickScore_v1",
+        "imagereward": "ImageReward",
     }
     assert sorted(TINY_MODELS) == sorted(REAL_REPOS)
 

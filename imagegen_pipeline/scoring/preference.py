@@ -2,8 +2,9 @@
 
 A scorer turns (image, prompt) pairs into one float each, higher meaning "people prefer it";
 best-of-N ranks a prompt's candidates by it. Each scorer is one module (``clip_model``,
-``hpsv2``, ``pickscore``) with a ``SPEC``, settings, ``build_tiny`` and a class meeting
-:class:`PreferenceScorer`; ``registry.SCORERS`` lists them by the name prompt rows use.
+``hpsv2``, ``pickscore``, ``imagereward``) with a ``SPEC``, settings, ``build_tiny`` and a
+class meeting :class:`PreferenceScorer`; ``registry.SCORERS`` lists them by the name prompt
+rows use.
 Scores of one pair never depend on the batch it was scored in.
 """
 
