@@ -38,12 +38,14 @@ def test_best_of_n_columns_are_checked_and_defaulted(tmp_path: Path) -> None:
         "c,a sky,2,3,,,\n"
         "d,a sun,,,nope,,\n"
         "e,a man,65,,,,\n"
+        "f,a sun,4,1,imagereward,,\n"
     )
     table = read_prompt_csv(csv)
     rows = {row["prompt_id"]: row for row in table.valid.to_dict("records")}
     assert candidate_policy(rows["a"], "clip") == CandidatePolicy(8, 2, "hpsv2", 0.25)
     # Empty cells: every image made is kept, as before best-of-N; the default scorer.
     assert candidate_policy(rows["b"], "clip") == CandidatePolicy(3, 3, "clip", None)
+    assert candidate_policy(rows["f"], "clip") == CandidatePolicy(4, 1, "imagereward", None)
     reasons = {(r["line"], r["field"]): r["reason"] for r in table.rejected.to_dict("records")}
     assert "candidates (2) must be at least select (3)" in reasons[(4, "row")]
     assert "unknown scorer 'nope'" in reasons[(5, "scorer")]

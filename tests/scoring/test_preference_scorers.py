@@ -119,7 +119,7 @@ def test_pickscore_is_the_scaled_cosine_of_the_model_card(scorers) -> None:
     assert pick.score(images[1:2], PROMPTS[1:2]) == pytest.approx(scores[1:2], abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["hpsv2", "pickscore"])
+@pytest.mark.parametrize("name", ["hpsv2", "pickscore", "imagereward"])
 def test_missing_real_weights_say_how_to_get_them(name: str) -> None:
     spec = SCORERS[name]
     scorer = spec.implementation_class()(spec.settings(model=spec.default_model, device="cpu"))
