@@ -147,6 +147,11 @@ SPEC = ModelSpec(
 # --------------------------------------------------------------------------------------------
 
 
+def _is_folder(name: str) -> bool:
+    """A folder (or a path meant as one), not a hub repo id."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().is_dir()
+
+
 class ImageRewardScorer(LoadedScorer):
     """ImageReward, loaded once per step; :meth:`score` ranks (image, prompt) pairs."""
 
@@ -183,7 +188,7 @@ class ImageRewardScorer(LoadedScorer):
         """(ImageReward.pt, med_config.json, the tokenizer's folder)."""
         model = self.config.model.removeprefix(LOCAL_DIR)
         folder = Path(model).expanduser()
-        if self.config.model.startswith(LOCAL_DIR) or folder.is_dir():
+        if self.config.model.startswith(LOCAL_DIR) or _is_folder(model):
             files = folder / CHECKPOINT, folder / MED_CONFIG
             if not all(path.is_file() for path in files):
                 raise self._missing(str(folder), f"needs {CHECKPOINT} and {MED_CONFIG}")
@@ -198,8 +203,8 @@ class ImageRewardScorer(LoadedScorer):
             own = folder is not None and (folder / "vocab.txt").is_file()
             tokenizer = str(folder) if own else TOKENIZER_REPO_ID
         tokenizer_folder = Path(tokenizer).expanduser()
-        if not tokenizer_folder.is_dir():  # a repo id; transformers' BertTokenizer falls back
-            # to a 5-token vocabulary when it finds no files, so find vocab.txt first
+        if not _is_folder(tokenizer):  # a repo id; transformers' BertTokenizer falls back to
+            # a 5-token vocabulary when it finds no files, so find vocab.txt first
             tokenizer_folder = self._hub_file(tokenizer, "vocab.txt", None).parent
         elif not (tokenizer_folder / "vocab.txt").is_file():
             raise self._missing(str(tokenizer_folder), "the tokenizer folder needs vocab.txt")

@@ -192,8 +192,10 @@ def test_imagereward_is_the_original_score(folder: Path, scorer: ImageRewardScor
     assert scorer.model_label == "tiny-random/THUDM/ImageReward"
 
 
-def test_a_folder_without_the_model_files_says_so(tmp_path: Path) -> None:
-    scorer = ImageRewardScorer(SPEC.settings(model=str(tmp_path), device="cpu"))
+@pytest.mark.parametrize("where", ["empty", "absent"])
+def test_a_folder_without_the_model_files_says_so(tmp_path: Path, where: str) -> None:
+    folder = tmp_path if where == "empty" else tmp_path / "absent"
+    scorer = ImageRewardScorer(SPEC.settings(model=str(folder), device="cpu"))
     with pytest.raises(
         ModelWeightsMissingError, match=r"needs ImageReward\.pt and med_config\.json"
     ):
