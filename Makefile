@@ -8,7 +8,7 @@ export IMAGEGEN_CONFIG ?= $(CURDIR)/imagegen.toml
 export HF_HUB_OFFLINE ?= 1
 # Test processes: the suite's tests are independent, except those sharing a module-scoped
 # fixture, which run together on one worker (tests/conftest.py groups them).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .PHONY: demo test ui review lint
 

@@ -58,28 +58,36 @@ def claims_of(where: dict[str, Any], lease: float = LEASE) -> Claims:
     return Claims(Storage(where["base"], **where["options"]), lease_seconds=lease, poll_seconds=0.1)
 
 
-def _race(where: dict[str, Any], name: str, start_at: float, hold_until: float, out: Any) -> None:
+def _race(
+    where: dict[str, Any], name: str, not_before: float, start: Any, done: Any, out: Any
+) -> None:
     claims = claims_of(where, lease=30)
     claims.read(name)  # connect before the start line: the race is on the create, not the setup
-    time.sleep(max(0.0, start_at - time.time()))
+    start.wait(timeout=120)  # every racer is ready (spawned interpreters import for seconds)
+    time.sleep(max(0.0, not_before - time.time()))
     claim, holder = claims.try_acquire(name, log=lambda _: None)
     out.put((os.getpid(), claim is not None, None if holder is None else holder.holder))
-    time.sleep(max(0.0, hold_until - time.time()))
+    done.wait(timeout=120)  # hold until every racer has tried, however slow the machine
     if claim is not None:
         claim.release()
 
 
-def race(where: dict[str, Any], name: str) -> list[tuple[int, bool, str | None]]:
-    """RACERS processes try ``name`` at one instant; each reports (pid, won, holder it saw)."""
-    out = SPAWN.Queue()
-    start_at = time.time() + 8  # spawned interpreters need a few seconds to import
+def race(
+    where: dict[str, Any], name: str, not_before: float = 0.0
+) -> list[tuple[int, bool, str | None]]:
+    """RACERS processes try ``name`` at one instant (not before ``not_before``); each reports
+    (pid, won, holder it saw)."""
+    out, start, done = SPAWN.Queue(), SPAWN.Barrier(RACERS), SPAWN.Event()
     processes = [
-        SPAWN.Process(target=_race, args=(where, name, start_at, start_at + 3, out))
+        SPAWN.Process(target=_race, args=(where, name, not_before, start, done, out))
         for _ in range(RACERS)
     ]
     for process in processes:
         process.start()
-    results = [out.get(timeout=60) for _ in processes]
+    try:
+        results = [out.get(timeout=180) for _ in processes]
+    finally:
+        done.set()
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
@@ -183,8 +191,8 @@ def test_processes_racing_to_take_over_a_dead_holders_claim_exactly_one_wins(
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.join(timeout=30)
-    # the racers start after the dead holder's lease has ended (race() starts them 8 s later)
-    results = race(where, name)
+    # the racers start after the dead holder's lease has ended
+    results = race(where, name, not_before=time.time() + LEASE + 0.5)
     winners = [pid for pid, won, _ in results if won]
     assert len(winners) == 1, results
     assert all(seen != dead for _, won, seen in results if not won), results

@@ -86,6 +86,9 @@ ACKS_LATE_CONFIG: dict[str, Any] = {
 }
 
 
+pytestmark = pytest.mark.slow  # minutes: a celery stack and runs on it
+
+
 @dataclass
 class CeleryStack:
     redis: RunningService

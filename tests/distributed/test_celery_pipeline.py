@@ -88,6 +88,9 @@ SIDE = 64
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
+pytestmark = pytest.mark.slow  # minutes: a celery stack and runs on it
+
+
 def model_config(**flux: Any) -> dict[str, Any]:
     """Run config: both local backends at SIDE px, FLUX settings overridden by ``flux``."""
     size = {"width": SIDE, "height": SIDE, "batch_size": 2}
@@ -165,11 +168,18 @@ class Pipeline:
             log_path=self.tmp_dir / f"orchestrator-{label}-{uuid.uuid4().hex[:6]}.log",
         )
 
-    def run(self, *batches: list[dict[str, Any]], label: str) -> list[list[str]]:
-        """Each batch in its own orchestrator process, all at once; every run must succeed.
-        Returns the run ids of each batch."""
+    def run(
+        self,
+        *batches: list[dict[str, Any]],
+        label: str,
+        while_running: Callable[[], None] | None = None,
+    ) -> list[list[str]]:
+        """Each batch in its own orchestrator process, all at once (``while_running`` is called
+        once they are started); every run must succeed. Returns the run ids of each batch."""
         started = [self.start_runs(runs, f"{label}-{i}") for i, runs in enumerate(batches)]
         try:
+            if while_running is not None:
+                while_running()
             outcomes = [job_runs.wait(RUN_TIMEOUT) for job_runs in started]
         finally:
             for job_runs in started:

@@ -77,6 +77,10 @@ class RunningProject:
         """The project's Dagster instance (the same SQLite files the daemon writes)."""
         return dg.DagsterInstance.from_config(str(self.home))
 
+    def gallery(self, prompt_set: str) -> Path:
+        """The set's HTML contact sheet (it exists once the set's comparison ran)."""
+        return self.storage / "reports" / prompt_set / "gallery.html"
+
     def runs(self) -> list[dg.DagsterRun]:
         """Every run so far, newest first."""
         with self.instance() as instance:

@@ -1,12 +1,13 @@
-"""`make test` runs the suite on pytest-xdist workers (``-n 2 --dist loadgroup``); these hooks
+"""`make test` runs the suite on pytest-xdist workers (``-n 3 --dist loadgroup``); these hooks
 (imported by tests/conftest.py) decide which tests must share a worker.
 
 A test that uses a module- or class-scoped fixture (one graph run, one `make ui`, one celery
 stack) runs on the worker that runs the rest of its module, in file order, so the fixture is
 built once; tests with the same ``@pytest.mark.xdist_group(name)`` share a worker too; every
 other test is independent and goes to whichever worker is free. A new test module needs no
-mark of its own. Session fixtures (tiny models, the distributed tests' servers)
-are built once per worker that uses them.
+mark of its own. Modules with a ``slow`` test (minutes: `make ui`, celery, the whole graph)
+are handed out first, so the longest chains of work start at once rather than last. Session
+fixtures (tiny models, the distributed tests' servers) are built once per worker that uses them.
 
 xdist's own ``--dist loadgroup`` passes a test's ``xdist_group`` from the worker to the
 scheduler by appending ``@group`` to the test's node id, which pytest 9.2's structured node
@@ -44,7 +45,10 @@ def shared_fixture_group(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On an xdist worker: write every grouped test's group for the scheduler."""
+    """Modules with a slow test first (each module kept whole, in file order); on an xdist
+    worker, write every grouped test's group for the scheduler."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: file order within
     worker_input: dict[str, Any] | None = getattr(config, "workerinput", None)
     if not worker_input or _WORKER_INPUT_KEY not in worker_input:
         return
@@ -76,10 +80,13 @@ def pytest_configure_node(node: Any) -> None:
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadgroup`` with the groups the workers wrote."""
+    """``--dist loadgroup`` with the groups the workers wrote, handed out in collection order
+    (slow modules first) rather than by the number of tests in a group."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
+
+    config.option.loadscopereorder = False
 
     groups_file = _groups_file(config)
 
