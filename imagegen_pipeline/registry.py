@@ -56,6 +56,7 @@ PREFERENCE_SCORERS = {
     "clip": SCORER,
     "hpsv2": "imagegen_pipeline.scoring.hpsv2",
     "pickscore": "imagegen_pipeline.scoring.pickscore",
+    "vqascore": "imagegen_pipeline.scoring.vqascore",
 }
 
 

@@ -83,6 +83,16 @@ EXPECTED_FILES = {
         "merges.txt",
         "tokenizer_config.json",
     ],
+    "vqascore": [
+        "config.json",
+        "generation_config.json",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "clip-vit-large-patch14-336/config.json",
+        "clip-vit-large-patch14-336/preprocessor_config.json",
+    ],
 }
 
 
@@ -130,6 +140,7 @@ def test_names_and_folders_follow_the_registry() -> None:
         "clip_model": "ViT-L-14",
         "hpsv2": "xswu/HPSv2",
         "pickscore": "yuvalkirstain/PickScore_v1",
+        "vqascore": "zhiqiulin/clip-flant5-xl",
     }
     assert TINY_MODEL_DIRS == {
         "flux_schnell": "FLUX.1-schnell",
@@ -138,6 +149,7 @@ def test_names_and_folders_follow_the_registry() -> None:
         "clip_model": "ViT-L-14",
         "hpsv2": "HPSv2",
         "pickscore": "PickScore_v1",
+        "vqascore": "clip-flant5-xl",
     }
     assert sorted(TINY_MODELS) == sorted(REAL_REPOS)
 
