@@ -57,6 +57,7 @@ PREFERENCE_SCORERS = {
     "hpsv2": "imagegen_pipeline.scoring.hpsv2",
     "pickscore": "imagegen_pipeline.scoring.pickscore",
     "imagereward": "imagegen_pipeline.scoring.imagereward",
+    "vqascore": "imagegen_pipeline.scoring.vqascore",
 }
 
 

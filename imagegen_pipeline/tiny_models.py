@@ -206,18 +206,19 @@ def clip_text_config(vocab_size: int, **overrides: Any) -> CLIPTextConfig:
     return CLIPTextConfig(**(settings | overrides))
 
 
-def write_t5_tokenizer(dest: Path) -> int:
+def write_t5_tokenizer(dest: Path, extra_words: tuple[str, ...] = ()) -> int:
     """Write a tiny T5TokenizerFast (tokenizer.json + configs) built offline; return its size.
 
     The real one is a 32k SentencePiece Unigram model; this is a Unigram model over single
-    characters (with and without the ``▁`` word prefix) plus a few whole words, in T5's id
-    layout: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then pieces, then 100 ``<extra_id_N>`` last.
+    characters (with and without the ``▁`` word prefix) plus a few whole words (and
+    ``extra_words``), in T5's id layout: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then pieces,
+    then 100 ``<extra_id_N>`` last.
     """
     from transformers import T5TokenizerFast
 
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    pieces += [(f"▁{w}", -4.0) for w in COMMON_WORDS]
+    pieces += [(f"▁{w}", -4.0) for w in (*COMMON_WORDS, *extra_words)]
     pieces += [(f"▁{c}", -8.0) for c in chars] + [(c, -8.0) for c in chars]
     pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))]
     # model_max_length 512 like the real tokenizer_2: FLUX encodes prompts at 256 tokens.

@@ -25,8 +25,8 @@ def test_names() -> None:
     assert IMAGE_NAMES == ["flux_schnell", "sdxl_turbo", "gemini"]
     assert list(BACKEND_NAMES) == IMAGE_NAMES
     assert list(LOCAL_BACKEND_NAMES) == ["flux_schnell", "sdxl_turbo"]
-    assert sorted(MODELS) == sorted([*IMAGE_NAMES, "svd", "clip_model", "hpsv2", "pickscore",
-                                        "imagereward"])  # fmt: skip
+    scorers = ["clip_model", "hpsv2", "pickscore", "imagereward", "vqascore"]
+    assert sorted(MODELS) == sorted([*IMAGE_NAMES, "svd", *scorers])
     assert all(MODELS[name].name == name for name in MODELS)
 
 
@@ -65,15 +65,15 @@ def test_local_models_have_weights_and_a_tiny_builder(name: str) -> None:
 def test_model_variables_are_distinct() -> None:
     variables = [spec.model_env_var for spec in MODELS.values() if spec.model_env_var]
     assert (
-        len(variables) == len(set(variables)) == len(LOCAL_BACKEND_NAMES) + 5
-    )  # svd and the 4 scorers
+        len(variables) == len(set(variables)) == len(LOCAL_BACKEND_NAMES) + 6
+    )  # svd and the 5 scorers
 
 
 def test_tiny_builders_each_stand_in_for_one_model() -> None:
     builders = [spec.tiny_builder for spec in MODELS.values() if spec.tiny_builder]
     assert (
-        len(builders) == len(set(builders)) == len(LOCAL_BACKEND_NAMES) + 5
-    )  # svd and the 4 scorers
+        len(builders) == len(set(builders)) == len(LOCAL_BACKEND_NAMES) + 6
+    )  # svd and the 5 scorers
     # Each builder lives beside its model, in the module that declares the spec.
     assert all(
         spec.tiny_builder.__module__ == spec.implementation.partition(":")[0]
@@ -119,6 +119,7 @@ EXPECTED_CLASSES = {
     "hpsv2": ("imagegen_pipeline.scoring.hpsv2", "Hpsv2Scorer"),
     "pickscore": ("imagegen_pipeline.scoring.pickscore", "PickScoreScorer"),
     "imagereward": ("imagegen_pipeline.scoring.imagereward", "ImageRewardScorer"),
+    "vqascore": ("imagegen_pipeline.scoring.vqascore", "VqaScoreScorer"),
 }
 
 

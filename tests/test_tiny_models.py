@@ -90,6 +90,16 @@ EXPECTED_FILES = {
         "tokenizer.json",
         "tokenizer_config.json",
     ],
+    "vqascore": [
+        "config.json",
+        "generation_config.json",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "clip-vit-large-patch14-336/config.json",
+        "clip-vit-large-patch14-336/preprocessor_config.json",
+    ],
 }
 
 
@@ -138,6 +148,7 @@ def test_names_and_folders_follow_the_registry() -> None:
         "hpsv2": "xswu/HPSv2",
         "pickscore": "yuvalkirstain/PickScore_v1",
         "imagereward": "THUDM/ImageReward",
+        "vqascore": "zhiqiulin/clip-flant5-xl",
     }
     assert TINY_MODEL_DIRS == {
         "flux_schnell": "FLUX.1-schnell",
@@ -147,6 +158,7 @@ def test_names_and_folders_follow_the_registry() -> None:
         "hpsv2": "HPSv2",
         "pickscore": "PickScore_v1",
         "imagereward": "ImageReward",
+        "vqascore": "clip-flant5-xl",
     }
     assert sorted(TINY_MODELS) == sorted(REAL_REPOS)
 
