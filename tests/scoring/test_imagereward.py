@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.transforms import (
     CenterCrop,
     Compose,
@@ -36,6 +34,7 @@ from imagegen_pipeline.scoring.imagereward_checkpoint import (
 )
 from imagegen_pipeline.tiny_models import build_tiny_model
 from tests.scoring.original_imagereward import OriginalImageReward
+from tests.scoring.samples import noise, shapes
 
 SPEC = SCORERS["imagereward"]
 # create_vit("large") at ImageReward's 224 px; the tiny one is 2 blocks of width 128 (2 heads).
@@ -44,19 +43,6 @@ TINY_VIT = {"width": 128, "depth": 2, "heads": 2, "patch": 16, "image": 224}
 PROMPTS = ["a red cat", "a dog in the city", "blue sky", "a portrait of a woman",
            "a detailed cinematic landscape painting of a city street in the light of the sun "
            "with a black dog, a white cat and a man in a red coat, high quality"]  # fmt: skip
-
-
-def noise(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(3)
-    return [
-        Image.fromarray(rng.integers(60 * i, 256, (80, 96 + 8 * i, 3), dtype=np.uint8))
-        for i in range(count)
-    ]
-
-
-def shapes(state: dict) -> set[str]:
-    """State-dict key patterns, layer numbers blanked: the layout without the depth."""
-    return {re.sub(r"\.\d+\.", ".N.", key) for key in state}
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from imagegen_pipeline.model_resolution import resolve_model
 from imagegen_pipeline.model_weights import ModelWeightsMissingError
@@ -18,21 +15,9 @@ from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import SCORERS
 from imagegen_pipeline.steps.best_of_n import default_scorer_name
 from imagegen_pipeline.tiny_models import build_tiny_model
+from tests.scoring.samples import noise, shapes
 
 PROMPTS = ["a red cat", "a dog in the city", "blue sky", "a portrait of a woman"]
-
-
-def noise(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(3)
-    return [
-        Image.fromarray(rng.integers(60 * i, 256, (80, 96 + 8 * i, 3), dtype=np.uint8))
-        for i in range(count)
-    ]
-
-
-def shapes(state: dict) -> set[str]:
-    """State-dict key patterns, layer numbers blanked: the layout without the depth."""
-    return {re.sub(r"\.\d+\.", ".N.", key) for key in state}
 
 
 @pytest.fixture(scope="module")
