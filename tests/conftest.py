@@ -28,8 +28,10 @@ from tests.support.xdist_groups import (  # noqa: F401 (hooks: which tests share
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("GEMINI_API_KEY", None)
 # Tiny models gain nothing from intra-op threads, and spinning OpenMP threads stall badly when
-# test processes share the CPU cores.
+# test processes share the CPU cores: one thread here and in every process a test starts (the
+# daemon's runs, workers, CLIs), where waiting threads once doubled a run's CPU time.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # screenshots kept for a person to look at

@@ -15,6 +15,7 @@ import pytest
 from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline
 from PIL import Image
 
+from imagegen_pipeline import cli
 from imagegen_pipeline.definitions import defs
 from imagegen_pipeline.local_runner import materialize_prompt_sets, range_tags
 from imagegen_pipeline.run_metadata import load_run_metadata
@@ -273,6 +274,7 @@ def test_a_run_spanning_a_set_without_prompts_makes_the_others(
 BACKFILL_REPORTING_TORCH = """
 import sys
 import dagster as dg
+from imagegen_pipeline import cli
 from imagegen_pipeline.definitions import defs
 from imagegen_pipeline.local_runner import range_tags
 
@@ -289,30 +291,33 @@ print("torch imported:", "torch" in sys.modules)
 
 
 def test_a_run_with_nothing_to_make_never_imports_torch(
-    tmp_path, prompts_dir, tiny_model_variables
+    tmp_path, prompts_dir, tiny_model_variables, monkeypatch
 ):
     """Steps decide what exists from the settings alone: a backfill over finished sets creates
     no model object, so its run never pays for importing torch, diffusers or open_clip
     (seconds each, inside the GPU pool's slot)."""
     (prompts_dir / "second.csv").write_text(SECOND_CSV)
     env = {
-        **os.environ,
         **tiny_model_variables,
         "DAGSTER_HOME": str(tmp_path / "dagster_home"),
         "IMAGEGEN_STORAGE": str(tmp_path / "storage"),
         "IMAGEGEN_PROMPTS_DIR": str(prompts_dir),
-        "HF_HUB_OFFLINE": "1",
     }
-
-    def run(*command: str) -> str:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
-
-    run(sys.executable, "-m", "imagegen_pipeline.cli", "demo", "--backends", *LOCAL)
+    # `imagegen demo` makes everything here, where torch is imported already; only the
+    # backfill's process has to start without it.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["demo", "--backends", *LOCAL]) == 0
     first_runs = set(load_run_metadata(tmp_path / "storage", "steps").run_id)
-    backfill = run(sys.executable, "-c", BACKFILL_REPORTING_TORCH, "example", "second", *LOCAL)
-    assert "torch imported: False" in backfill
+    backfill = subprocess.run(
+        [sys.executable, "-c", BACKFILL_REPORTING_TORCH, "example", "second", *LOCAL],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert backfill.returncode == 0, backfill.stdout[-3000:] + backfill.stderr[-3000:]
+    assert "torch imported: False" in backfill.stdout
 
     steps = load_run_metadata(tmp_path / "storage", "steps")
     second = steps[~steps.run_id.isin(first_runs)]

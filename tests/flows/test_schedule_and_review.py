@@ -1,4 +1,4 @@
-"""Scheduled bulk generation, then review: a set prepared while automatic generation is off is
+"""Scheduled bulk generation, then review: sets prepared while automatic generation is off are
 made by the bulk schedule; a reviewer rejects images in the review app (a real browser) and the
 daemon replaces them.
 """
@@ -23,18 +23,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_the_bulk_schedule_generates_what_is_missing(project: RunningProject):
-    # A set prepared while automatic generation is off stays missing until the schedule runs.
+    # Sets prepared while automatic generation is off stay missing until the schedule runs.
     project.set_sensor("generate_after_prompts_sensor", running=False)  # `dagster sensor stop`
     (project.prompts / "delta.csv").write_text(SECOND_CSV.replace("ramen", "dumplings"))
-    project.wait_for(
-        "delta prepared",
-        lambda: any(
-            run.job_name == "prepare_prompts"
-            and partitions_of(run) == "delta"
-            and run.status == dg.DagsterRunStatus.SUCCESS
-            for run in project.runs()
-        ),
-    )
+    project.wait_for("delta prepared", lambda: _prepared(project, "delta"))
+    (project.prompts / "alpha.csv").write_text(EXAMPLE_CSV)  # a tick later: the cursor moves on
+    project.wait_for("alpha prepared", lambda: _prepared(project, "alpha"))
+    assert not [run for run in project.runs() if run.job_name == "generate_images"]
     start = project.cli(
         "dagster", "schedule", "start", "bulk_generation_schedule", "-w", "workspace.yaml"
     )
@@ -52,9 +47,19 @@ def test_the_bulk_schedule_generates_what_is_missing(project: RunningProject):
         timeout=240,
     )
     bulk = [run for run in project.runs() if run.tags.get("imagegen/reason", "").startswith("bulk")]
-    assert sorted(partitions_of(run) for run in bulk) == sorted(f"{b}|delta" for b in LOCAL)
+    # One run per backend over both sets.
+    assert sorted(partitions_of(run) for run in bulk) == [f"{b}|delta..{b}|alpha" for b in LOCAL]
+    assert {run.tags["imagegen/prompt_sets"] for run in bulk} == {"delta,alpha"}
     project.cli("dagster", "schedule", "stop", "bulk_generation_schedule", "-w", "workspace.yaml")
-    project.set_sensor("generate_after_prompts_sensor", running=True)
+
+
+def _prepared(project: RunningProject, prompt_set: str) -> bool:
+    return any(
+        run.job_name == "prepare_prompts"
+        and partitions_of(run) == prompt_set
+        and run.status == dg.DagsterRunStatus.SUCCESS
+        for run in project.runs()
+    )
 
 
 @needs_chromium
@@ -65,9 +70,7 @@ def test_review_rejects_by_keyboard_and_the_daemon_replaces_them(project: Runnin
     from imagegen_pipeline.steps.regenerate import replacement_seed
     from tests.support.running_project import PROJECT_ROOT, free_port, stop_process_group
 
-    # delta came from the schedule (the test before); alpha comes through the sensor.
-    if not project.gallery("alpha").exists():
-        (project.prompts / "alpha.csv").write_text(EXAMPLE_CSV)
+    # delta and alpha came from the schedule (the test before).
     project.wait_for("alpha's gallery", lambda: project.gallery("alpha").exists())
     project.wait_for("every run to end", project.idle)
     imagegen = str(PROJECT_ROOT / ".venv" / "bin" / "imagegen")
