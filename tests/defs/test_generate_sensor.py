@@ -6,12 +6,14 @@ import dagster as dg
 
 from imagegen_pipeline.definitions import defs
 from imagegen_pipeline.defs.images.sensors import (
+    FINAL_ASSET,
     bulk_generation_schedule,
     generate_after_prompts_sensor,
 )
-from imagegen_pipeline.local_runner import materialize_prompt_sets
+from imagegen_pipeline.defs.partitions import partition_key
 from tests.conftest import SECOND_CSV
 
+LOCAL = ("flux_schnell", "sdxl_turbo")
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
@@ -78,25 +80,27 @@ def test_generation_waits_while_prompt_sets_are_being_prepared(
     assert spans(ready.run_requests) == ["flux_schnell|example", "sdxl_turbo|example"]
 
 
-def test_the_bulk_schedule_asks_for_missing_and_failed_sets_once_per_backend(
+def finished(instance: dg.DagsterInstance, prompt_sets: list[str]) -> None:
+    """What a complete pipeline leaves behind for the schedule: the last asset of every local
+    backend's partition materialized (the user flows make them for real)."""
+    for prompt_set in prompt_sets:
+        for backend in LOCAL:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    FINAL_ASSET, partition=str(partition_key(prompt_set, backend))
+                )
+            )
+
+
+def test_the_bulk_schedule_asks_for_missing_sets_once_per_backend(
     dagster_instance, make_resources, prompts_dir, monkeypatch
 ):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     for name in ("b", "c", "d"):
         (prompts_dir / f"{name}.csv").write_text(SECOND_CSV.replace("ramen", name))
-    resources = make_resources()
     # "example" and "c" are complete for both backends; b and d only prepared.
-    materialize_prompt_sets(
-        defs,
-        ["example"],
-        ["flux_schnell", "sdxl_turbo"],
-        instance=dagster_instance,
-        resources=resources,
-    )
-    prepare(dagster_instance, resources, ["b", "c", "d"])
-    materialize_prompt_sets(
-        defs, ["c"], ["flux_schnell", "sdxl_turbo"], instance=dagster_instance, resources=resources
-    )
+    prepare(dagster_instance, make_resources(), ["example", "b", "c", "d"])
+    finished(dagster_instance, ["example", "c"])
 
     # The daemon always passes the tick's time; it keys the runs (one run per tick).
     tick = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
@@ -105,15 +109,10 @@ def test_the_bulk_schedule_asks_for_missing_and_failed_sets_once_per_backend(
     assert all(r.run_key.startswith("bulk:2026-11-22T02:00:00") for r in requests)
     # One run per backend spanning b..d: c, in between, is already done and costs a listing.
     assert spans(requests) == ["flux_schnell|b..flux_schnell|d", "sdxl_turbo|b..sdxl_turbo|d"]
+    assert {r.tags["imagegen/prompt_sets"] for r in requests} == {"b,d"}
     assert all(r.job_name in (None, "generate_images") for r in requests)
 
-    materialize_prompt_sets(
-        defs,
-        ["b", "d"],
-        ["flux_schnell", "sdxl_turbo"],
-        instance=dagster_instance,
-        resources=resources,
-    )
+    finished(dagster_instance, ["b", "d"])
     done = bulk_generation_schedule(
         dg.build_schedule_context(instance=dagster_instance, scheduled_execution_time=tick)
     )
