@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.conftest import PROJECT_ROOT
 
-HOMES, STARTS_PER_HOME = 3, 3
+HOMES, STARTS_PER_HOME = 2, 3
 
 # Imports first, then wait until every process is ready, then the first start proper.
 FIRST_START = """
