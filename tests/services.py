@@ -832,16 +832,38 @@ def celery_workers_by_step(instance: Any, run_id: str) -> dict[str, list[str]]:
     return by_step
 
 
-def postgres_env(postgres: RunningService) -> dict[str, str]:
-    """The DAGSTER_PG_* variables deploy/celery/dagster.yaml reads its connection from."""
+def postgres_env(postgres: RunningService, database: str | None = None) -> dict[str, str]:
+    """The DAGSTER_PG_* variables deploy/celery/dagster.yaml reads its connection from (the
+    server's own database, or ``database``)."""
     params = postgres.params
     return {
         "DAGSTER_PG_HOST": str(params["host"]),
         "DAGSTER_PG_PORT": str(params["port"]),
         "DAGSTER_PG_USER": str(params["user"]),
         "DAGSTER_PG_PASSWORD": str(params["password"]),
-        "DAGSTER_PG_DB": str(params["db"]),
+        "DAGSTER_PG_DB": database or str(params["db"]),
     }
+
+
+def create_database(postgres: RunningService, name: str) -> None:
+    """A new, empty database on ``postgres``: a Dagster instance of its own on a shared server
+    (no run, pool slot or event of another instance in it)."""
+    import psycopg2
+
+    params = postgres.params
+    connection = psycopg2.connect(
+        host=params["host"],
+        port=params["port"],
+        user=params["user"],
+        password=params["password"],
+        dbname=params["db"],
+    )
+    connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        connection.close()
 
 
 # --- Runs of a Definitions' jobs, orchestrated in a subprocess ------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import re
 import shutil
@@ -57,6 +58,7 @@ from tests.services import (
     S3Service,
     ServiceUnavailable,
     celery_workers_by_step,
+    create_database,
     postgres_env,
     start_celery_worker,
 )
@@ -78,6 +80,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = PROJECT_ROOT / "deploy" / "celery"
 DEFINITIONS = "imagegen_pipeline.definitions"
 STORAGE_PREFIX = "imagegen"
+REDIS_DATABASES = itertools.count(1)  # one per celery stack of this process (0: other tests)
 LOCAL_BACKENDS = ("flux_schnell", "sdxl_turbo")
 # The steps tagged for the gpu queue (imagegen_pipeline/defs/gpu.py); all others go to the
 # default queue.
@@ -249,9 +252,13 @@ def pipeline(
     prompts_dir = tmp_dir / "prompts"
     prompts_dir.mkdir()
     storage_url = f"s3://{s3_service.bucket}/{STORAGE_PREFIX}"
-    # Its own Redis database: no worker of another test module shares these queues.
+    # Its own Redis and PostgreSQL databases on the session's servers: no worker, queued task,
+    # run or gpu pool slot of another module using this fixture (test_celery_claims) is seen.
     host, port = redis_service.params["host"], redis_service.params["port"]
-    broker_url = f"redis://{host}:{port}/1"
+    broker_url = f"redis://{host}:{port}/{next(REDIS_DATABASES)}"
+    database = f"dagster_{uuid.uuid4().hex[:8]}"
+    create_database(postgres_service, database)
+    pg_env = postgres_env(postgres_service, database)
     # The one configuration file every process reads (IMAGEGEN_CONFIG), as in a deployment.
     config = tmp_dir / "imagegen.toml"
     config.write_text(
@@ -267,7 +274,7 @@ def pipeline(
         **inherited,
         **tiny_model_variables,
         **s3_service.env,
-        **postgres_env(postgres_service),
+        **pg_env,
         "DAGSTER_HOME": str(home),
         "IMAGEGEN_CONFIG": str(config),
         "IMAGEGEN_CELERY_BROKER": broker_url,
@@ -275,7 +282,7 @@ def pipeline(
         "OMP_NUM_THREADS": "1",  # tiny models gain nothing from threads; spinning ones stall
     }
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in postgres_env(postgres_service).items():
+        for key, value in pg_env.items():
             patch.setenv(key, value)
         for key, value in s3_service.env.items():  # this process reads the bucket too
             patch.setenv(key, value)
