@@ -36,7 +36,5 @@ lint: $(VENV)/.installed  ## ruff, and the import layers of pyproject.toml's [to
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# --no-compile: modules are compiled on first import instead, only those ever imported
-	# (a minute less of install: torch and the CUDA wheels hold tens of thousands of files).
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@

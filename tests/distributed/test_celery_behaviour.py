@@ -433,7 +433,9 @@ def test_acks_late_redelivers_the_task_to_the_restarted_worker(stack: CeleryStac
         )
         redelivered_after_kill = time.monotonic() - killed_at
         assert orchestrator.finish() == DagsterRunStatus.SUCCESS, orchestrator.log()
-        first, second = executing_times(stack.instance, run_id, "render")
+        # A third delivery can follow on a busy machine: the redelivered task itself ran past
+        # the visibility timeout, which is what acks_late with a visibility timeout does.
+        first, second, *_ = executing_times(stack.instance, run_id, "render")
         # driven by the timeout, not an immediate requeue: the second delivery came about
         # visibility_timeout after the first (measured: 9-10.5 s for 10 s)
         assert second - first > VISIBILITY_TIMEOUT / 2
@@ -442,10 +444,9 @@ def test_acks_late_redelivers_the_task_to_the_restarted_worker(stack: CeleryStac
             f"{second - first:.1f} s after its first start; run succeeded "
             f"{time.monotonic() - killed_at:.1f} s after the kill"
         )
-        assert celery_workers_by_step(stack.instance, run_id)["render"] == [
-            gpu.hostname,
-            restarted.hostname,
-        ]
+        workers = celery_workers_by_step(stack.instance, run_id)["render"]
+        assert workers[:2] == [gpu.hostname, restarted.hostname]
+        assert set(workers[2:]) <= {restarted.hostname}
     finally:
         orchestrator.stop()
         gpu.stop()

@@ -44,7 +44,6 @@ def test_the_bulk_schedule_generates_what_is_missing(project: RunningProject):
             )
             == len(LOCAL)
         ),
-        timeout=240,
     )
     bulk = [run for run in project.runs() if run.tags.get("imagegen/reason", "").startswith("bulk")]
     # One run per backend over both sets.
