@@ -15,7 +15,10 @@ TEST_WORKERS ?= 3
 demo: $(VENV)/.installed  ## run the whole graph on every CSV in prompts/
 	$(BIN)/imagegen demo
 
+# The project's own modules are compiled first: where PYTHONDONTWRITEBYTECODE is set (as on CI
+# here), each of the suite's few hundred processes would otherwise compile them again.
 test: $(VENV)/.installed  ## run the test suite
+	$(BIN)/python -m compileall -q imagegen_pipeline tests >/dev/null
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # `imagegen home` copies the project's dagster.yaml into DAGSTER_HOME and creates its databases
