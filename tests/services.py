@@ -578,6 +578,21 @@ def s3_client_env(endpoint_url: str) -> dict[str, str]:
     }
 
 
+# moto's server as `python -m moto.server` starts it, but serving one request at a time: moto
+# checks a conditional PUT's precondition (If-None-Match: *, If-Match) and then writes, so two
+# threads can both pass it, where S3 decides atomically. Claims race on exactly that.
+MOTO_ONE_REQUEST_AT_A_TIME = """
+import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app,
+)
+host, port = sys.argv[1], int(sys.argv[2])
+app = DomainDispatcherApplication(create_backend_app)
+run_simple(host, port, app, threaded=False, request_handler=MotoRequestHandler)
+"""
+
+
 def start_s3(tmp_dir: str | os.PathLike[str], bucket: str = "imagegen-test") -> S3Service:
     """moto's S3 server (a subprocess) on 127.0.0.1 and a free port, with ``bucket`` created."""
     missing = [
@@ -601,7 +616,7 @@ def start_s3(tmp_dir: str | os.PathLike[str], bucket: str = "imagegen-test") -> 
             env.pop("AWS_ENDPOINT_URL_S3")
             with log_path.open("wb") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", LOCALHOST, "-p", str(port)],
+                    [sys.executable, "-c", MOTO_ONE_REQUEST_AT_A_TIME, LOCALHOST, str(port)],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
