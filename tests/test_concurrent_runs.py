@@ -31,7 +31,6 @@ def test_two_demo_runs_at_once_make_each_image_and_clip_once(tmp_path: Path, tin
         **tiny_model_variables,
         "IMAGEGEN_STORAGE": str(storage),
         "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
     }
     runs = [
         subprocess.Popen(

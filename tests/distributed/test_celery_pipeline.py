@@ -279,7 +279,6 @@ def pipeline(
         "IMAGEGEN_CONFIG": str(config),
         "IMAGEGEN_CELERY_BROKER": broker_url,
         "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # tiny models gain nothing from threads; spinning ones stall
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in pg_env.items():
