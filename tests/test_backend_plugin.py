@@ -47,9 +47,8 @@ with dg.DagsterInstance.get() as instance:
         for r in sensor.run_requests
     )
     now = datetime.datetime.now(datetime.UTC)
-    scheduled = bulk_generation_schedule(
-        dg.build_schedule_context(instance=instance, scheduled_execution_time=now)
-    )
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=now) as context:
+        scheduled = bulk_generation_schedule(context)
     requests = [] if isinstance(scheduled, dg.SkipReason) else scheduled
     report["schedule"] = sorted(
         r.tags.get("dagster/asset_partition_range_start") or r.partition_key for r in requests

@@ -126,7 +126,9 @@ def test_settings_size_and_device(fake_gemini: FakeGemini):
 )
 def test_transient_faults_are_retried_and_counted(fake_gemini: FakeGemini, fault: str):
     fake_gemini.script("harbour", fault, "ok")
-    backend = make_backend(fake_gemini, timeout_seconds=0.5)
+    # Past the hang's start, but long enough that the "ok" answer never times out on a loaded
+    # machine (it did at 0.5 s: two retries).
+    backend = make_backend(fake_gemini, timeout_seconds=3)
 
     [result] = list(backend.generate([request("harbour", "a harbour at dawn")]))
 
@@ -242,7 +244,7 @@ def test_a_mix_of_faults_loses_nothing_and_writes_no_placeholder(
     for prompt_id, script in faults.items():
         if script:
             fake_gemini.script(f"[{prompt_id}/0]", *script)  # the first image of each prompt
-    backend = make_backend(fake_gemini, timeout_seconds=0.5, max_attempts=3)
+    backend = make_backend(fake_gemini, timeout_seconds=2, max_attempts=3)
     settings = backend.settings
     planned = []
     for prompt_id in faults:

@@ -104,8 +104,13 @@ def test_the_bulk_schedule_asks_for_missing_sets_once_per_backend(
 
     # The daemon always passes the tick's time; it keys the runs (one run per tick).
     tick = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
-    context = dg.build_schedule_context(instance=dagster_instance, scheduled_execution_time=tick)
-    requests = bulk_generation_schedule(context)
+    # A schedule context opens its own instance from the ref: closed with the context, else
+    # its clean-up runs at garbage collection, in some later test, and resets Dagster's
+    # current defs-state storage to a dead instance's.
+    with dg.build_schedule_context(
+        instance=dagster_instance, scheduled_execution_time=tick
+    ) as context:
+        requests = bulk_generation_schedule(context)
     assert all(r.run_key.startswith("bulk:2026-11-22T02:00:00") for r in requests)
     # One run per backend spanning b..d: c, in between, is already done and costs a listing.
     assert spans(requests) == ["flux_schnell|b..flux_schnell|d", "sdxl_turbo|b..sdxl_turbo|d"]
@@ -113,7 +118,8 @@ def test_the_bulk_schedule_asks_for_missing_sets_once_per_backend(
     assert all(r.job_name in (None, "generate_images") for r in requests)
 
     finished(dagster_instance, ["b", "d"])
-    done = bulk_generation_schedule(
-        dg.build_schedule_context(instance=dagster_instance, scheduled_execution_time=tick)
-    )
+    with dg.build_schedule_context(
+        instance=dagster_instance, scheduled_execution_time=tick
+    ) as context:
+        done = bulk_generation_schedule(context)
     assert isinstance(done, dg.SkipReason)

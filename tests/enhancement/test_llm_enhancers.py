@@ -223,7 +223,7 @@ def test_an_unknown_ollama_model_opens_the_breaker(fake_ollama: FakeOllama):
 def test_ollama_retries_a_burst_of_server_errors(fake_ollama: FakeOllama):
     fake_ollama.script("number 0", "server_error", "server_error")
     fake_ollama.script("number 1", "hang")
-    enhancer = ollama(fake_ollama, timeout_seconds=0.5, max_attempts=ATTEMPTS)
+    enhancer = ollama(fake_ollama, timeout_seconds=2, max_attempts=ATTEMPTS)
 
     table = enhance_prompts(prompt_table(3), enhancer)
 
