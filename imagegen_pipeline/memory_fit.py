@@ -336,6 +336,18 @@ def plan_memory(
     )
 
 
+def fits_beside(plan: MemoryPlan, other_bytes: int) -> tuple[bool, str]:
+    """Whether another model of ``other_bytes`` (a scorer's weights) fits on the device beside
+    the pipeline as ``plan`` places it, with the sentence saying why."""
+    room = plan.usable_bytes - plan.peak_bytes
+    verdict = "fits" if other_bytes <= room else "does not fit"
+    reason = (
+        f"{_gib(other_bytes)} {verdict} beside the generator's planned peak "
+        f"{_gib(plan.peak_bytes)} in {_gib(plan.usable_bytes)} usable"
+    )
+    return other_bytes <= room, reason
+
+
 def free_memory_bytes(device: str) -> int:
     """Free memory of ``device``: CUDA's free bytes, else the host's available RAM."""
     if device == "auto" or device.startswith("cuda"):

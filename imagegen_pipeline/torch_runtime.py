@@ -81,6 +81,31 @@ def module_bytes(*modules: Any) -> int:
     return total
 
 
+def checkpoint_elements(files: list[Path]) -> int:
+    """The tensor elements stored in checkpoint files (safetensors, or torch .pt/.bin), read
+    without loading the weights: safetensors headers, or a memory-mapped torch load."""
+    import torch
+    from safetensors import safe_open
+
+    def elements(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+        if isinstance(value, dict):
+            return sum(elements(item) for item in value.values())
+        return 0
+
+    total = 0
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as tensors:
+                for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    shape = tensors.get_slice(name).get_shape()
+                    total += int(torch.Size(shape).numel())
+        else:
+            total += elements(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+    return total
+
+
 def pipeline_bytes(pipeline: Any) -> int:
     """Bytes of every torch module of a diffusers pipeline."""
     return module_bytes(*getattr(pipeline, "components", {}).values())

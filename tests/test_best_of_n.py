@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -15,7 +17,7 @@ from imagegen_pipeline.prompt_csv import read_prompt_csv
 from imagegen_pipeline.registry import MODELS, SCORERS
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.steps.best_of_n import CandidatePolicy, candidate_policy, run_candidates_step
-from imagegen_pipeline.steps.candidate_scores import ScoreBook, ScorerHandle
+from imagegen_pipeline.steps.candidate_scores import ScoreBook, ScorerHandle, place_scorer
 from imagegen_pipeline.steps.images import ImagesStepContext, derive_seed
 from imagegen_pipeline.steps.keepers import choose_keepers
 from imagegen_pipeline.storage import Storage
@@ -221,3 +223,38 @@ def test_retry_rounds_draw_only_what_the_rest_of_the_run_budget_pays_for() -> No
 def test_a_partition_without_candidates_keeps_nothing() -> None:
     table = choose_keepers(pd.DataFrame())
     assert table.empty and {"kept", "rank", "reason", "image_id"} <= set(table.columns)
+
+
+def test_an_ungated_ranking_scores_in_the_images_step_only_where_the_scorer_fits(
+    tmp_path: Path, tiny_sdxl: Path, sdxl, hps
+) -> None:
+    spec = MODELS["sdxl_turbo"]
+    settings = spec.settings(model=str(tiny_sdxl), device="cpu", width=SIDE, height=SIDE)
+    concrete, resolved = resolve_settings(spec, settings, ProjectConfig(device="cpu"))
+    planned_sdxl = spec.implementation_class()(concrete, model_id=resolved.model_id)
+    assert concrete.offload == "auto" and concrete.batch_size is None  # the planner decides
+    table = enhanced(tmp_path, "candidates,scorer", "3,hpsv2")
+    storage = Storage(str(tmp_path / "storage"))
+    where = ImagesStepContext(storage=storage, prompt_set="set", run_id="r0")
+
+    result = run_candidates_step(
+        planned_sdxl.target, lambda: planned_sdxl, table, where, {"hpsv2": hps}, log=print
+    )
+
+    # Host memory holds the tiny generator and the tiny HPS: scored here, all 18 candidates.
+    placement = result.placements["hpsv2"]
+    assert placement.startswith("images step: hpsv2 ") and " fits beside " in placement
+    assert result.outcome.generated == result.scored_in_step == 3 * len(PROMPTS)
+    assert len(ScoreBook.read(storage, "set", "sdxl_turbo").rows) == 3 * len(PROMPTS)
+    # Where the generator's plan leaves less room than the scorer's weights: the quality step.
+    plan = planned_sdxl.memory_plan
+    scorer_bytes = hps.model().planned_weight_bytes()
+    tight = replace(plan, free_bytes=plan.reserve_bytes + plan.peak_bytes + scorer_bytes // 2)
+    fits, why = place_scorer(SimpleNamespace(memory_plan=tight), hps)
+    assert not fits and "does not fit beside the generator's planned peak" in why
+    # Offload and batch size set by hand: no plan to place by, so the quality step scores.
+    other = Storage(str(tmp_path / "other"))
+    where = ImagesStepContext(storage=other, prompt_set="set", run_id="r1")
+    by_hand = run_candidates_step(sdxl.target, lambda: sdxl, table, where, {"hpsv2": hps})
+    assert by_hand.placements["hpsv2"].startswith("quality step: no memory plan")
+    assert by_hand.scored_in_step == 0 and not ScoreBook.read(other, "set", "sdxl_turbo").rows

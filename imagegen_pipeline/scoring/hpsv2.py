@@ -142,6 +142,10 @@ class Hpsv2Scorer(LoadedScorer):
             )
         return self.config.architecture, Path(found), False
 
+    def weight_files(self) -> list[Path]:
+        """The HPS checkpoint (it holds every weight, tower and head)."""
+        return [self._sources()[1]]
+
     def load(self) -> float:
         """Load the model, its preprocessing and tokenizer (once)."""
         if self.model is not None:

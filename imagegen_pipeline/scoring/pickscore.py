@@ -31,6 +31,7 @@ from imagegen_pipeline.tiny_models import (
     clip_text_config,
     write_clip_tokenizer,
 )
+from imagegen_pipeline.torch_runtime import local_model_folder
 
 REPO_ID = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPO_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -116,6 +117,15 @@ class PickScoreScorer(LoadedScorer):
         if processor == "auto":
             processor = model if Path(model).expanduser().is_dir() else PROCESSOR_REPO_ID
         return model, processor
+
+    def weight_files(self) -> list[Path]:
+        """The model's weight files: safetensors when present (what transformers loads
+        first), else its torch .bin; in its folder or its Hugging Face cache snapshot."""
+        model, _ = self._paths()
+        folder = local_model_folder(model, self.config.revision)
+        if folder is None:
+            return []
+        return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
     def load(self) -> float:
         """Load the model and its processor (once), from local files unless allowed."""

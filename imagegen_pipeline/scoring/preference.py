@@ -11,13 +11,19 @@ Scores of one pair never depend on the batch it was scored in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from PIL import Image
 from pydantic import Field
 
 from imagegen_pipeline.model_settings import ModelSettings
-from imagegen_pipeline.torch_runtime import free_accelerator_memory, module_bytes, resolve_device
+from imagegen_pipeline.torch_runtime import (
+    checkpoint_elements,
+    free_accelerator_memory,
+    module_bytes,
+    resolve_device,
+)
 
 
 class PreferenceScorer(Protocol):
@@ -36,6 +42,7 @@ class PreferenceScorer(Protocol):
     def load(self) -> float: ...
     def unload(self) -> None: ...
     def weight_bytes(self) -> int: ...
+    def planned_weight_bytes(self) -> int | None: ...
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]: ...
 
 
@@ -87,3 +94,21 @@ class LoadedScorer:
     def weight_bytes(self) -> int:
         """Memory the loaded model holds (for the warm-model cache)."""
         return module_bytes(self.model)
+
+    def weight_files(self) -> list[Path]:
+        """The checkpoint files the model loads from, when known without loading it."""
+        return []
+
+    def planned_weight_bytes(self) -> int | None:
+        """The memory the model's weights will hold once loaded (what it holds, if loaded);
+        None when its files are not known. Lets a step place it before loading it."""
+        if self.model is not None:
+            return self.weight_bytes()
+        try:
+            files = self.weight_files()
+        except Exception:  # missing weights: the load reports them, with the fix
+            return None
+        if not files:
+            return None
+        element_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[self.config.precision]
+        return checkpoint_elements(files) * element_bytes

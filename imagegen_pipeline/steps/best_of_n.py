@@ -8,7 +8,10 @@ address never depends on the round that drew it: a re-run, or a run resumed afte
 every candidate made before and makes only the missing ones.
 
 - Without a gate every prompt draws its N candidates at once, so the backend batches across
-  prompts; the quality step scores them and the ``keepers`` asset ranks them.
+  prompts, and the ``keepers`` asset ranks them by scores from the score book. Those scores
+  are computed at the end of this step when the scorer fits on the device beside the
+  generator (its memory plan decides; the images are still warm and the device is ours),
+  else by the quality step, which loads the scorer on its own.
 - With a gate a prompt first draws ``select`` candidates; they are scored in this step (the
   scorer is loaded beside the generator), and a prompt with fewer than ``select`` candidates at
   or above ``min_score`` draws that many more, until enough pass or N are spent (its best is
@@ -35,7 +38,7 @@ from imagegen_pipeline.model_settings import ImageTarget
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.records import ImageRecord
 from imagegen_pipeline.registry import SCORERS
-from imagegen_pipeline.steps.candidate_scores import ScoreBook, ScorerHandle
+from imagegen_pipeline.steps.candidate_scores import ScoreBook, ScorerHandle, place_scorer
 from imagegen_pipeline.steps.images import (
     ImagesKind,
     ImagesStepContext,
@@ -57,6 +60,17 @@ def default_scorer_name(project: ProjectConfig) -> str:
 def scorers_needed(policies: Mapping[str, CandidatePolicy], gated_only: bool) -> set[str]:
     """The scorers ``policies`` rank by (of gated prompts only, for the images step)."""
     return {p.scorer for p in policies.values() if p.gated or not gated_only}
+
+
+def scorers_to_place(policies: Mapping[str, CandidatePolicy]) -> set[str]:
+    """The scorers of ungated prompts that choose among candidates: the images step runs
+    them where they fit beside the generator. Not ``clip``: the quality step computes the CLIP
+    score of every image anyway, with its own model."""
+    return {
+        p.scorer
+        for p in policies.values()
+        if not p.gated and p.candidates > p.select and p.scorer != DEFAULT_SCORER
+    }
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,7 @@ class CandidatesOutcome:
     gate_retries: int = 0  # candidates drawn past each prompt's first round
     scored_in_step: int = 0
     scoring_seconds: float = 0.0  # scorer forward passes in this step (loads excluded)
+    placements: dict[str, str] = field(default_factory=dict)  # ungated scorer: where, and why
     scorer_load_seconds: float = 0.0
     budget_stopped: list[str] = field(default_factory=list)  # prompts a budget left short
 
@@ -211,6 +226,16 @@ def run_candidates_step(
                     drawn[prompt] = min(policy.candidates, wanted)
             _spend_within_budget(drawn, since, backend_settings, records, result)
             planned = plan_candidates(enhanced, target, drawn, since)
+        for scorer in sorted(scorers_to_place(policies) & set(scorers)):
+            here, why = place_scorer(backend(), scorers[scorer])
+            result.placements[scorer] = f"{'images' if here else 'quality'} step: {why}"
+            if here:
+                items = [
+                    {**record.__dict__, "score_prompt": originals[owner]}
+                    for (owner, _), record in records.items()
+                    if not policies[owner].gated and policies[owner].scorer == scorer
+                ]
+                book.score(items, scorers[scorer], log)
         book.save()
     order = {prompt: position for position, prompt in enumerate(policies)}
     ordered = sorted(records.values(), key=lambda r: (order.get(r.prompt_id, 0), r.image_index))

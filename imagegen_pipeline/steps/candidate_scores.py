@@ -21,6 +21,7 @@ import pyarrow as pa
 from PIL import Image
 
 from imagegen_pipeline.image_files import DECODE_ERRORS
+from imagegen_pipeline.memory_fit import fits_beside
 from imagegen_pipeline.records import EXISTING_STATUSES, utc_now
 from imagegen_pipeline.run_metadata import parquet_bytes
 from imagegen_pipeline.scoring.preference import PreferenceScorer
@@ -135,6 +136,19 @@ class ScoreBook:
             self.added += 1
             self.computed += 1
         return scores
+
+
+def place_scorer(generator: Any, scorer: ScorerHandle) -> tuple[bool, str]:
+    """Whether ``scorer`` runs in the images step, beside ``generator`` on its device (True),
+    or is left to the quality step, and why: the generator's memory plan decides."""
+    plan = getattr(generator, "memory_plan", None)
+    if plan is None:
+        return False, "no memory plan of the generator (a hosted API, unloaded, or set by hand)"
+    planned = scorer.model().planned_weight_bytes()
+    if planned is None:
+        return False, f"{scorer.name}'s weights cannot be sized before loading"
+    fits, why = fits_beside(plan, planned)
+    return fits, f"{scorer.name} {why}"
 
 
 def add_scorer_columns(

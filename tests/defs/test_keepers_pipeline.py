@@ -74,9 +74,11 @@ def test_a_gated_set_through_the_graph(
     images = result.asset_materializations_for_node("images.generate_on_gpu")
     metadata = {k: v.value for k, v in images[0].metadata.items()}
     assert metadata["gate_retries"] == 2 and metadata["candidate_rounds"] == 3
-    # The gate scored the gated prompt's first two candidates; its last one was scored by
-    # quality, as were the plain prompt's: no gate needed them earlier.
-    assert metadata["scored_in_step"] == 2
+    # The gate scored the gated prompt's first two candidates (its last one was left to the
+    # quality step: no gate needed it); the plain prompt's three were scored at the end of the
+    # step, as the tiny HPS fits in host memory beside the tiny generator.
+    assert metadata["scored_in_step"] == 2 + 3
+    assert metadata["scorer_placement"]["hpsv2"].startswith("images step: hpsv2 ")
 
     tables = tmp_path / "storage" / "tables"
     quality = pd.read_parquet(tables / "quality" / "sdxl_turbo" / "best.parquet")

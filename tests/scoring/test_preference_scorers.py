@@ -116,3 +116,17 @@ def test_the_default_scorer_is_hps_only_with_its_weights(tmp_path: Path) -> None
     # No real HPS weights here: ranking by a random-weight HPS would rank by noise.
     assert default_scorer_name(ProjectConfig()) == "clip"
     assert default_scorer_name(ProjectConfig(models={"hpsv2": str(tmp_path)})) == "hpsv2"
+
+
+@pytest.mark.parametrize("name", ["hpsv2", "pickscore"])
+def test_a_scorers_weights_are_sized_before_it_loads(name: str, scorers) -> None:
+    # What lets the images step decide, before loading it, whether it fits beside the generator.
+    loaded = scorers[name]
+    fresh = type(loaded)(loaded.config, model_id=loaded.model_id)
+    planned = fresh.planned_weight_bytes()
+    assert fresh.model is None and planned is not None
+    fresh.load()
+    # The checkpoint holds every weight; the module adds only a few non-persistent buffers.
+    assert planned <= fresh.weight_bytes() <= planned * 1.01
+    half = type(loaded)(loaded.config.model_copy(update={"precision": "fp16"}))
+    assert half.planned_weight_bytes() * 2 == planned

@@ -36,6 +36,7 @@ from imagegen_pipeline.steps.best_of_n import (
     policies_of,
     run_candidates_step,
     scorers_needed,
+    scorers_to_place,
 )
 from imagegen_pipeline.steps.hybrid import Routing
 from imagegen_pipeline.steps.images import ImagesKind, ImagesStepContext, images_folder
@@ -68,7 +69,8 @@ def make_images(
         prompts = prompts_of(enhanced_prompts, prompt_set, context.log.warning)
         prompts, routing = route(context, prompts, prompt_set, context.log.info)
         default_scorer = default_scorer_name(project)
-        gated = scorers_needed(policies_of(prompts, backend_name, default_scorer), True)
+        policies = policies_of(prompts, backend_name, default_scorer)
+        gated = scorers_needed(policies, True)
         # Replacements of rejected images, listed again beside the CSV's (see steps/regenerate).
         replacements = standing_replacements(storage, prompt_set, backend_name, target)
         # A set whose sidecar changes a hosted model's settings gets its own model object.
@@ -90,8 +92,9 @@ def make_images(
             verify=storage_resource.verify,
         )
         kind = images_kind(settings)
-        # Best-of-N: candidates in rounds, scored here where a gate needs it.
-        with scorer_handles(context, gated, project) as scorers:
+        # Best-of-N: candidates in rounds, scored here where a gate needs it, or where the
+        # ranking scorer fits beside the generator.
+        with scorer_handles(context, gated | scorers_to_place(policies), project) as scorers:
             best_of_n = run_candidates_step(
                 target,
                 model,
@@ -164,6 +167,7 @@ def make_images(
             "gate_retries": best_of_n.gate_retries,
             "scored_in_step": best_of_n.scored_in_step,
             "scoring_seconds": round(best_of_n.scoring_seconds, 3),
+            **({"scorer_placement": best_of_n.placements} if best_of_n.placements else {}),
             "cost_usd": float(record.cost_usd or 0.0),
             **({"mode": settings.mode} if hasattr(settings, "mode") else {}),
             **{k: v for k, v in hybrid_split(routing, prompts, backend_name).items()},
