@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.environ["HF_HUB_OFFLINE"] = "1"
+    from imagegen_pipeline.registry import MODELS
     from imagegen_pipeline.tiny_models import build_tiny_model
 
     with contextlib.ExitStack() as stack:
@@ -310,10 +311,10 @@ def main(argv: list[str] | None = None) -> None:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         models = tmp / "models"
         tiny = {
-            "IMAGEGEN_FLUX_SCHNELL_MODEL": str(build_tiny_model("flux_schnell", models)),
-            "IMAGEGEN_SDXL_TURBO_MODEL": str(build_tiny_model("sdxl_turbo", models)),
-            "IMAGEGEN_SVD_MODEL": str(build_tiny_model("svd_xt", models)),
-            "IMAGEGEN_CLIP_MODEL": str(build_tiny_model("open_clip_vit_l_14", models)),
+            "IMAGEGEN_FLUX_SCHNELL_MODEL": str(build_tiny_model(MODELS["flux_schnell"], models)),
+            "IMAGEGEN_SDXL_TURBO_MODEL": str(build_tiny_model(MODELS["sdxl_turbo"], models)),
+            "IMAGEGEN_SVD_MODEL": str(build_tiny_model(MODELS["svd"], models)),
+            "IMAGEGEN_CLIP_MODEL": str(build_tiny_model(MODELS["clip_model"], models)),
         }
         redis = stack.enter_context(start_redis(tmp))
         postgres = stack.enter_context(start_postgres(tmp))

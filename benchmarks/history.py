@@ -25,7 +25,6 @@ import argparse
 import cProfile
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,10 +45,12 @@ PROMPTS, IMAGES_PER_PROMPT = 125, 8
 
 def tiny_models(root: Path) -> dict[str, Path]:
     """The tiny random-weight models the benchmark runs on, built once under ``root``."""
+    from imagegen_pipeline.registry import MODELS
     from imagegen_pipeline.tiny_models import build_tiny_model
 
-    names = {"sdxl_turbo": "sdxl_turbo", "svd": "svd_xt", "clip_model": "open_clip_vit_l_14"}
-    return {key: build_tiny_model(name, root) for key, name in names.items()}
+    return {
+        name: build_tiny_model(MODELS[name], root) for name in ("sdxl_turbo", "svd", "clip_model")
+    }
 
 
 def enhanced(prompts: int, images: int) -> pd.DataFrame:
@@ -71,8 +72,7 @@ def enhanced(prompts: int, images: int) -> pd.DataFrame:
 
 
 def reruns(workdir: Path, model: Path, count: int) -> dict[str, Any]:
-    from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend
-    from imagegen_pipeline.model_settings import SdxlTurboSettings
+    from imagegen_pipeline.backends.sdxl_turbo import SdxlTurboBackend, SdxlTurboSettings
     from imagegen_pipeline.steps.images import ImagesStepContext, plan_images, run_images_step
 
     storage = Storage(workdir / "one-set")
@@ -223,7 +223,11 @@ def prepare_once(workdir: Path) -> None:
             resources=res,
         )
         assert result.success
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: a child forked from this benchmark (which holds torch and the
+    # models) inherits the parent's resident pages in ru_maxrss, though exec dropped them.
+    status = Path("/proc/self/status").read_text()
+    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    print(peak_kb / 1024)
 
 
 def prepare_rss_mb(workdir: Path, models: dict[str, Path]) -> float:

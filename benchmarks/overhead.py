@@ -147,9 +147,10 @@ def run_bare(count: int, model: Path, workdir: Path) -> dict[str, Any]:
 
 def worker(mode: str, count: int) -> None:
     """Measure one mode in this (fresh) process; print its figures as JSON."""
+    from imagegen_pipeline.registry import MODELS
     from imagegen_pipeline.tiny_models import build_tiny_model
 
-    model = build_tiny_model("flux_schnell", ROOT / "storage" / "models" / "tiny")
+    model = build_tiny_model(MODELS["flux_schnell"], ROOT / "storage" / "models" / "tiny")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         figures = (run_step if mode == "step" else run_bare)(count, model, Path(tmp))

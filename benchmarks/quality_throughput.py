@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagegen_pipeline.registry import SVD
+from imagegen_pipeline.registry import MODELS, SVD
 from imagegen_pipeline.scoring.clip_model import ClipModel, ClipModelSettings
 from imagegen_pipeline.steps.clips import VideoStepContext, plan_video_clips, run_video_step
 from imagegen_pipeline.steps.scores import Scorer, score_image_table
@@ -110,9 +110,9 @@ def main() -> int:
 
     models_dir = Path(args.models_dir)
     clip_model = (
-        args.clip_model or f"local-dir:{build_tiny_model('open_clip_vit_l_14', models_dir)}"
+        args.clip_model or f"local-dir:{build_tiny_model(MODELS['clip_model'], models_dir)}"
     )
-    svd_model = args.svd_model or str(build_tiny_model("svd_xt", models_dir))
+    svd_model = args.svd_model or str(build_tiny_model(MODELS["svd"], models_dir))
     model = ClipModel(
         ClipModelSettings(model=clip_model, batch_size=args.batch_size, device=args.device)
     )
