@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from imagegen_pipeline.backends import diffusers_text_to_image
 from imagegen_pipeline.enhancement import enhance_prompts
 from imagegen_pipeline.enhancement.template import TemplateEnhancer
 from imagegen_pipeline.model_resolution import resolve_settings
@@ -17,7 +18,12 @@ from imagegen_pipeline.prompt_csv import read_prompt_csv
 from imagegen_pipeline.registry import MODELS, SCORERS
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.steps.best_of_n import CandidatePolicy, candidate_policy, run_candidates_step
-from imagegen_pipeline.steps.candidate_scores import ScoreBook, ScorerHandle, place_scorer
+from imagegen_pipeline.steps.candidate_scores import (
+    ScoreBook,
+    ScorerHandle,
+    place_scorer,
+    room_for_gate,
+)
 from imagegen_pipeline.steps.images import ImagesStepContext, derive_seed
 from imagegen_pipeline.steps.keepers import choose_keepers
 from imagegen_pipeline.storage import Storage
@@ -258,3 +264,32 @@ def test_an_ungated_ranking_scores_in_the_images_step_only_where_the_scorer_fits
     by_hand = run_candidates_step(sdxl.target, lambda: sdxl, table, where, {"hpsv2": hps})
     assert by_hand.placements["hpsv2"].startswith("quality step: no memory plan")
     assert by_hand.scored_in_step == 0 and not ScoreBook.read(other, "set", "sdxl_turbo").rows
+
+
+def test_the_generator_plans_room_for_the_gates_scorer(
+    tmp_path: Path, tiny_sdxl: Path, tiny_hpsv2: Path, monkeypatch
+) -> None:
+    # A device stand-in of 6 GiB free: the planner sees it less the scorer's weights.
+    free = 6 * 2**30
+    monkeypatch.setattr(diffusers_text_to_image, "free_memory_bytes", lambda device: free)
+    spec = MODELS["sdxl_turbo"]
+    settings = spec.settings(model=str(tiny_sdxl), device="cpu", width=SIDE, height=SIDE)
+    concrete, resolved = resolve_settings(spec, settings, ProjectConfig(device="cpu"))
+    generator = spec.implementation_class()(concrete, model_id=resolved.model_id)
+    scorer = SCORERS["hpsv2"].implementation_class()(
+        SCORERS["hpsv2"].settings(model=str(tiny_hpsv2), device="cpu"), model_id="tiny-hps"
+    )
+    fresh = ScorerHandle("hpsv2", "tiny-hps", "main", lambda: scorer)
+    scorer_bytes = scorer.planned_weight_bytes()
+    gated = enhanced(tmp_path, "candidates,scorer,min_score", "2,hpsv2,-1")  # every image passes
+    where = ImagesStepContext(storage=Storage(str(tmp_path / "s")), prompt_set="set", run_id="r")
+
+    result = run_candidates_step(
+        generator.target, lambda: generator, gated, where, {"hpsv2": fresh}
+    )
+
+    assert result.scored_in_step == len(PROMPTS) and scorer.model is not None
+    assert generator.room_for_others == scorer_bytes > 0
+    assert generator.memory_plan.free_bytes == free - scorer_bytes
+    # Once the scorer is loaded, the device's free memory shows it: no room is counted twice.
+    assert room_for_gate([fresh]) == 0

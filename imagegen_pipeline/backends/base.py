@@ -106,6 +106,10 @@ class ImageBackend(ABC):
         """Memory the loaded model holds (what the warm-model cache budgets); 0 for none."""
         return 0
 
+    def leave_room(self, other_bytes: int) -> None:  # noqa: B027 - a hosted model holds none
+        """Keep ``other_bytes`` of the device free for another model of the step (a gate's
+        scorer, loaded beside the generator) when planning memory."""
+
     def run_summary(self) -> RunSummary:
         """Totals of the last ``generate`` call (tokens, cost, retries, ...) and warnings."""
         return RunSummary()

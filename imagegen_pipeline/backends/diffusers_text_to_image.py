@@ -58,6 +58,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.dtype, self.spec.dtype, self._device)
         self.memory_plan: MemoryPlan | None = None
+        self.room_for_others = 0  # device bytes kept free for another model of the step
         self.batch_size = settings.batch_size or 1
         self.offload = "none" if settings.offload == "auto" else settings.offload
         self.adapters: AdapterSwitcher | None = None  # created with the pipeline
@@ -112,7 +113,7 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                 hooks,
                 text_tokens=tokens,
                 dtype=dtype_name(self._dtype),
-                free_bytes=free_memory_bytes(str(self._device)),
+                free_bytes=max(0, free_memory_bytes(str(self._device)) - self.room_for_others),
                 width=width,
                 height=height,
                 max_batch_size=config.max_batch_size,
@@ -126,9 +127,9 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
             return None
 
     def fit_adapters(self, requests: Sequence[ImageRequest]) -> None:
-        """Re-plan the batch size for the LoRA and ControlNet weights ``requests`` load
-        (offload is kept: the model is placed already). Only when the batch size is the
-        planner's."""
+        """Re-plan the batch size for the LoRA and ControlNet weights ``requests`` load and the
+        room left for another model (offload is kept: the model is placed already). Only when
+        the batch size is the planner's."""
         if self.memory_plan is None or self.config.batch_size is not None:
             return
         import torch
@@ -146,10 +147,16 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         if controlnet:
             denoiser = self.spec.lora_components[0]  # "unet" or "transformer"
             extra = {**extra, denoiser: extra.get(denoiser, 0) + controlnet}
-        plan = self.plan_memory(adapter_bytes=extra, offload=self.offload) if extra else None
+        replan = extra or self.room_for_others
+        plan = self.plan_memory(adapter_bytes=extra, offload=self.offload) if replan else None
         if plan is not None:
             self.memory_plan = plan
             self.batch_size = min(self.batch_size, plan.batch_size)
+
+    def leave_room(self, other_bytes: int) -> None:
+        """Plan with ``other_bytes`` less free memory: the offload when it loads, the batch size
+        at each generate call after."""
+        self.room_for_others = other_bytes
 
     def load(self) -> float:
         if self.pipeline is not None:

@@ -247,6 +247,10 @@ class ClipModel:
         """Memory the loaded model holds (for the warm-model cache)."""
         return module_bytes(self.model, self.head)
 
+    def planned_weight_bytes(self) -> int | None:
+        """What it holds once loaded; None before (open_clip's tags name no file to size)."""
+        return self.weight_bytes() if self.model is not None else None
+
     # --- embeddings ---------------------------------------------------------------------------
 
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ every candidate made before and makes only the missing ones.
   generator (its memory plan decides; the images are still warm and the device is ours),
   else by the quality step, which loads the scorer on its own.
 - With a gate a prompt first draws ``select`` candidates; they are scored in this step (the
-  scorer is loaded beside the generator), and a prompt with fewer than ``select`` candidates at
-  or above ``min_score`` draws that many more, until enough pass or N are spent (its best is
-  then kept, flagged ``below_gate`` by the keepers asset). Every round plans all prompts still
+  scorer is loaded beside the generator, whose memory plan leaves room for its weights), and
+  a prompt with fewer than ``select`` candidates at or above ``min_score`` draws that many
+  more, until enough pass or N are spent (its best is then kept, flagged ``below_gate`` by
+  the keepers asset). Every round plans all prompts still
   short together, so retries fill the backend's batches too.
 - A hosted backend's budget spans the rounds: a round draws only what the rest of the budget
   pays for, at the backend's price per image.
@@ -38,7 +39,12 @@ from imagegen_pipeline.model_settings import ImageTarget
 from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.records import ImageRecord
 from imagegen_pipeline.registry import SCORERS
-from imagegen_pipeline.steps.candidate_scores import ScoreBook, ScorerHandle, place_scorer
+from imagegen_pipeline.steps.candidate_scores import (
+    ScoreBook,
+    ScorerHandle,
+    place_scorer,
+    room_for_gate,
+)
 from imagegen_pipeline.steps.images import (
     ImagesKind,
     ImagesStepContext,
@@ -194,6 +200,9 @@ def run_candidates_step(
             _add(result.outcome, extra_outcome)
             extra_records = extra_outcome.records
         planned = plan_candidates(enhanced, target, drawn, since)
+        gated = sorted({p.scorer for p in policies.values() if p.gated} & set(scorers))
+        if planned and gated:  # the gate's scorer loads beside the generator: plan room for it
+            backend().leave_room(room_for_gate([scorers[name] for name in gated]))
         while planned:
             result.rounds += 1
             outcome = run_step(maker, planned, place, log)

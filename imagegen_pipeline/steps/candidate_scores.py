@@ -138,6 +138,18 @@ class ScoreBook:
         return scores
 
 
+def room_for_gate(scorers: Sequence[ScorerHandle]) -> int:
+    """Device bytes a gate's scorers will take when they load beside the generator: none for
+    one loaded already (the free memory the generator plans with shows it), and none for one
+    that cannot be sized before loading."""
+    room = 0
+    for handle in scorers:
+        model = handle.model()
+        if getattr(model, "model", None) is None:
+            room += model.planned_weight_bytes() or 0
+    return room
+
+
 def place_scorer(generator: Any, scorer: ScorerHandle) -> tuple[bool, str]:
     """Whether ``scorer`` runs in the images step, beside ``generator`` on its device (True),
     or is left to the quality step, and why: the generator's memory plan decides."""
