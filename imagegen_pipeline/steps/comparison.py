@@ -12,6 +12,7 @@ because they may live on an object store.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from collections.abc import Callable, Mapping
@@ -33,6 +34,10 @@ CHART_METRICS = [
     ("cost_per_image_usd", "Cost per image (USD)"),
 ]
 GALLERY_TEMPLATE = "gallery.html.j2"
+# Columns of a table row that say which run found or made the image, not what it is: a run
+# with nothing to make changes them and nothing else.
+RUN_BOOKKEEPING = ("run_id", "row_id", "recorded_at", "started_at", "finished_at", "seconds",
+                   "device", "batch_size", "newly_scored")  # fmt: skip
 MISSING = "–"  # shown for a value a row does not have
 DETAIL_CHARS = 160  # of an error message, in a missing image's box
 
@@ -131,6 +136,30 @@ def steering_summary(quality: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         mean_aesthetic=("aes", "mean"),
     )
     return summary.reset_index()[columns]
+
+
+def report_digest(
+    prompt_set: str,
+    frames: Mapping[str, pd.DataFrame],
+    settings: Mapping[str, Any],
+) -> str:
+    """What a set's chart and gallery are drawn from: its tables (``frames`` by name, e.g.
+    each backend's keepers with verdicts, the clips, the summary), the drawing ``settings``,
+    and this module's code and the gallery template. Equal digests draw equal files (but for
+    the page's "drawn at" stamp), so a run with nothing new can keep the files it has."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([prompt_set, dict(settings)], sort_keys=True, default=str).encode())
+    digest.update(Path(__file__).read_bytes())
+    digest.update((Path(__file__).parent / "templates" / GALLERY_TEMPLATE).read_bytes())
+    for name in sorted(frames):
+        frame = frames[name].drop(columns=list(RUN_BOOKKEEPING), errors="ignore")
+        frame = frame[sorted(frame.columns)]  # a run may add a step's columns in another order
+        if "status" in frame:  # found again or made now: the same image
+            exists = frame["status"].isin(EXISTING_STATUSES)
+            frame = frame.assign(status=frame["status"].where(~exists, "exists"))
+        digest.update(name.encode())
+        digest.update(frame.to_csv(index=False).encode())
+    return digest.hexdigest()
 
 
 def bar_chart_png(summary: pd.DataFrame, title: str) -> bytes:

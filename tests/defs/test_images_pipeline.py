@@ -133,6 +133,8 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     run(["example"], LOCAL, dagster_instance, resources)
     base = storage_base(resources)
     before = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
+    drawn = {p: p.stat().st_mtime_ns for p in (base / "reports").rglob("*") if p.is_file()}
+    assert any(p.name == "gallery.html" for p in drawn)
 
     def no_model_work(*args, **kwargs):
         raise AssertionError("a re-run must not load or call a pipeline")
@@ -147,6 +149,8 @@ def test_second_materialization_generates_nothing_and_calls_no_pipeline(
     assert all(result.success for result in results)
     after = {p: p.stat().st_mtime_ns for p in (base / "images").rglob("*.png")}
     assert after == before
+    # Nothing the gallery and chart are drawn from changed: they are kept, not redrawn.
+    assert {p: p.stat().st_mtime_ns for p in (base / "reports").rglob("*") if p.is_file()} == drawn
     # A run that makes nothing writes counts, not one row per existing image.
     images = load_run_metadata(base, "images", history=True)
     assert not images.run_id.isin([r.run_id for r in results]).any()
@@ -165,9 +169,12 @@ def test_changed_prompt_generates_only_the_changed_images(
 ):
     resources = make_resources()
     run(["example"], ["sdxl_turbo"], dagster_instance, resources)
+    gallery = storage_base(resources) / "reports" / "example" / "gallery.html"
+    assert "quiet city street" not in gallery.read_text()
     csv = prompts_dir / "example.csv"
     csv.write_text(csv.read_text().replace("neon city street", "quiet city street"))
     results = run(["example"], ["sdxl_turbo"], dagster_instance, resources)
+    assert "quiet city street" in gallery.read_text()  # a changed keeper redraws the gallery
     images = load_run_metadata(storage_base(resources), "images", history=True)
     latest = images[images.run_id == results[1].run_id]
     assert latest["status"].tolist() == ["ok"]  # no rows for the two images it found

@@ -1,5 +1,7 @@
 """Each prompt set's backends compared: a table, a bar chart and an HTML contact sheet."""
 
+from typing import Any
+
 import dagster as dg
 import pandas as pd
 
@@ -18,6 +20,7 @@ from imagegen_pipeline.steps.comparison import (
     bar_chart_png,
     data_uri,
     gallery_html,
+    report_digest,
     steering_summary,
 )
 from imagegen_pipeline.steps.hybrid import HYBRID_COLUMNS, load_routing, with_hybrid_split
@@ -57,6 +60,14 @@ def with_latest_verdicts(
     """A quality table with each image's latest review verdict, which orders the gallery."""
     verdicts = read_verdicts(store, prompt_set, backend)[["image_id", "verdict"]]
     return table.merge(verdicts, how="left", on="image_id") if len(table) else table
+
+
+def _drawn_from(store: Storage, path: Any) -> str | None:
+    """The digest the set's files were drawn from, if they were drawn (see report_digest)."""
+    try:
+        return store.read_bytes(path).decode()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
 
 
 def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
@@ -113,23 +124,33 @@ def backend_comparison(
         # Rows with backends "any": how many of their images, and what cost, each backend took.
         summary = with_hybrid_split(summary, reports, load_routing(store, prompt_set))
         steering = steering_summary(reports)
-        chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
-        page = gallery_html(
-            prompt_set,
-            summary,
-            reports,
-            videos,
-            chart,
-            read_bytes=store.read_bytes,
-            steering=steering,
-            worst_first=config.worst_first,
-            thumbnail_side=config.thumbnail_side,
-        )
         chart_path = store.path("reports", prompt_set, "comparison.png")
         gallery_path = store.path("reports", prompt_set, "gallery.html")
-        store.write_bytes(chart_path, chart)
-        store.write_bytes(gallery_path, page.encode("utf-8"))
-        context.log.info(f"Gallery of {prompt_set}: {gallery_path}")
+        # Drawing is most of a no-op run's time over many sets: kept when nothing changed.
+        digest_path = store.path("reports", prompt_set, "drawn_from.sha256")
+        frames = {"summary": summary, "steering": steering}
+        frames |= {f"keepers:{backend}": table for backend, table in reports.items()}
+        frames |= {f"clips:{backend}": table for backend, table in videos.items()}
+        digest = report_digest(prompt_set, frames, config.model_dump())
+        if _drawn_from(store, digest_path) == digest and store.exists(gallery_path):
+            chart = store.read_bytes(chart_path)
+        else:
+            chart = bar_chart_png(summary, f"{prompt_set}: backends compared")
+            page = gallery_html(
+                prompt_set,
+                summary,
+                reports,
+                videos,
+                chart,
+                read_bytes=store.read_bytes,
+                steering=steering,
+                worst_first=config.worst_first,
+                thumbnail_side=config.thumbnail_side,
+            )
+            store.write_bytes(chart_path, chart)
+            store.write_bytes(gallery_path, page.encode("utf-8"))
+            store.write_bytes(digest_path, digest.encode())  # last: a kill before it redraws
+            context.log.info(f"Gallery of {prompt_set}: {gallery_path}")
         context.add_asset_metadata(
             {
                 "backends": len(summary),
