@@ -10,8 +10,13 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from imagegen_pipeline.run_metadata import load_run_metadata
 from tests.test_kill_and_resume import demo_command
+
+# Subprocesses for tens of seconds: handed out first, with the other slow modules.
+pytestmark = pytest.mark.slow
 
 PROMPTS = 3
 IMAGES_PER_PROMPT = 2

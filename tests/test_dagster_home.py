@@ -12,7 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PROJECT_ROOT
+
+# Subprocesses for tens of seconds: handed out first, with the other slow modules.
+pytestmark = pytest.mark.slow
 
 HOMES, STARTS_PER_HOME = 2, 3
 

@@ -11,10 +11,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from imagegen_pipeline.run_metadata import load_run_metadata
 from imagegen_pipeline.storage import TEMP_SUFFIX
+
+# Subprocesses for tens of seconds: handed out first, with the other slow modules.
+pytestmark = pytest.mark.slow
 
 PROMPTS = 4
 IMAGES_PER_PROMPT = 4

@@ -90,6 +90,7 @@ def test_celery_worker_starts_with_the_worker_config(
         config = get_validated_config(str(config_path))
     assert config["broker"] == config["backend"] == redis_service.url
     assert config["config_source"]["worker_prefetch_multiplier"] == 1
+    assert config["config_source"]["worker_disable_prefetch"] is True
 
     home = write_dagster_home(tmp_path / "dagster_home", postgres_service)
     try:
