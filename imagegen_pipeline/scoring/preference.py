@@ -110,5 +110,7 @@ class LoadedScorer:
             return None
         if not files:
             return None
-        element_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[self.config.precision]
-        return checkpoint_elements(files) * element_bytes
+        import torch
+
+        dtype = getattr(torch, TORCH_DTYPES[self.config.precision])
+        return checkpoint_elements(files) * dtype.itemsize

@@ -16,8 +16,8 @@ every candidate made before and makes only the missing ones.
   scorer is loaded beside the generator, whose memory plan leaves room for its weights), and
   a prompt with fewer than ``select`` candidates at or above ``min_score`` draws that many
   more, until enough pass or N are spent (its best is then kept, flagged ``below_gate`` by
-  the keepers asset). Every round plans all prompts still
-  short together, so retries fill the backend's batches too.
+  the keepers asset). Every round plans all prompts still short together, so retries fill
+  the backend's batches too.
 - A hosted backend's budget spans the rounds: a round draws only what the rest of the budget
   pays for, at the backend's price per image.
 """
@@ -200,7 +200,7 @@ def run_candidates_step(
             _add(result.outcome, extra_outcome)
             extra_records = extra_outcome.records
         planned = plan_candidates(enhanced, target, drawn, since)
-        gated = sorted({p.scorer for p in policies.values() if p.gated} & set(scorers))
+        gated = sorted(scorers_needed(policies, True) & set(scorers))
         if planned and gated:  # the gate's scorer loads beside the generator: plan room for it
             backend().leave_room(room_for_gate([scorers[name] for name in gated]))
         while planned:

@@ -12,6 +12,7 @@ because they may live on an object store.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -147,10 +148,8 @@ def report_digest(
     each backend's keepers with verdicts, the clips, the summary), the drawing ``settings``,
     and this module's code and the gallery template. Equal digests draw equal files (but for
     the page's "drawn at" stamp), so a run with nothing new can keep the files it has."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_drawing_code())
     digest.update(json.dumps([prompt_set, dict(settings)], sort_keys=True, default=str).encode())
-    digest.update(Path(__file__).read_bytes())
-    digest.update((Path(__file__).parent / "templates" / GALLERY_TEMPLATE).read_bytes())
     for name in sorted(frames):
         frame = frames[name].drop(columns=list(RUN_BOOKKEEPING), errors="ignore")
         frame = frame[sorted(frame.columns)]  # a run may add a step's columns in another order
@@ -160,6 +159,13 @@ def report_digest(
         digest.update(name.encode())
         digest.update(frame.to_csv(index=False).encode())
     return digest.hexdigest()
+
+
+@functools.cache
+def _drawing_code() -> bytes:
+    """This module's code and the gallery template, read once per process."""
+    template = Path(__file__).parent / "templates" / GALLERY_TEMPLATE
+    return Path(__file__).read_bytes() + template.read_bytes()
 
 
 def bar_chart_png(summary: pd.DataFrame, title: str) -> bytes:
