@@ -289,7 +289,9 @@ class ReviewApp:
         part = record_verdict(
             self.storage, prompt_set, backend, image_id, verdict, note=note, reviewer=reviewer
         )
-        return JSONResponse({"saved": part, "verdict": verdict})
+        # The set's counts as they stand now, for the page's header.
+        summary = set_summary(self.rows(prompt_set))
+        return JSONResponse({"saved": part, "verdict": verdict, "summary": summary})
 
 
 def _number(text: str | None) -> float | None:

@@ -256,6 +256,9 @@ def test_the_app_lists_filters_and_escapes(generated: Generated):
               "verdict": "reject"},
     )  # fmt: skip
     assert saved.status_code == 200 and saved.json()["saved"].startswith("reviews/hostile/")
+    # The answer carries the set's counts as they now stand: the page's header shows them.
+    summary = saved.json()["summary"]
+    assert (summary["reviewed"], summary["rejected"], summary["kept"]) == (1, 1, 0)
     assert read_verdicts(generated.storage, "hostile", "flux_schnell")["verdict"].tolist() == [
         "reject"
     ]

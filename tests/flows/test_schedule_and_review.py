@@ -109,6 +109,7 @@ def test_review_rejects_by_keyboard_and_the_daemon_replaces_them(project: Runnin
             expect(cards.nth(0)).to_have_class(re.compile("reject"))
             page.keyboard.press("r")  # the focus moved on to the second card
             expect(cards.nth(1)).to_have_class(re.compile("reject"))
+            expect(page.locator("#summary-rejected")).to_have_text("2")  # the header, live
             parts = list((project.storage / "reviews" / "alpha" / "flux_schnell").glob("*.parquet"))
             assert len(parts) == 2
             verdicts = read_verdicts(Storage(project.storage), "alpha", "flux_schnell")

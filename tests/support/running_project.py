@@ -262,11 +262,13 @@ def running_project(root: Path, **variables: str) -> Iterator[RunningProject]:
         stop_process_group(process)
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = 60) -> None:
+def stop_process_group(process: subprocess.Popen, timeout: float = 15) -> None:
     """Stop ``process`` and everything it started, as Ctrl-C does, then by force.
 
     make exits at once, but `dagster dev` takes its webserver, daemon and code servers down
-    slowly; waiting for make alone left them running (and ticking sensors) after a test."""
+    slowly; waiting for make alone left them running (and ticking sensors) after a test. A test
+    has checked what it needed by then, so the grace is short (after the UI's partitions page
+    was rendered, Ctrl-C once took the full minute)."""
     for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(process.pid, sig)
