@@ -81,29 +81,36 @@ def module_bytes(*modules: Any) -> int:
     return total
 
 
-def checkpoint_elements(files: list[Path]) -> int:
-    """The tensor elements stored in checkpoint files (safetensors, or torch .pt/.bin), read
-    without loading the weights: safetensors headers, or a memory-mapped torch load."""
+def checkpoint_tensor_sizes(files: list[Path]) -> dict[str, int]:
+    """Each tensor's element count by name (a nested dict's names joined with "."), read from
+    checkpoint files (safetensors, or torch .pt/.bin) without loading the weights: safetensors
+    headers, or a memory-mapped torch load."""
     import torch
     from safetensors import safe_open
 
-    def elements(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel()
-        if isinstance(value, dict):
-            return sum(elements(item) for item in value.values())
-        return 0
+    sizes: dict[str, int] = {}
 
-    total = 0
+    def add(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            sizes[name] = value.numel()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                add(item, f"{name}.{key}" if name else str(key))
+
     for file in files:
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as tensors:
                 for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     shape = tensors.get_slice(name).get_shape()
-                    total += int(torch.Size(shape).numel())
+                    sizes[name] = int(torch.Size(shape).numel())
         else:
-            total += elements(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
-    return total
+            add(torch.load(file, map_location="cpu", mmap=True, weights_only=True), "")
+    return sizes
+
+
+def checkpoint_elements(files: list[Path]) -> int:
+    """The tensor elements stored in checkpoint files, read without loading the weights."""
+    return sum(checkpoint_tensor_sizes(files).values())
 
 
 def pipeline_bytes(pipeline: Any) -> int:

@@ -47,6 +47,7 @@ from imagegen_pipeline.scoring.preference import (
     PreferenceScorerSettings,
 )
 from imagegen_pipeline.tiny_models import CLIP_MEAN, CLIP_STD, COMMON_WORDS, write_json
+from imagegen_pipeline.torch_runtime import checkpoint_tensor_sizes
 
 REPO_ID = "THUDM/ImageReward"  # its files: CHECKPOINT and MED_CONFIG
 TOKENIZER_REPO_ID = "bert-base-uncased"
@@ -209,6 +210,16 @@ class ImageRewardScorer(LoadedScorer):
         elif not (tokenizer_folder / "vocab.txt").is_file():
             raise self._missing(str(tokenizer_folder), "the tokenizer folder needs vocab.txt")
         return files[0], files[1], tokenizer_folder
+
+    def weight_files(self) -> list[Path]:
+        """ImageReward.pt: BLIP's two towers and the reward head in one file."""
+        return [self._files()[0]]
+
+    def weight_elements(self) -> int:
+        # What split_checkpoint keeps (the file also holds tensors the towers drop); it reads
+        # names only, so element counts stand in for the tensors.
+        sizes = checkpoint_tensor_sizes(self.weight_files())
+        return sum(sum(part.values()) for part in split_checkpoint(sizes))
 
     def load(self) -> float:
         """Load the checkpoint into BLIP's two towers and the head, strictly (once)."""

@@ -99,18 +99,24 @@ class LoadedScorer:
         """The checkpoint files the model loads from, when known without loading it."""
         return []
 
+    def weight_elements(self) -> int:
+        """The tensor elements the loaded model will hold, read from its files without
+        loading them (0 when they are not known before loading)."""
+        files = self.weight_files()
+        return checkpoint_elements(files) if files else 0
+
     def planned_weight_bytes(self) -> int | None:
         """The memory the model's weights will hold once loaded (what it holds, if loaded);
         None when its files are not known. Lets a step place it before loading it."""
         if self.model is not None:
             return self.weight_bytes()
         try:
-            files = self.weight_files()
-        except Exception:  # missing weights: the load reports them, with the fix
+            elements = self.weight_elements()
+        except Exception:  # missing or unreadable weights: the load reports them, with the fix
             return None
-        if not files:
+        if not elements:
             return None
         import torch
 
         dtype = getattr(torch, TORCH_DTYPES[self.config.precision])
-        return checkpoint_elements(files) * dtype.itemsize
+        return elements * dtype.itemsize

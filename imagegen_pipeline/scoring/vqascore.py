@@ -41,6 +41,7 @@ from imagegen_pipeline.scoring.preference import (
     PreferenceScorerSettings,
 )
 from imagegen_pipeline.tiny_models import CLIP_MEAN, CLIP_STD, write_json, write_t5_tokenizer
+from imagegen_pipeline.torch_runtime import checkpoint_tensor_sizes
 
 REPO_ID = "zhiqiulin/clip-flant5-xl"  # 3.2B; zhiqiulin/clip-flant5-xxl (11.5B) is a setting
 VISION_REPO_ID = "openai/clip-vit-large-patch14-336"
@@ -210,6 +211,26 @@ class VqaScoreScorer(LoadedScorer):
         self.processor: Any = None
         self.model_config: dict[str, Any] = {}
 
+    def _source(self) -> tuple[str, dict[str, Any]]:
+        """The model (folder or repo id) and how transformers may resolve its files."""
+        model = self.config.model.removeprefix(LOCAL_DIR)
+        return model, {
+            "revision": self.config.revision,
+            "local_files_only": not self.config.allow_download,
+        }
+
+    def weight_files(self) -> list[Path]:
+        """The CLIP-T5 checkpoint's files (T5, vision tower and projector together)."""
+        return [Path(file) for file in _weight_files(*self._source())]
+
+    def weight_elements(self) -> int:
+        # As split_checkpoint keeps them: the token embedding once (the file may store its
+        # aliases too), no ignored keys.
+        sizes = checkpoint_tensor_sizes(self.weight_files())
+        embedding = next((sizes[name] for name in EMBEDDING_NAMES if name in sizes), 0)
+        dropped = {*EMBEDDING_NAMES, *IGNORED_KEYS}
+        return embedding + sum(n for name, n in sizes.items() if name not in dropped)
+
     def load(self) -> float:
         """Load the model, its tokenizer and image processor (once), from local files unless
         allowed to download."""
@@ -219,8 +240,7 @@ class VqaScoreScorer(LoadedScorer):
         from transformers import CLIPImageProcessorPil, CLIPVisionConfig, T5Tokenizer
 
         started = time.perf_counter()
-        model = self.config.model.removeprefix(LOCAL_DIR)
-        hub = {"revision": self.config.revision, "local_files_only": not self.config.allow_download}
+        model, hub = self._source()
         try:
             raw = json.loads(Path(_file(model, "config.json", hub)).read_text(encoding="utf-8"))
             tokenizer = T5Tokenizer.from_pretrained(model, **hub)  # its tokenizer.json

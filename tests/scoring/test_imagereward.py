@@ -224,3 +224,12 @@ def test_the_pulled_files_load_from_the_hub_cache(
     assert cached.score(images, PROMPTS[:2]) == pytest.approx(
         scorer.score(images, PROMPTS[:2]), abs=1e-5
     )
+
+
+def test_the_weights_are_sized_before_the_model_loads(scorer) -> None:
+    # What lets the images step place the scorer beside the generator before loading it.
+    fresh = type(scorer)(scorer.config, model_id=scorer.model_id)
+    planned = fresh.planned_weight_bytes()
+    assert fresh.model is None and planned
+    fresh.load()
+    assert planned <= fresh.weight_bytes() <= planned * 1.01

@@ -304,3 +304,12 @@ def test_missing_weights_say_how_to_get_them(folder: Path, tmp_path: Path) -> No
 def test_fp16_is_refused() -> None:
     with pytest.raises(ValueError, match="fp16"):
         VqaScoreScorer(VqaScoreSettings(precision="fp16"))
+
+
+def test_the_weights_are_sized_before_the_model_loads(scorer) -> None:
+    # What lets the images step place the scorer beside the generator before loading it.
+    fresh = type(scorer)(scorer.config, model_id=scorer.model_id)
+    planned = fresh.planned_weight_bytes()
+    assert fresh.model is None and planned
+    fresh.load()
+    assert planned <= fresh.weight_bytes() <= planned * 1.01
