@@ -19,7 +19,7 @@ demo: $(VENV)/.installed  ## run the whole graph on every CSV in prompts/
 # here), each of the suite's few hundred processes would otherwise compile them again.
 test: $(VENV)/.installed  ## run the test suite
 	$(BIN)/python -m compileall -q imagegen_pipeline tests >/dev/null
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # `imagegen home` copies the project's dagster.yaml into DAGSTER_HOME and creates its databases
 # under a file lock (two first starts at once could corrupt them). dagster dev runs from

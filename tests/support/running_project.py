@@ -11,8 +11,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,20 @@ class RunningProject:
     storage: Path
     log: Path
     env: dict[str, str]
+    _instance: dg.DagsterInstance | None = field(default=None, repr=False)
 
-    def instance(self) -> dg.DagsterInstance:
-        """The project's Dagster instance (the same SQLite files the daemon writes)."""
-        return dg.DagsterInstance.from_config(str(self.home))
+    def instance(self) -> AbstractContextManager[dg.DagsterInstance]:
+        """The project's Dagster instance (the same SQLite files the daemon writes), opened
+        once: the stages poll it every second, and opening one costs ~0.13 s of CPU."""
+        if self._instance is None:
+            self._instance = dg.DagsterInstance.from_config(str(self.home))
+        return nullcontext(self._instance)
+
+    def close(self) -> None:
+        """Let go of the instance."""
+        if self._instance is not None:
+            self._instance.dispose()
+            self._instance = None
 
     def gallery(self, prompt_set: str) -> Path:
         """The set's HTML contact sheet (it exists once the set's comparison ran)."""
@@ -259,6 +269,7 @@ def running_project(root: Path, **variables: str) -> Iterator[RunningProject]:
         project.wait_for("the webserver", answering, timeout=240)
         yield project
     finally:
+        project.close()
         stop_process_group(process)
 
 
