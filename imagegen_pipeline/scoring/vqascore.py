@@ -23,7 +23,6 @@ from google/flan-t5-xl), training leftovers. Of ``mm_vision_tower``
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,17 @@ from imagegen_pipeline.scoring.preference import (
     LoadedScorer,
     PreferenceScorerSettings,
 )
+from imagegen_pipeline.scoring.vqascore_checkpoint import (
+    EMBEDDING_NAMES,
+    PROJECTOR_PREFIX,
+    VISION_PREFIX,
+    assemble,
+    build_projector,
+    checkpoint_files,
+    hub_file,
+    kept_elements,
+    read_state,
+)
 from imagegen_pipeline.tiny_models import CLIP_MEAN, CLIP_STD, write_json, write_t5_tokenizer
 from imagegen_pipeline.torch_runtime import checkpoint_tensor_sizes
 
@@ -54,14 +64,6 @@ MODEL_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-# Probed in this order: the hub's main branch has only the pickle (read with weights_only).
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-
 # The source's prompt ('t5_chat' conversation style, t2v_metrics/constants.py) and answer.
 SYSTEM_MSG = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -70,21 +72,6 @@ SYSTEM_MSG = (
 QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER = "Yes"
 CONTEXT_LEN = 2048  # the source truncates token ids (the image counting as one) to this
-
-# Checkpoint keys: the attributes of CLIPT5ForConditionalGeneration. Its CLIPVisionTower wraps
-# a CLIPVisionModel as `.vision_tower`, whose transformers-4 keys start with `vision_model.`
-# (transformers 5 drops that prefix: conversion_mapping's PrefixChange for CLIPVisionModel).
-VISION_PREFIX = "vision_tower.vision_tower.vision_model."
-PROJECTOR_PREFIX = "mm_projector."
-# Names of T5's one token embedding: `shared` and its aliases, the encoder's, the decoder's
-# and CLIPT5's own `self.embed_tokens = self.encoder.embed_tokens`. A torch.save'd checkpoint
-# has them all (one storage); a safetensors conversion keeps one of them.
-EMBEDDING_NAMES = (
-    "shared.weight",
-    *(f"{p}embed_tokens.weight" for p in ("", "encoder.", "decoder.")),
-)
-# Constant buffers older transformers saved and that are rebuilt, not loaded.
-IGNORED_KEYS = frozenset({f"{VISION_PREFIX}embeddings.position_ids"})
 
 # Tiny stand-in: words of the prompt that get whole tokens, and the real repo's 28 spare
 # embedding rows beyond the tokenizer (32128 vs 32100), which the score must leave out.
@@ -164,7 +151,7 @@ def build_tiny(dest: Path) -> None:
     write_json(vision_dir / "preprocessor_config.json", steps | sizes | kind | normalize)
     t5 = T5ForConditionalGeneration(T5Config.from_dict(config))
     vision = CLIPVisionModel(clip.vision_config)
-    projector = _projector(config, config["d_model"])
+    projector = build_projector(config, config["d_model"])
     bf16 = {"dtype": torch.bfloat16}
     shared = t5.shared.weight.detach().to(**bf16)
     # transformers 5 ties T5's lm_head to `shared`; Flan-T5 has its own (small: the random
@@ -221,15 +208,10 @@ class VqaScoreScorer(LoadedScorer):
 
     def weight_files(self) -> list[Path]:
         """The CLIP-T5 checkpoint's files (T5, vision tower and projector together)."""
-        return [Path(file) for file in _weight_files(*self._source())]
+        return [Path(file) for file in checkpoint_files(*self._source())]
 
     def weight_elements(self) -> int:
-        # As split_checkpoint keeps them: the token embedding once (the file may store its
-        # aliases too), no ignored keys.
-        sizes = checkpoint_tensor_sizes(self.weight_files())
-        embedding = next((sizes[name] for name in EMBEDDING_NAMES if name in sizes), 0)
-        dropped = {*EMBEDDING_NAMES, *IGNORED_KEYS}
-        return embedding + sum(n for name, n in sizes.items() if name not in dropped)
+        return kept_elements(checkpoint_tensor_sizes(self.weight_files()))
 
     def load(self) -> float:
         """Load the model, its tokenizer and image processor (once), from local files unless
@@ -242,9 +224,9 @@ class VqaScoreScorer(LoadedScorer):
         started = time.perf_counter()
         model, hub = self._source()
         try:
-            raw = json.loads(Path(_file(model, "config.json", hub)).read_text(encoding="utf-8"))
+            raw = json.loads(Path(hub_file(model, "config.json", hub)).read_text(encoding="utf-8"))
             tokenizer = T5Tokenizer.from_pretrained(model, **hub)  # its tokenizer.json
-            state = _read_state(_weight_files(model, hub))
+            state = read_state(checkpoint_files(model, hub))
         except OSError as error:
             raise ModelWeightsMissingError(
                 missing_weights_message(model, self.config.revision, str(error))
@@ -260,7 +242,7 @@ class VqaScoreScorer(LoadedScorer):
                 missing_weights_message(vision, None, str(error))
             ) from None
         dtype = getattr(torch, TORCH_DTYPES[self.config.precision])
-        self.model = _assemble(raw, vision_config, state, dtype).to(self.device).eval()
+        self.model = assemble(raw, vision_config, state, dtype).to(self.device).eval()
         self.tokenizer, self.processor, self.model_config = tokenizer, processor, raw
         self.load_seconds = time.perf_counter() - started
         self.model_loads += 1
@@ -356,105 +338,3 @@ def _square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
-
-
-def _file(model: str, name: str, hub: dict[str, Any], required: bool = True) -> str | None:
-    """``name`` from a model folder or the hub (cache), as transformers resolves it."""
-    from transformers.utils import cached_file
-
-    return cached_file(model, name, _raise_exceptions_for_missing_entries=required, **hub)
-
-
-def _weight_files(model: str, hub: dict[str, Any]) -> list[str]:
-    """The checkpoint's files: the first of WEIGHT_FILES present, shards through the index."""
-    for name in WEIGHT_FILES:
-        found = _file(model, name, hub, required=False)
-        if found is None:
-            continue
-        if not name.endswith(".index.json"):
-            return [found]
-        weight_map = json.loads(Path(found).read_text(encoding="utf-8"))["weight_map"]
-        return [str(_file(model, shard, hub)) for shard in sorted(set(weight_map.values()))]
-    raise OSError(f"none of {', '.join(WEIGHT_FILES)} in {model}")
-
-
-def _read_state(files: list[str]) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
-    state: dict[str, Any] = {}
-    for file in files:
-        if file.endswith(".safetensors"):
-            state |= load_file(file)
-        else:  # memory-mapped, so a 6-22 GB pickle is not read into memory twice
-            state |= torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    return state
-
-
-def _projector(config: dict[str, Any], width: int) -> Any:
-    """The source's build_vision_projector: `linear` or `mlp<N>x_gelu`."""
-    from torch import nn
-
-    kind = config.get("mm_projector_type", "linear")
-    if kind == "linear":
-        return nn.Linear(config["mm_hidden_size"], width)
-    depth = re.fullmatch(r"mlp(\d+)x_gelu", kind)
-    if depth is None:
-        raise ValueError(f"unknown mm_projector_type {kind!r}")
-    layers: list[nn.Module] = [nn.Linear(config["mm_hidden_size"], width)]
-    for _ in range(1, int(depth.group(1))):
-        layers += [nn.GELU(), nn.Linear(width, width)]
-    return nn.Sequential(*layers)
-
-
-def split_checkpoint(state: dict[str, Any], dtype: Any) -> tuple[dict[str, Any], ...]:
-    """The checkpoint's tensors (in ``dtype``) per module: T5, vision tower, projector. Every
-    key is claimed: embedding aliases must equal the one embedding kept as ``shared.weight``,
-    IGNORED_KEYS are dropped, anything else left over fails T5's strict load."""
-    import torch
-
-    embedding = next((state[name] for name in EMBEDDING_NAMES if name in state), None)
-    if embedding is None:
-        raise ValueError("the checkpoint has no token embedding (shared.weight)")
-    t5: dict[str, Any] = {"shared.weight": embedding.to(dtype)}
-    vision: dict[str, Any] = {}
-    projector: dict[str, Any] = {}
-    for key, tensor in state.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key in EMBEDDING_NAMES:
-            if not torch.equal(tensor, embedding):
-                raise ValueError(f"{key} differs from the token embedding: not CLIP-T5 weights")
-        elif key.startswith(VISION_PREFIX):
-            vision[key.removeprefix(VISION_PREFIX)] = tensor.to(dtype)
-        elif key.startswith(PROJECTOR_PREFIX):
-            projector[key.removeprefix(PROJECTOR_PREFIX)] = tensor.to(dtype)
-        else:
-            t5[key] = tensor.to(dtype)
-    return t5, vision, projector
-
-
-def _assemble(raw: dict[str, Any], vision_config: Any, state: dict[str, Any], dtype: Any) -> Any:
-    """T5, vision tower and projector with the checkpoint's weights, loaded strictly."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import CLIPVisionModel, T5Config, T5ForConditionalGeneration
-
-    config = T5Config.from_dict(raw)  # tie_word_embeddings false: Flan-T5's own lm_head
-    # Parameters on the meta device (the checkpoint replaces them all: no 3B random init);
-    # buffers real, since CLIP's position ids are rebuilt, not loaded.
-    with init_empty_weights(include_buffers=False):
-        t5 = T5ForConditionalGeneration(config)
-        vision = CLIPVisionModel(vision_config)
-        projector = _projector(raw, config.d_model)
-    t5_state, vision_state, projector_state = split_checkpoint(state, dtype)
-    missing, unexpected = t5.load_state_dict(t5_state, strict=False, assign=True)
-    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-    if set(missing) != tied or unexpected:
-        raise ValueError(f"CLIP-T5 checkpoint: missing {missing}, unexpected {unexpected}")
-    # Encoder and decoder read the one embedding; lm_head keeps its own (assigned above).
-    t5.encoder.embed_tokens.weight = t5.decoder.embed_tokens.weight = t5.shared.weight
-    vision.load_state_dict(vision_state, strict=True, assign=True)
-    projector.load_state_dict(projector_state, strict=True, assign=True)
-    modules = {"t5": t5, "vision_tower": vision, "mm_projector": projector}
-    return torch.nn.ModuleDict(modules).requires_grad_(False)
