@@ -34,7 +34,7 @@ from imagegen_pipeline.scoring.imagereward_checkpoint import (
 )
 from imagegen_pipeline.tiny_models import build_tiny_model
 from tests.scoring.original_imagereward import OriginalImageReward
-from tests.scoring.samples import noise, shapes
+from tests.scoring.samples import assert_sized_before_load, noise, shapes
 
 SPEC = SCORERS["imagereward"]
 # create_vit("large") at ImageReward's 224 px; the tiny one is 2 blocks of width 128 (2 heads).
@@ -227,9 +227,4 @@ def test_the_pulled_files_load_from_the_hub_cache(
 
 
 def test_the_weights_are_sized_before_the_model_loads(scorer) -> None:
-    # What lets the images step place the scorer beside the generator before loading it.
-    fresh = type(scorer)(scorer.config, model_id=scorer.model_id)
-    planned = fresh.planned_weight_bytes()
-    assert fresh.model is None and planned
-    fresh.load()
-    assert planned <= fresh.weight_bytes() <= planned * 1.01
+    assert_sized_before_load(scorer)

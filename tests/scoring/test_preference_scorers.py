@@ -15,7 +15,7 @@ from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import SCORERS
 from imagegen_pipeline.steps.best_of_n import default_scorer_name
 from imagegen_pipeline.tiny_models import build_tiny_model
-from tests.scoring.samples import noise, shapes
+from tests.scoring.samples import assert_sized_before_load, noise, shapes
 
 PROMPTS = ["a red cat", "a dog in the city", "blue sky", "a portrait of a woman"]
 
@@ -120,13 +120,7 @@ def test_the_default_scorer_is_hps_only_with_its_weights(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("name", ["hpsv2", "pickscore"])
 def test_a_scorers_weights_are_sized_before_it_loads(name: str, scorers) -> None:
-    # What lets the images step decide, before loading it, whether it fits beside the generator.
     loaded = scorers[name]
-    fresh = type(loaded)(loaded.config, model_id=loaded.model_id)
-    planned = fresh.planned_weight_bytes()
-    assert fresh.model is None and planned is not None
-    fresh.load()
-    # The checkpoint holds every weight; the module adds only a few non-persistent buffers.
-    assert planned <= fresh.weight_bytes() <= planned * 1.01
+    planned = assert_sized_before_load(loaded)
     half = type(loaded)(loaded.config.model_copy(update={"precision": "fp16"}))
     assert half.planned_weight_bytes() * 2 == planned

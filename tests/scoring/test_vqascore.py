@@ -27,6 +27,7 @@ from imagegen_pipeline.project_config import ProjectConfig
 from imagegen_pipeline.registry import SCORERS
 from imagegen_pipeline.scoring.vqascore import VqaScoreScorer, VqaScoreSettings
 from imagegen_pipeline.tiny_models import build_tiny_model
+from tests.scoring.samples import assert_sized_before_load
 from tests.scoring.test_preference_scorers import PROMPTS, noise, shapes
 
 SPEC = SCORERS["vqascore"]
@@ -307,9 +308,4 @@ def test_fp16_is_refused() -> None:
 
 
 def test_the_weights_are_sized_before_the_model_loads(scorer) -> None:
-    # What lets the images step place the scorer beside the generator before loading it.
-    fresh = type(scorer)(scorer.config, model_id=scorer.model_id)
-    planned = fresh.planned_weight_bytes()
-    assert fresh.model is None and planned
-    fresh.load()
-    assert planned <= fresh.weight_bytes() <= planned * 1.01
+    assert_sized_before_load(scorer)
