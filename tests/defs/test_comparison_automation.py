@@ -31,3 +31,27 @@ def test_comparison_is_requested_after_a_backend_finishes(dagster_instance, make
         defs=defs, instance=dagster_instance, cursor=first.cursor
     )
     assert second.get_requested_partitions(comparison) == {"example"}
+
+
+def test_a_set_with_reports_but_no_comparison_is_drawn_whatever_the_trigger_saw(
+    dagster_instance, make_resources
+):
+    # Reports made while no automation tick was watching (the daemon stopped; here, before the
+    # first evaluation, which sees no update by definition) and no comparison drawn from them.
+    materialize_prompt_sets(
+        defs, ["example"], ["sdxl_turbo"], instance=dagster_instance, resources=make_resources()
+    )
+    comparison = dg.AssetKey("backend_comparison")
+    dagster_instance.wipe_assets([comparison])
+    first = dg.evaluate_automation_conditions(defs=defs, instance=dagster_instance)
+    assert first.get_requested_partitions(comparison) == {"example"}
+
+    # The daemon creates the run it asked for on the same tick: while that run is queued or
+    # running, the set is not asked for again.
+    dagster_instance.create_run_for_job(
+        defs.resolve_job_def("compare_backends"), tags={"dagster/partition": "example"}
+    )
+    second = dg.evaluate_automation_conditions(
+        defs=defs, instance=dagster_instance, cursor=first.cursor
+    )
+    assert second.get_requested_partitions(comparison) == set()

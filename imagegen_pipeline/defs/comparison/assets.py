@@ -40,6 +40,22 @@ SUMMARY_COLUMNS = [
     "clips",
     "mean_temporal_consistency",
 ]
+# Refresh after any backend's reports of the set change, once none is still running; unlike
+# eager(), a backend that never ran (gemini without a key) does not block it. The trigger is an
+# edge (an update seen on a tick), so a set whose reports were made while no tick saw them (the
+# daemon stopped, or before the sensor's first tick) would never be drawn: a set with reports and
+# no comparison is drawn as well, unless its last comparison run failed.
+REPORTS_CHANGED = dg.AutomationCondition.any_deps_updated().since_last_handled()
+NEVER_COMPARED = (
+    dg.AutomationCondition.missing()
+    & dg.AutomationCondition.any_deps_match(~dg.AutomationCondition.missing())
+    & ~dg.AutomationCondition.in_progress()
+    & ~dg.AutomationCondition.execution_failed()
+).with_label("reports but no comparison")
+REFRESH_COMPARISON = (
+    REPORTS_CHANGED | NEVER_COMPARED
+) & ~dg.AutomationCondition.any_deps_in_progress()
+
 # Every backend partition of the set is read; a backend that never ran (Gemini without a key)
 # has no table and is simply absent from the comparison.
 PER_BACKEND_INPUT = dg.AssetIn(
@@ -89,12 +105,7 @@ def by_set(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]
     backfill_policy=single_run,
     group_name="comparison",
     kinds={"html", "parquet"},
-    # Refresh after any backend's reports of the set change, once none is still running;
-    # unlike eager(), a backend that never ran (gemini without a key) does not block it.
-    automation_condition=(
-        dg.AutomationCondition.any_deps_updated().since_last_handled()
-        & ~dg.AutomationCondition.any_deps_in_progress()
-    ),
+    automation_condition=REFRESH_COMPARISON,
 )
 def backend_comparison(
     context: dg.AssetExecutionContext,
