@@ -48,10 +48,17 @@ def test_a_set_with_reports_but_no_comparison_is_drawn_whatever_the_trigger_saw(
 
     # The daemon creates the run it asked for on the same tick: while that run is queued or
     # running, the set is not asked for again.
-    dagster_instance.create_run_for_job(
+    run = dagster_instance.create_run_for_job(
         defs.resolve_job_def("compare_backends"), tags={"dagster/partition": "example"}
     )
     second = dg.evaluate_automation_conditions(
         defs=defs, instance=dagster_instance, cursor=first.cursor
     )
     assert second.get_requested_partitions(comparison) == set()
+
+    # That run fails: no run after run failing the same way; the set's next update retries.
+    dagster_instance.report_run_failed(run)
+    third = dg.evaluate_automation_conditions(
+        defs=defs, instance=dagster_instance, cursor=second.cursor
+    )
+    assert third.get_requested_partitions(comparison) == set()
