@@ -1,11 +1,11 @@
 """Reject means replace, Dagster-free: which images to make again, and their new requests.
 
-A replacement is the rejected image's request (prompt, negative prompt, size, LoRAs: read from
-its run-metadata row) with a new seed. The new seed is deterministic: the slot's next attempt
-(1 for the first replacement of an original, 2 for a replacement of that one, ...) hashed with
-the prompt id and image index, so asking twice for the same replacement makes one image (the
-second request finds it by its content address). The new row's ``replaces`` names the
-rejected image, whose file stays where it is.
+A replacement is the rejected image's request (prompt, negative prompt, size, LoRAs, control
+image: read from its run-metadata row) with a new seed. The new seed is deterministic: the
+slot's next attempt (1 for the first replacement of an original, 2 for a replacement of that
+one, ...) hashed with the prompt id and image index, so asking twice for the same replacement
+makes one image (the second request finds it by its content address). The new row's
+``replaces`` names the rejected image, whose file stays where it is.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 
 from imagegen_pipeline.backends.base import ImageRequest
+from imagegen_pipeline.control import ControlInput, control_of
 from imagegen_pipeline.lora import adapters_of
 from imagegen_pipeline.model_settings import ImageTarget
 from imagegen_pipeline.records import EXISTING_STATUSES
@@ -74,8 +76,21 @@ def newest_in_slot(rows: pd.DataFrame, prompt_id: str, image_index: int) -> str 
     return str(slot.sort_values("recorded_at")["image_id"].iloc[-1])
 
 
+def recorded_control(cell: object) -> ControlInput | None:
+    """The control an image row recorded (the image's path and hash when it was made), or None.
+
+    Rows written before control existed have no such column (NaN in the merged table)."""
+    if not isinstance(cell, str) or not cell:
+        return None
+    control = json.loads(cell)
+    return ControlInput(
+        Path(control["image"]), control["sha256"], control["type"], float(control["scale"])
+    )
+
+
 def request_from_row(row: dict, seed: int) -> ImageRequest:
-    """An image row's request (prompt, negative prompt, size, LoRAs) with ``seed``."""
+    """An image row's request (prompt, negative prompt, size, LoRAs, control) with ``seed``;
+    its control as recorded, so the request of an image already made keeps its address."""
     loras = json.loads(row["loras"]) if row["loras"] else []
     return ImageRequest(
         prompt_id=row["prompt_id"],
@@ -86,6 +101,7 @@ def request_from_row(row: dict, seed: int) -> ImageRequest:
         width=int(row["width"]),
         height=int(row["height"]),
         loras=adapters_of(";".join(f"{a['source']}:{a['scale']}" for a in loras)),
+        control=recorded_control(row.get("control")),
     )
 
 
@@ -114,7 +130,18 @@ def plan_replacements(
         seed = wanted.seed
         if seed is None:
             seed = replacement_seed(old["prompt_id"], index, attempt_of(rows, old["image_id"]) + 1)
-        plan = planned(request_from_row(old, seed), target, old["image_id"])
+        request = request_from_row(old, seed)
+        if request.control:  # a new image is drawn under the control image as it is now
+            was = request.control
+            try:
+                now = control_of(str(was.path), was.type, was.scale)
+            except FileNotFoundError:
+                problems.append(
+                    f"{old['prompt_id']}[{index}]: its control image is gone ({was.path})"
+                )
+                continue
+            request = replace(request, control=now)
+        plan = planned(request, target, old["image_id"])
         if plan.image_id == old["image_id"]:
             problems.append(f"{old['prompt_id']}[{index}]: seed {seed} makes the same image again")
             continue

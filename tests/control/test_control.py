@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
@@ -219,3 +220,64 @@ def test_the_memory_plan_counts_a_controlnet_before_it_loads(tiny_sdxl: Path) ->
     loaded = nets.pipeline_for("canny").controlnet
     assert planned == sum(p.numel() for p in loaded.parameters()) > 0
     assert nets.planned_elements({"canny"}) == 0  # loaded already: nothing more to fit
+
+
+def test_a_replacement_keeps_its_rows_control_image(tmp_path: Path) -> None:
+    # A rejected image made under a control image is made again under the same one: the
+    # replacement changes the seed, not the composition asked for.
+    from imagegen_pipeline.registry import MODELS
+    from imagegen_pipeline.steps.regenerate import (
+        Replacement,
+        plan_replacements,
+        planned,
+        request_from_row,
+    )
+
+    layout = square(tmp_path / "layout.png")
+    steered = control_of(str(layout), "canny", 0.5)
+    assert steered is not None
+    row = {
+        "image_id": "a" * 64,
+        "prompt_id": "steered",
+        "image_index": 0,
+        "prompt": "a lighthouse",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "seed": 7,
+        "loras": "",
+        "control": steered.describe(),
+        "replaces": None,
+        "recorded_at": 1.0,
+    }
+    plain = row | {"image_id": "b" * 64, "prompt_id": "plain", "control": float("nan")}
+    rows = pd.DataFrame([row, plain])
+    target = MODELS["sdxl_turbo"].settings(width=64, height=64).image_target("sdxl_turbo", "m")
+    wanted = [
+        Replacement("s", "sdxl_turbo", row["image_id"]),
+        Replacement("s", "sdxl_turbo", plain["image_id"]),
+    ]
+    plans, problems = plan_replacements(rows, wanted, target)
+    assert problems == []
+    by_prompt = {plan.request.prompt_id: plan.request for plan in plans}
+    assert by_prompt["steered"].control == steered and by_prompt["steered"].seed != 7
+    assert by_prompt["plain"].control is None  # a row without control (or an older row)
+
+    # A replacement already made keeps its address when it is listed again by later images
+    # steps, whatever became of the control image since (its row recorded the image's hash).
+    made = row | {
+        "image_id": next(plan.image_id for plan in plans if plan.request.prompt_id == "steered"),
+        "seed": by_prompt["steered"].seed,
+        "replaces": row["image_id"],
+    }
+    listed = planned(request_from_row(made, made["seed"]), target, made["replaces"])
+    assert listed.image_id == made["image_id"]
+
+    # The control image was moved away since: a new replacement is refused, saying why, and
+    # the one already made is still listed under its address.
+    layout.unlink()
+    listed = planned(request_from_row(made, made["seed"]), target, made["replaces"])
+    assert listed.image_id == made["image_id"]
+    plans, problems = plan_replacements(rows, wanted, target)
+    assert [plan.request.prompt_id for plan in plans] == ["plain"]
+    assert problems == [f"steered[0]: its control image is gone ({layout})"]
