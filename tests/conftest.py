@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -228,15 +227,20 @@ def fake_ollama() -> Iterator[FakeOllama]:
 def chromium_screenshot(
     url: str, name: str, profile: Path, size: tuple[int, int] = (1280, 900), wait_ms: int = 0
 ) -> Path:
-    """A screenshot of ``url`` in headless Chromium, kept as test-artifacts/<name>.
+    """A screenshot of ``url`` in headless Chromium (driven by Playwright), taken once the page
+    has loaded and every image on it is loaded (or has failed), then ``wait_ms`` more (for pages whose scripts
+    fetch and draw); kept as test-artifacts/<name>.
 
-    The flags are the ones this machine's closed network needs: no background connections, no
-    QUIC, no component updates (each would be refused, slowly)."""
+    Chromium's own ``--screenshot`` flag took its picture before a loaded machine had decoded
+    the gallery's thumbnails, even with a virtual-time budget. The flags are the ones this
+    machine's closed network needs: no background connections, no QUIC, no component updates
+    (each would be refused, slowly)."""
+    from playwright.sync_api import sync_playwright
+
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / name
     screenshot.unlink(missing_ok=True)
     flags = [
-        "--headless",
         "--no-sandbox",
         "--disable-gpu",
         "--disable-quic",
@@ -244,13 +248,24 @@ def chromium_screenshot(
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        f"--user-data-dir={profile}",
-        f"--screenshot={screenshot}",
-        f"--window-size={size[0]},{size[1]}",
     ]
-    if wait_ms:  # let a page's scripts fetch and draw before the picture is taken
-        flags.append(f"--virtual-time-budget={wait_ms}")
-    subprocess.run(
-        [CHROMIUM, *flags, url], check=True, capture_output=True, timeout=120 + wait_ms // 1000
-    )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            args=flags,
+            viewport={"width": size[0], "height": size[1]},
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url, wait_until="load", timeout=120_000)
+            page.wait_for_function(
+                "Array.from(document.images).every(i => i.complete)",
+                timeout=120_000,
+            )
+            if wait_ms:
+                page.wait_for_timeout(wait_ms)
+            page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
     return screenshot

@@ -140,6 +140,6 @@ def test_the_images_partitions_page_renders(project: RunningProject, tmp_path: P
         "images-partitions.png",
         tmp_path / "chromium",
         size=(1400, 1000),
-        wait_ms=20000,
+        wait_ms=10000,
     )
     assert screenshot.stat().st_size > 20_000
