@@ -228,8 +228,8 @@ def chromium_screenshot(
     url: str, name: str, profile: Path, size: tuple[int, int] = (1280, 900), wait_ms: int = 0
 ) -> Path:
     """A screenshot of ``url`` in headless Chromium (driven by Playwright), taken once the page
-    has loaded and every image on it is loaded (or has failed), then ``wait_ms`` more (for pages whose scripts
-    fetch and draw); kept as test-artifacts/<name>.
+    has loaded and every image on it has loaded (or failed), then ``wait_ms`` more (for pages
+    whose scripts fetch and draw); kept as test-artifacts/<name>.
 
     Chromium's own ``--screenshot`` flag took its picture before a loaded machine had decoded
     the gallery's thumbnails, even with a virtual-time budget. The flags are the ones this
