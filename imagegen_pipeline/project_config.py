@@ -57,6 +57,8 @@ class ProjectConfig(BaseModel):
     backends: Annotated[tuple[str, ...] | None, NoDecode] = None
     models: dict[str, str] = Field(default_factory=dict)  # per model: "auto", repo or folder
     sensor_interval_seconds: int = Field(30, ge=1)  # how often the prompts folder is looked at
+    # Rejects are replaced once reviewers pause this long, so one burst of verdicts is one run.
+    review_pause_seconds: int = Field(15, ge=0)
     bulk_cron: str = "0 2 * * *"  # when the bulk-generation schedule ticks (if turned on)
     executor: Executor = "in_process"  # see README, "Outgrowing one machine"
     model_cache_gb: float | None = None  # warm models kept per process; None: 90 % of the GPU

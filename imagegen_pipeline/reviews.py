@@ -17,7 +17,7 @@ import io
 import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Literal, get_args
 
@@ -59,9 +59,18 @@ def reviews_folder(
     return storage.path("reviews", *parts)
 
 
+PART_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+
+
 def part_name(when: datetime) -> str:
     """A new part's file name: sortable by time, unique by its random tail."""
-    return f"{when.strftime('%Y%m%dT%H%M%S%f')}_{secrets.token_hex(4)}.parquet"
+    return f"{when.strftime(PART_TIME_FORMAT)}_{secrets.token_hex(4)}.parquet"
+
+
+def part_time(name: str) -> datetime:
+    """The UTC time a part's name starts with (its newest verdict's)."""
+    stamp = PurePosixPath(name).name.split("_", 1)[0]
+    return datetime.strptime(stamp, PART_TIME_FORMAT).replace(tzinfo=UTC)
 
 
 def write_verdicts(storage: Storage, verdicts: Iterable[VerdictRecord]) -> list[str]:

@@ -158,6 +158,12 @@ def test_thumbnails_are_webp_made_once(generated: Generated):
 
 def test_the_sensor_asks_one_run_per_backend_for_new_rejects(generated: Generated, monkeypatch):
     monkeypatch.setenv("IMAGEGEN_STORAGE", str(generated.storage.base))
+    # The verdicts were written a moment ago: while reviewers may still be at work, it waits.
+    monkeypatch.setenv("IMAGEGEN_REVIEW_PAUSE_SECONDS", "3600")
+    waiting = regenerate_rejected_sensor(dg.build_sensor_context(instance=generated.instance))
+    assert not waiting.run_requests and "waiting for 3600 s" in str(waiting.skip_reason)
+    assert waiting.cursor is None  # the verdicts stay to be handled
+    monkeypatch.setenv("IMAGEGEN_REVIEW_PAUSE_SECONDS", "0")
     context = dg.build_sensor_context(instance=generated.instance)
     result = regenerate_rejected_sensor(context)
     (request,) = result.run_requests

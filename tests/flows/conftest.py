@@ -24,5 +24,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProject
         # stage waits a second or two longer than at 3 s, for a third less of that overhead.
         IMAGEGEN_SENSOR_INTERVAL_SECONDS="5",
         IMAGEGEN_BULK_CRON="* * * * *",
+        IMAGEGEN_REVIEW_PAUSE_SECONDS="10",
     ) as running:
         yield running

@@ -1,9 +1,12 @@
 """``regenerate_rejected_sensor``: reject means replace.
 
 It follows the verdict parts under ``reviews/`` (its cursor is the name of the newest part
-handled; names start with their time) and asks for one ``regenerate_images`` run per backend
-for the images rejected since, whose latest verdict is still a reject and that nothing replaces
+handled; names start with their time) and, once reviewers have paused for
+``review_pause_seconds``, asks for one ``regenerate_images`` run per backend for the images
+rejected since, whose latest verdict is still a reject and that nothing replaces
 yet. The run key names the images, so a tick that sees the same rejects asks for nothing new.
+Waiting for the pause makes a reviewer's burst of rejects one run (one model load), not one run
+per sensor tick that fell between two key presses.
 """
 
 import hashlib
@@ -13,7 +16,8 @@ import dagster as dg
 
 from imagegen_pipeline.defs.review.jobs import regenerate_images_job
 from imagegen_pipeline.project_config import load_project_config
-from imagegen_pipeline.reviews import read_verdict_parts, reviews_folder
+from imagegen_pipeline.records import utc_now
+from imagegen_pipeline.reviews import part_time, read_verdict_parts, reviews_folder
 from imagegen_pipeline.steps.regenerate import rejects_to_replace
 from imagegen_pipeline.storage import Storage
 
@@ -33,10 +37,18 @@ def new_parts(storage: Storage, cursor: str) -> list[str]:
 )
 def regenerate_rejected_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """When reviewers reject images, make them again with new seeds: one run per backend."""
-    storage = Storage(load_project_config().storage)
+    config = load_project_config()
+    storage = Storage(config.storage)
     parts = new_parts(storage, context.cursor or "")
     if not parts:
         return dg.SensorResult(skip_reason="No new verdicts.", cursor=context.cursor)
+    quiet = (utc_now() - part_time(parts[-1])).total_seconds()
+    if quiet < config.review_pause_seconds:
+        return dg.SensorResult(
+            skip_reason=f"Reviewers are at work: waiting for {config.review_pause_seconds} s "
+            f"without a new verdict ({quiet:.0f} s so far).",
+            cursor=context.cursor,
+        )
     recent = read_verdict_parts(storage, parts)
     by_backend: dict[str, list[dict[str, str]]] = {}
     for wanted in rejects_to_replace(recent, storage):
