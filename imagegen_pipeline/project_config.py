@@ -13,6 +13,7 @@ the working directory. This is the only module that reads the environment, secre
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -140,6 +141,17 @@ def config_file() -> Path | None:
 
 def load_project_config() -> ProjectConfig:
     """The project's configuration: environment over file over defaults, validated."""
+    # Steps ask for it per set and per table they write; read again only when an input changed.
+    path = config_file()
+    file = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size) if path else None
+    variables = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+    return _load_project_config(file, variables)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_project_config(
+    file: tuple[str, int, int] | None, variables: tuple[tuple[str, str], ...]
+) -> ProjectConfig:
     try:
         settings = _ProjectSettings()
     except ValidationError as error:

@@ -9,6 +9,7 @@ gets back one table per partition key, always as a dict, so asset code has one s
 
 import io
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,15 +53,40 @@ class StoredFiles(dg.UPathIOManager):
 
 
 class ParquetTables(StoredFiles):
-    """DataFrames as Parquet files, written atomically, one per partition."""
+    """DataFrames as Parquet files, written atomically, one per partition.
+
+    On a local disk a table read once is kept, keyed by its file's inode, size and modification
+    time (writes are atomic renames: a rewritten file is a new inode), so the steps of one run
+    that read the same table (four assets read the enhanced prompts of every set) decode it
+    once.
+    """
 
     extension = ".parquet"
+    max_kept_rows = 1_000_000  # about a few hundred MB of tables at most
+
+    def __init__(self, storage: Storage, base_path: UPath) -> None:
+        super().__init__(storage, base_path)
+        self._read: OrderedDict[str, tuple[tuple[int, int, int], pd.DataFrame]] = OrderedDict()
+        self._kept_rows = 0
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
         self.storage.write_bytes(path, parquet_bytes(_arrow(obj)))
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.storage.read_bytes(path)))
+        if not self.storage.is_local:
+            return pd.read_parquet(io.BytesIO(self.storage.read_bytes(path)))
+        stat = Path(path.path).stat()
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        kept = self._read.pop(path.path, None)
+        if kept is not None:
+            self._kept_rows -= len(kept[1])
+        if kept is None or kept[0] != identity:
+            kept = (identity, pd.read_parquet(io.BytesIO(self.storage.read_bytes(path))))
+        self._read[path.path] = kept
+        self._kept_rows += len(kept[1])
+        while self._kept_rows > self.max_kept_rows and len(self._read) > 1:
+            self._kept_rows -= len(self._read.popitem(last=False)[1][1])
+        return kept[1].copy()  # callers may change theirs
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if not context.has_asset_partitions or len(context.asset_partition_keys) == 1:

@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
-from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
+from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import prompt_set_x_backend_partitions, single_run
 from imagegen_pipeline.defs.step_records import (
     PartitionStep,
@@ -90,7 +90,8 @@ def clips(
             context.log.warning(f"{fallbacks} clip(s) needed an out-of-memory fallback.")
         if counts.get("failed"):
             context.log.warning(f"{prompt_set}/{backend}: {counts['failed']} clip(s) failed.")
-        context.add_asset_metadata(
+        add_partition_metadata(
+            context,
             {
                 "rows": len(table),
                 **{status: counts.get(status, 0) for status in VIDEO_CLIP_STATUSES},

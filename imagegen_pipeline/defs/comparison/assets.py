@@ -5,7 +5,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.metadata import markdown_table
+from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table
 from imagegen_pipeline.defs.partitions import (
     from_prompt_set,
     prompt_set_partitions,
@@ -162,7 +162,8 @@ def backend_comparison(
             store.write_bytes(gallery_path, page.encode("utf-8"))
             store.write_bytes(digest_path, digest.encode())  # last: a kill before it redraws
             context.log.info(f"Gallery of {prompt_set}: {gallery_path}")
-        context.add_asset_metadata(
+        add_partition_metadata(
+            context,
             {
                 "backends": len(summary),
                 "summary": markdown_table(

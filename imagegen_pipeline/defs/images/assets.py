@@ -15,7 +15,7 @@ import pandas as pd
 from imagegen_pipeline.backends.base import RunSummary
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.images.routing import images_kind, route, set_settings
-from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
+from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     PROMPT_SET_INPUT,
     prompt_set_x_backend_partitions,
@@ -249,7 +249,7 @@ def generate_on_gpu(
         planned += len(table)
         existing += len(paths)
         metadata["thumbnails"] = thumbnails(paths, storage.read_bytes)
-        context.add_asset_metadata(metadata, asset_key="images", partition_key=key)
+        add_partition_metadata(context, metadata, asset_key="images", partition_key=key)
     pending = sum(int((table["status"] == "pending").sum()) for table, _ in results.values())
     if planned and not existing and not pending:  # a batch still running is not a failure
         tables = [table for table, _ in results.values()]

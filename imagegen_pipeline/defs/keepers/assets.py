@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
+from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     PROMPT_SET_INPUT,
     prompt_set_x_backend_partitions,
@@ -63,7 +63,8 @@ def keepers(
         kept = table[table["kept"].astype(bool)] if len(table) else table
         prompts_kept = kept["prompt_id"].nunique() if len(kept) else 0
         below = kept[kept["below_gate"].astype(bool)]["prompt_id"].nunique() if len(kept) else 0
-        context.add_asset_metadata(
+        add_partition_metadata(
+            context,
             {
                 "candidates": len(table),
                 "prompts": len(policies),

@@ -8,7 +8,7 @@ import pandas as pd
 
 from imagegen_pipeline.defs.checks import partitioned_check_specs, per_partition
 from imagegen_pipeline.defs.gpu import refuse_literal_key
-from imagegen_pipeline.defs.metadata import markdown_table
+from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table
 from imagegen_pipeline.defs.model_resources import settings_of
 from imagegen_pipeline.defs.partitions import prompt_set_partitions, single_run
 from imagegen_pipeline.defs.prompts.resources import PromptEnhancerResource
@@ -79,7 +79,8 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
             where = f"{problem['file']}, line {problem['line']}, {problem['field']}"
             context.log.warning(f"{where}: {problem['reason']}")
         valid[prompt_set], rejected[prompt_set] = table.valid, table.rejected
-        context.add_asset_metadata(
+        add_partition_metadata(
+            context,
             {
                 "file": dg.MetadataValue.path(str(path)),
                 "rows": len(table.valid),
@@ -161,7 +162,8 @@ def enhanced_prompts(
         fallbacks = int((table["fallback_reason"] != "").sum()) if len(table) else 0
         if fallbacks:
             context.log.warning(f"{prompt_set}: {fallbacks} prompt(s) fell back to the template.")
-        context.add_asset_metadata(
+        add_partition_metadata(
+            context,
             {
                 "rows": len(table),
                 "method": prompt_enhancer.method,

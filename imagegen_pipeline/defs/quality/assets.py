@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
-from imagegen_pipeline.defs.metadata import markdown_table, thumbnails
+from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table, thumbnails
 from imagegen_pipeline.defs.partitions import (
     PROMPT_SET_INPUT,
     prompt_set_x_backend_partitions,
@@ -110,7 +110,7 @@ def score_partitions(
                 "model_load_seconds": round(record.model_load_seconds, 3),
                 "worker": record.worker,
             }
-            context.add_asset_metadata(metadata, partition_key=key)
+            add_partition_metadata(context, metadata, partition_key=key)
             counts = {"scored": record.generated, "reused": record.skipped_existing}
             return PartitionStep(table, record, counts)
 
