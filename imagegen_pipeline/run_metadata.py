@@ -381,14 +381,20 @@ def compact_partition(
     """Rewrite one partition's files as one compacted file when it holds more than
     ``min_files``; True when it did. Safe beside writers, readers and other compactions."""
     folder = run_metadata_folder(storage, table, prompt_set, backend)
-    names = _ordered_names(storage.list_files(folder))
-    if len(names) <= min_files:
-        return False
     schema = TABLE_SCHEMAS[table]
-    try:
-        rows = resolve(_read_files(storage, folder, names, schema, current=False), table)
-    except FileNotFoundError:
-        return False  # another compaction took these files: their rows are in its file
+    for _ in range(READ_ATTEMPTS):
+        names = _ordered_names(storage.list_files(folder))
+        if len(names) <= min_files:
+            return False
+        try:
+            rows = resolve(_read_files(storage, folder, names, schema, current=False), table)
+            break
+        except FileNotFoundError:
+            # Another compaction took some of these files: its file holds their rows now,
+            # and parts written since it listed are still ours to fold in, so list again.
+            continue
+    else:
+        return False
     stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
     buffer = io.BytesIO()
     with pq.ParquetWriter(buffer, rows.schema) as parquet:
