@@ -26,7 +26,10 @@ from imagegen_pipeline.defs.quality.assets import quality, video_quality
 from imagegen_pipeline.defs.quality.checks import quality_checks
 from imagegen_pipeline.defs.resources import default_resources
 from imagegen_pipeline.defs.review.jobs import regenerate_images_job
-from imagegen_pipeline.defs.review.sensors import regenerate_rejected_sensor
+from imagegen_pipeline.defs.review.sensors import (
+    regenerate_rejected_sensor,
+    score_replacements_sensor,
+)
 
 defs = dg.Definitions(
     assets=[
@@ -47,6 +50,7 @@ defs = dg.Definitions(
         generate_after_prompts_sensor,
         comparison_automation_sensor,
         regenerate_rejected_sensor,
+        score_replacements_sensor,
         gemini_batch_sensor,
     ],
     resources=default_resources(),

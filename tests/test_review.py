@@ -29,7 +29,10 @@ from imagegen_pipeline.defs.partitions import (
     prompt_set_x_backend_partitions,
 )
 from imagegen_pipeline.defs.review.jobs import regenerate_images_job
-from imagegen_pipeline.defs.review.sensors import regenerate_rejected_sensor
+from imagegen_pipeline.defs.review.sensors import (
+    regenerate_rejected_sensor,
+    score_replacements_sensor,
+)
 from imagegen_pipeline.local_runner import range_tags
 from imagegen_pipeline.review_app import SESSION_COOKIE, check_binding, create_app
 from imagegen_pipeline.reviews import read_verdicts, record_verdict, verdict_history
@@ -182,16 +185,25 @@ def test_a_reject_is_replaced_with_a_new_seed_and_lineage(generated: Generated):
     config = generated.request.run_config["ops"]["regenerate"]["config"]
     before = generated.images("example")
     old = before.iloc[0]
-    assert generated.regenerate(config).success
+    made = generated.regenerate(config)
+    assert made.success
     after = generated.images("example")
     assert len(after) == len(before) + 1
     new = after[after["replaces"] == old["image_id"]].iloc[0]
     assert new["seed"] == replacement_seed(old["prompt_id"], int(old["image_index"]), 1)
     assert new["prompt_id"] == old["prompt_id"] and new["image_index"] == old["image_index"]
     assert Path(old["path"]).exists() and Path(new["path"]).exists()  # the old one stays
-    # Asking again makes nothing: the replacement is found by its content address.
-    assert generated.regenerate(config).success
+    # The run's replacements are scored, chosen among and animated by a generate run over
+    # the partition the sensor asks for once the regenerate run has succeeded.
+    (follow_up,) = replacements_follow_up(generated, made)
+    assert follow_up.partition_key == partition_key("example", BACKEND)
+    assert follow_up.tags["imagegen/reason"] == f"replaced:{made.run_id}"
+    # Asking again makes nothing: the replacement is found by its content address, and
+    # there is nothing to score again.
+    again = generated.regenerate(config)
+    assert again.success
     assert len(generated.images("example")) == len(after)
+    assert "made no replacement" in str(replacements_follow_up(generated, again))
     # One slot, as `imagegen regenerate SET PROMPT_ID --index I` asks: the newest image of the
     # slot is replaced, with the slot's next seed.
     slot = {"prompt_set": "example", "prompt_id": old["prompt_id"], "index": 0}
@@ -202,6 +214,19 @@ def test_a_reject_is_replaced_with_a_new_seed_and_lineage(generated: Generated):
     exact = generated.regenerate({**slot, "seed": 7, "new_seed": False})
     assert exact.success
     assert 7 in set(generated.images("example")["seed"])
+
+
+def replacements_follow_up(generated: Generated, run: dg.ExecuteInProcessResult) -> Any:
+    """What ``score_replacements_sensor`` asks for once ``run`` has succeeded."""
+    context = dg.build_run_status_sensor_context(
+        sensor_name=score_replacements_sensor.name,
+        dagster_event=run.get_run_success_event(),
+        dagster_instance=generated.instance,
+        dagster_run=generated.instance.get_run_by_id(run.run_id),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMAGEGEN_STORAGE", str(generated.storage.base))
+        return score_replacements_sensor(context)
 
 
 def test_the_next_generate_run_scores_the_replacements(generated: Generated):

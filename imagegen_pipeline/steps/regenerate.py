@@ -183,3 +183,17 @@ def rejects_to_replace(new_verdicts: pd.DataFrame, storage: Storage) -> list[Rep
             if image_id not in replaced:
                 wanted.append(Replacement(prompt_set, backend, image_id))
     return wanted
+
+
+def made_by_run(storage: Storage, run_id: str, prompt_sets: Iterable[str]) -> dict[str, set[str]]:
+    """Per backend, the prompt sets (of ``prompt_sets``) where run ``run_id`` made a
+    replacement: the partitions whose scores, keepers and clips now lag behind."""
+    made: dict[str, set[str]] = {}
+    for prompt_set in sorted(set(prompt_sets)):
+        rows = load_run_metadata(
+            storage, "images", prompt_set=prompt_set, columns=["backend", "run_id", "replaces"]
+        )
+        ours = rows[(rows["run_id"] == run_id) & rows["replaces"].notna()]
+        for backend in ours["backend"].unique():
+            made.setdefault(str(backend), set()).add(prompt_set)
+    return made

@@ -128,12 +128,28 @@ def test_review_rejects_by_keyboard_and_the_daemon_replaces_them(project: Runnin
                 assert Path(old["path"]).exists()  # the rejected image stays on disk
             runs = [run for run in project.runs() if run.job_name == "regenerate_images"]
             assert [run.tags["imagegen/backend"] for run in runs] == ["flux_schnell"]
-            project.wait_for("the regenerate run to end", project.idle)
+            (regenerated,) = runs
+            # Then the set's pipeline runs again for them: scored, keepers chosen, animated.
+            reason = f"replaced:{regenerated.run_id}"
+            project.wait_for(
+                "the replacements to be scored",
+                lambda: any(
+                    run.tags.get("imagegen/reason") == reason
+                    and run.status == dg.DagsterRunStatus.SUCCESS
+                    for run in project.runs()
+                ),
+            )
+            (follow_up,) = [r for r in project.runs() if r.tags.get("imagegen/reason") == reason]
+            assert partitions_of(follow_up) == "flux_schnell|alpha"
+            project.wait_for("every run to end", project.idle)
             page.reload()
             expect(cards).to_have_count(4)
             shown = {cards.nth(i).get_attribute("data-image") for i in range(4)}
             assert not shown & set(rejected)  # the replacements stand in their slots
-            expect(page.locator("a.replacement")).to_have_count(2)
+            replacements = page.locator(".card", has=page.locator("a.replacement"))
+            expect(replacements).to_have_count(2)
+            for index in range(2):  # scored, as the reviewer sees it
+                expect(replacements.nth(index).locator(".facts")).to_contain_text("CLIP")
             page.locator("a.replacement").first.click()
             expect(page.locator(".history .earlier")).to_have_count(1)
             expect(page.locator(".history")).to_contain_text("reject")

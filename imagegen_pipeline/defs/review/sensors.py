@@ -1,4 +1,5 @@
-"""``regenerate_rejected_sensor``: reject means replace.
+"""Reject means replace: ``regenerate_rejected_sensor`` makes rejected images again, and
+``score_replacements_sensor`` brings their scores, keepers and clips up to date.
 
 It follows the verdict parts under ``reviews/`` (its cursor is the name of the newest part
 handled; names start with their time) and, once reviewers have paused for
@@ -7,6 +8,12 @@ rejected since, whose latest verdict is still a reject and that nothing replaces
 yet. The run key names the images, so a tick that sees the same rejects asks for nothing new.
 Waiting for the pause makes a reviewer's burst of rejects one run (one model load), not one run
 per sensor tick that fell between two key presses.
+
+After each successful ``regenerate_images`` run (the sensor's, the launchpad's or
+``imagegen regenerate``'s), ``score_replacements_sensor`` asks for one ``generate_images`` run
+per backend over the prompt sets where it made replacements: the images step lists them beside
+the CSV's images (generating nothing), then quality scores them, keepers chooses again and clips
+animates the new keepers, so a reviewer sees a replacement scored within a minute or so.
 """
 
 import hashlib
@@ -14,11 +21,13 @@ from pathlib import PurePosixPath
 
 import dagster as dg
 
+from imagegen_pipeline.defs.images.sensors import generation_requests
+from imagegen_pipeline.defs.jobs import generate_images_job
 from imagegen_pipeline.defs.review.jobs import regenerate_images_job
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.records import utc_now
 from imagegen_pipeline.reviews import part_time, read_verdict_parts, reviews_folder
-from imagegen_pipeline.steps.regenerate import rejects_to_replace
+from imagegen_pipeline.steps.regenerate import made_by_run, rejects_to_replace
 from imagegen_pipeline.storage import Storage
 
 
@@ -69,3 +78,27 @@ def regenerate_rejected_sensor(context: dg.SensorEvaluationContext) -> dg.Sensor
             dg.RunRequest(run_key=f"rejected:{backend}:{digest}", run_config=config, tags=tags)
         )
     return dg.SensorResult(run_requests=requests, cursor=PurePosixPath(parts[-1]).name)
+
+
+def prompt_sets_asked(run_config: dict) -> set[str]:
+    """The prompt sets a ``regenerate_images`` run's config names (a slot, or rejected images)."""
+    asked = run_config.get("ops", {}).get("regenerate", {}).get("config", {})
+    named = {rejected["prompt_set"] for rejected in asked.get("rejected", [])}
+    return named | ({asked["prompt_set"]} if asked.get("prompt_set") else set())
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[regenerate_images_job],
+    request_job=generate_images_job,
+    minimum_interval_seconds=load_project_config().sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def score_replacements_sensor(context: dg.RunStatusSensorContext):
+    """After images are made again, score them, choose the keepers again and animate them."""
+    run = context.dagster_run
+    storage = Storage(load_project_config().storage)
+    made = made_by_run(storage, run.run_id, prompt_sets_asked(run.run_config))
+    if not made:
+        return dg.SkipReason(f"Run {run.run_id[:8]} made no replacement.")
+    return generation_requests(context.instance, made, f"replaced:{run.run_id}")
