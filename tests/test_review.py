@@ -398,6 +398,19 @@ def test_a_steered_image_shows_its_control():
     assert control_label("") == "" and control_label(None) == ""
 
 
+def test_a_card_names_each_lora_as_people_do():
+    from imagegen_pipeline.steps.review import lora_names
+
+    folder = {"source": "/p/styles/brand/pytorch_lora_weights.safetensors", "scale": 0.8}
+    named = {"source": "/p/detail.safetensors", "scale": 0.4}
+    hub = {"source": "user/ink-lora", "scale": 1.0}  # resolved from the hub cache
+    assert (
+        lora_names(json.dumps([folder, named, hub]))
+        == "brand:0.8, detail.safetensors:0.4, ink-lora:1"
+    )
+    assert lora_names("") == "" and lora_names(None) == ""
+
+
 def test_the_keepers_asset_orders_the_grid_and_picks_the_export(
     generated: Generated, tmp_path: Path
 ):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from imagegen_pipeline.lora import WEIGHT_FILE_NAMES
 from imagegen_pipeline.records import EXISTING_STATUSES
 from imagegen_pipeline.reviews import VerdictCache
 from imagegen_pipeline.run_metadata import load_run_metadata
@@ -68,10 +69,14 @@ def lora_names(cell: object) -> str:
     """The adapters of a row's ``loras`` JSON as "name:scale, ..." for people."""
     if not isinstance(cell, str) or not cell:
         return ""
-    return ", ".join(
-        f"{str(a['source']).rstrip('/').rsplit('/', 1)[-1]}:{a['scale']:g}"
-        for a in json.loads(cell)
-    )
+    return ", ".join(f"{lora_name(a['source'])}:{a['scale']:g}" for a in json.loads(cell))
+
+
+def lora_name(source: str) -> str:
+    """What people call an adapter: its file's name, or its folder's where the file has the
+    standard name every diffusers LoRA folder uses."""
+    parts = str(source).rstrip("/").rsplit("/", 2)
+    return parts[-2] if parts[-1] in WEIGHT_FILE_NAMES and len(parts) > 1 else parts[-1]
 
 
 def control_label(cell: object) -> str:
