@@ -160,6 +160,21 @@ def set_defaults_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".toml")
 
 
+def source_digest(paths: list[Path]) -> str:
+    """What tells one version of a prompt set's source from another: its file's bytes and its
+    sidecar's (and, for a set that several files map to, their names too, so renaming one of
+    them counts as a change)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if len(paths) > 1:
+            digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes())
+        sidecar = set_defaults_path(path)
+        if sidecar.is_file():
+            digest.update(b"\0sidecar\0" + sidecar.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def read_set_defaults(csv_path: Path) -> SetDefaults:
     """The sidecar of ``csv_path`` (none: no defaults), checked as a row would be; raises
     :class:`PromptFileError` naming the sidecar and the key of the first problem."""

@@ -10,7 +10,7 @@ from imagegen_pipeline.defs.images.sensors import (
     bulk_generation_schedule,
     generate_after_prompts_sensor,
 )
-from imagegen_pipeline.defs.partitions import partition_key
+from imagegen_pipeline.defs.partitions import partition_key, prompt_set_x_backend_partitions
 from tests.conftest import SECOND_CSV
 
 LOCAL = ("flux_schnell", "sdxl_turbo")
@@ -78,6 +78,38 @@ def test_generation_waits_while_prompt_sets_are_being_prepared(
     dagster_instance.report_run_failed(dagster_instance.get_run_by_id("f" * 36))
     ready = generate_after_prompts_sensor(dg.build_sensor_context(instance=dagster_instance))
     assert spans(ready.run_requests) == ["flux_schnell|example", "sdxl_turbo|example"]
+
+
+def test_a_set_a_run_has_finished_since_its_prompts_were_enhanced_is_left_alone(
+    dagster_instance, make_resources, prompts_dir, monkeypatch
+):
+    """`make demo`, then `make ui`: the sensor's first tick sees the demo's enhanced prompts,
+    and the demo's runs have finished them: nothing to ask for. A set enhanced again after
+    those runs (its CSV edited) is generated."""
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    (prompts_dir / "second.csv").write_text(SECOND_CSV)
+    resources = make_resources()
+    prepare(dagster_instance, resources, ["example", "second"])
+
+    @dg.asset(name=FINAL_ASSET.path[-1], partitions_def=prompt_set_x_backend_partitions)
+    def final_asset_of_a_real_run() -> None:
+        """A run that materializes the last asset of a partition, as the demo's runs do."""
+
+    demo_run = dg.materialize(
+        [final_asset_of_a_real_run],
+        partition_key=str(partition_key("example", "flux_schnell")),
+        instance=dagster_instance,
+    )
+    assert demo_run.success
+    first = generate_after_prompts_sensor(dg.build_sensor_context(instance=dagster_instance))
+    assert spans(first.run_requests) == [
+        "flux_schnell|second",
+        "sdxl_turbo|example..sdxl_turbo|second",
+    ]
+    prepare(dagster_instance, resources, ["example"])  # enhanced again, after the demo's run
+    context = dg.build_sensor_context(instance=dagster_instance, cursor=first.cursor)
+    again = generate_after_prompts_sensor(context)
+    assert spans(again.run_requests) == ["flux_schnell|example", "sdxl_turbo|example"]
 
 
 def finished(instance: dg.DagsterInstance, prompt_sets: list[str]) -> None:

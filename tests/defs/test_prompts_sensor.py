@@ -30,7 +30,8 @@ def test_new_and_changed_files_become_partitions_and_runs(tmp_path, dagster_inst
     context = dg.build_sensor_context(
         instance=dagster_instance, resources={"storage": storage}, cursor=result.cursor
     )
-    assert isinstance(prompt_files_sensor(context), dg.SkipReason)
+    unchanged = prompt_files_sensor(context)
+    assert not unchanged.run_requests and "No new or changed CSV" in str(unchanged.skip_reason)
 
     (folder / "cats.csv").write_text("prompt\na cat\na kitten\n")
     context = dg.build_sensor_context(
@@ -88,3 +89,41 @@ def test_two_files_of_one_set_fail_that_set_alone(tmp_path, dagster_instance, ca
     assert refused["field"].tolist() == ["file"]
     assert str(folder / "x.csv") in refused["reason"][0]
     assert str(folder / "x.CSV") in refused["reason"][0]
+
+
+def test_a_set_prepared_before_the_first_tick_is_not_prepared_again(tmp_path, dagster_instance):
+    """`make demo`, then `make ui`: the sensor's first tick finds the demo's sets prepared from
+    the files as they are, and asks for nothing; an edited file, or one whose enhancement
+    never finished, is prepared."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for name in ("done", "edited", "unfinished"):
+        (folder / f"{name}.csv").write_text(f"prompt\na {name} cat\n")
+    storage = StorageResource(prompts_dir=str(folder), base=str(tmp_path / "storage"))
+    dagster_instance.add_dynamic_partitions("prompt_sets", ["done", "edited", "unfinished"])
+    resources = {
+        **default_resources(),
+        "storage": storage,
+        "io_manager": TableIOManager(storage=storage),
+    }
+    for selection, (first, last) in (
+        ([prompts, prompt_checks, enhanced_prompts], ("done", "edited")),
+        ([prompts, prompt_checks], ("unfinished", "unfinished")),
+    ):
+        run = dg.materialize(
+            selection,
+            instance=dagster_instance,
+            resources=resources,
+            tags=range_tags(first, last),
+        )
+        assert run.success
+    (folder / "edited.csv").write_text("prompt\na cat, edited since\n")
+
+    context = dg.build_sensor_context(instance=dagster_instance, resources={"storage": storage})
+    first_tick = prompt_files_sensor(context)
+    assert sorted(r.partition_key for r in first_tick.run_requests) == ["edited", "unfinished"]
+    context = dg.build_sensor_context(
+        instance=dagster_instance, resources={"storage": storage}, cursor=first_tick.cursor
+    )
+    (folder / "done.csv").write_text("prompt\na done cat\na new row\n")
+    assert [r.partition_key for r in prompt_files_sensor(context).run_requests] == ["done"]

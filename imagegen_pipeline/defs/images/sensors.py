@@ -73,7 +73,9 @@ def generate_after_prompts_sensor(context: dg.SensorEvaluationContext) -> dg.Sen
     """When prompt sets are enhanced, generate their images with every enabled backend.
 
     The cursor is the storage id of the last ``enhanced_prompts`` materialization handled, so
-    every set enhanced since the last tick is seen, however many landed in one tick. While
+    every set enhanced since the last tick is seen, however many landed in one tick; a set and
+    backend that a run started since has finished (the first start after ``imagegen demo``,
+    say) is left alone. While
     prompt sets are still being prepared it waits, so that sets dropped together are generated
     together: one run, and one model load, per backend."""
     preparing = context.instance.get_run_records(
@@ -87,13 +89,38 @@ def generate_after_prompts_sensor(context: dg.SensorEvaluationContext) -> dg.Sen
     result = context.instance.fetch_materializations(
         ENHANCED_PROMPTS, limit=1000, cursor=context.cursor, ascending=True
     )
-    prompt_sets = {
-        record.partition_key for record in result.records if record.partition_key is not None
+    enhanced_at = {
+        record.partition_key: record.timestamp
+        for record in result.records
+        if record.partition_key is not None
     }
     backends = project_backends(load_project_config())
-    wanted = dict.fromkeys(backends, prompt_sets)
+    done = context.instance.get_materialized_partitions(FINAL_ASSET)
+    wanted = {
+        backend: {
+            prompt_set
+            for prompt_set, since in enhanced_at.items()
+            if str(partition_key(prompt_set, backend)) not in done
+            or not finished_since(context.instance, prompt_set, backend, since)
+        }
+        for backend in backends
+    }
     requests = generation_requests(context.instance, wanted, "enhanced")
     return dg.SensorResult(run_requests=requests, cursor=result.cursor or context.cursor)
+
+
+def finished_since(
+    instance: dg.DagsterInstance, prompt_set: str, backend: str, since: float
+) -> bool:
+    """Whether a run started after ``since`` (a timestamp) has finished the partition: it read
+    the prompts enhanced then (``imagegen demo``, a backfill, a launch from the CLI), so
+    generating again would only find its outputs."""
+    key = str(partition_key(prompt_set, backend))
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=FINAL_ASSET, asset_partitions=[key]), limit=1
+    ).records
+    run = instance.get_run_record_by_id(records[0].run_id) if records else None
+    return run is not None and run.start_time is not None and run.start_time > since
 
 
 def unfinished_partitions(

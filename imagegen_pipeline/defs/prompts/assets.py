@@ -20,8 +20,13 @@ from imagegen_pipeline.prompt_csv import (
     VALID_COLUMNS,
     PromptFileError,
     read_prompt_csv,
+    source_digest,
 )
 from imagegen_pipeline.prompt_folder import find_prompt_csvs
+
+# Metadata of each `prompts` partition: the digest of the source it read, so that
+# prompt_files_sensor knows a file it has not seen yet was prepared as it is.
+SOURCE_DIGEST = "source_digest"
 
 
 def prompt_csv_files(prompts_dir: str | Path) -> dict[str, Path]:
@@ -67,6 +72,7 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
             unusable.append(message)
             valid[prompt_set], rejected[prompt_set] = _no_rows(), _file_problem(folder, message)
             continue
+        digest = source_digest(found.paths[prompt_set])  # before reading: a later edit is new
         try:
             table = read_prompt_csv(path)
         except PromptFileError as error:
@@ -83,6 +89,7 @@ def prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> Iter
             context,
             {
                 "file": dg.MetadataValue.path(str(path)),
+                SOURCE_DIGEST: digest,
                 "rows": len(table.valid),
                 "rejected_rows": table.rejected_rows,
                 "preview": markdown_table(
