@@ -106,7 +106,17 @@ def generate_after_prompts_sensor(context: dg.SensorEvaluationContext) -> dg.Sen
         for backend in backends
     }
     requests = generation_requests(context.instance, wanted, "enhanced")
-    return dg.SensorResult(run_requests=requests, cursor=result.cursor or context.cursor)
+    skip_reason = None
+    if not requests:
+        skip_reason = (
+            f"{len(enhanced_at)} prompt set(s) enhanced since the last tick, each already "
+            "finished by a run started since."
+            if enhanced_at
+            else "No prompt set enhanced since the last tick."
+        )
+    return dg.SensorResult(
+        run_requests=requests, cursor=result.cursor or context.cursor, skip_reason=skip_reason
+    )
 
 
 def finished_since(
