@@ -1,4 +1,5 @@
-"""Asset metadata the Dagster UI shows: Markdown tables and thumbnail previews."""
+"""Asset metadata: recorded per partition (Markdown tables and thumbnail previews the Dagster UI
+shows), and read back by the sensors."""
 
 import base64
 import io
@@ -38,6 +39,16 @@ def add_partition_metadata(
     step._metadata_accumulator = accumulator.with_additional_asset_metadata(  # type: ignore[union-attr]
         asset_key=key, metadata=metadata, partition_key=partition_key
     )
+
+
+def latest_materialization(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
+) -> dg.EventLogRecord | None:
+    """The newest materialization of one partition of an asset, or None."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    return records[0] if records else None
 
 
 def markdown_table(frame: pd.DataFrame, columns: Sequence[str], rows: int = 10) -> dg.MetadataValue:

@@ -15,16 +15,18 @@ from dagster._core.storage.tags import (  # the tags Dagster itself uses for par
 )
 
 from imagegen_pipeline.defs.jobs import generate_images_job, prepare_prompts_job
+from imagegen_pipeline.defs.metadata import latest_materialization
 from imagegen_pipeline.defs.partitions import (
     partition_key,
     prompt_set_partitions,
     prompt_set_x_backend_partitions,
     split_key,
 )
+from imagegen_pipeline.defs.prompts.assets import enhanced_prompts
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.registry import project_backends
 
-ENHANCED_PROMPTS = dg.AssetKey("enhanced_prompts")
+ENHANCED_PROMPTS = enhanced_prompts.key
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -125,11 +127,8 @@ def finished_since(
     """Whether a run started after ``since`` (a timestamp) has finished the partition: it read
     the prompts enhanced then (``imagegen demo``, a backfill, a launch from the CLI), so
     generating again would only find its outputs."""
-    key = str(partition_key(prompt_set, backend))
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=FINAL_ASSET, asset_partitions=[key]), limit=1
-    ).records
-    run = instance.get_run_record_by_id(records[0].run_id) if records else None
+    final = latest_materialization(instance, FINAL_ASSET, str(partition_key(prompt_set, backend)))
+    run = instance.get_run_record_by_id(final.run_id) if final else None
     return run is not None and run.start_time is not None and run.start_time > since
 
 

@@ -5,28 +5,22 @@ import json
 import dagster as dg
 
 from imagegen_pipeline.defs.jobs import prepare_prompts_job
+from imagegen_pipeline.defs.metadata import latest_materialization
 from imagegen_pipeline.defs.partitions import prompt_set_partitions
-from imagegen_pipeline.defs.prompts.assets import SOURCE_DIGEST
+from imagegen_pipeline.defs.prompts.assets import SOURCE_DIGEST, enhanced_prompts
 from imagegen_pipeline.defs.storage import StorageResource
 from imagegen_pipeline.project_config import load_project_config
 from imagegen_pipeline.prompt_csv import source_digest
 from imagegen_pipeline.prompt_folder import find_prompt_csvs
 
-PROMPTS, ENHANCED_PROMPTS = dg.AssetKey("prompts"), dg.AssetKey("enhanced_prompts")
-
-
-def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, prompt_set: str):
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[prompt_set]), limit=1
-    ).records
-    return records[0] if records else None
+PROMPTS = dg.AssetKey("prompts")
 
 
 def prepared_digest(instance: dg.DagsterInstance, prompt_set: str) -> str | None:
     """The source digest a prompt set was last prepared from (read by ``prompts``, then
     enhanced), or None when it was never prepared to the end."""
-    read = _latest(instance, PROMPTS, prompt_set)
-    enhanced = _latest(instance, ENHANCED_PROMPTS, prompt_set)
+    read = latest_materialization(instance, PROMPTS, prompt_set)
+    enhanced = latest_materialization(instance, enhanced_prompts.key, prompt_set)
     if read is None or enhanced is None or enhanced.storage_id < read.storage_id:
         return None
     entry = read.asset_materialization.metadata.get(SOURCE_DIGEST)
