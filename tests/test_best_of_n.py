@@ -28,6 +28,7 @@ from imagegen_pipeline.steps.images import ImagesStepContext, derive_seed
 from imagegen_pipeline.steps.keepers import choose_keepers
 from imagegen_pipeline.storage import Storage
 from imagegen_pipeline.tiny_models import build_tiny_model
+from tests.support.loras import make_lora
 
 SIDE = 64
 PROMPTS = ["a red cat", "a blue dog", "a city street at night", "the sun in a green sky",
@@ -206,6 +207,24 @@ def test_a_gate_draws_new_seeds_until_one_passes_and_a_rerun_makes_nothing(
     assert resumed.outcome.generated == 1
     rows = load_run_metadata(storage.base, "images", prompt_set="set", backend="sdxl_turbo")
     assert rows["image_id"].is_unique and len(rows) == len(second.outcome.records)
+
+
+def test_the_step_reports_the_adapter_loads_of_every_round(
+    tmp_path: Path, sdxl, hps, tiny_sdxl: Path
+) -> None:
+    # Each round is a generate call that loads the row's LoRA and frees it when done: a gate
+    # no candidate passes spends every round, and the step row counts all of their loads,
+    # not only the last call's.
+    lora = make_lora("sdxl_turbo", tiny_sdxl, tmp_path / "style", seed=1)
+    table = enhanced(
+        tmp_path, "candidates,scorer,min_score,lora,backends", f"3,hpsv2,1000000,{lora},sdxl_turbo"
+    )
+    result = run(sdxl, hps, table, Storage(str(tmp_path / "storage")), "r0")
+    assert result.rounds == 3 and result.outcome.generated == 3 * len(PROMPTS)
+    assert sdxl.run_summary().metadata["adapter_loads"] == 1  # the last call's own
+    assert result.summary.metadata["adapter_loads"] == 3
+    assert result.summary.metadata["adapter_switches"] >= 3
+    assert result.summary.metadata["batch_size"] == sdxl.run_summary().metadata["batch_size"]
 
 
 def test_retry_rounds_draw_only_what_the_rest_of_the_run_budget_pays_for() -> None:

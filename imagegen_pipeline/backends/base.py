@@ -57,6 +57,28 @@ class RunSummary:
 
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # The metadata keys that count (loads, seconds, tokens): a step that calls ``generate``
+    # several times (best-of-N rounds, replacements first) adds them up; other keys (the
+    # batch size, the memory plan) describe the call and the later call's stand.
+    totals: frozenset[str] = frozenset()
+
+    def followed_by(self, later: RunSummary) -> RunSummary:
+        """This summary and a later call's, as one step's."""
+        metadata = {**self.metadata, **later.metadata}
+        for key in self.totals & later.totals:
+            metadata[key] = _added(self.metadata.get(key), later.metadata.get(key))
+        warnings = list(dict.fromkeys(self.warnings + later.warnings))
+        return RunSummary(metadata, warnings, self.totals | later.totals)
+
+
+def _added(first: Any, second: Any) -> Any:
+    if first is None or second is None:
+        return second if first is None else first
+    if isinstance(first, bool):  # a flag (budget reached): set if either call set it
+        return first or second
+    if isinstance(first, dict):  # counts by key (errors by HTTP status)
+        return {k: first.get(k, 0) + second.get(k, 0) for k in {**first, **second}}
+    return first + second
 
 
 class ImageBackend(ABC):

@@ -41,6 +41,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# What adds up over the generate calls of one step (see RunSummary.totals).
+STEP_TOTALS = frozenset(
+    {
+        "adapter_loads",
+        "adapter_switches",
+        "adapter_load_seconds",
+        "adapter_switch_seconds",
+        "controlnet_loads",
+        "controlnet_load_seconds",
+        "compile_seconds",
+        "recompiles",
+    }
+)
+
+
 class DiffusersTextToImage(DiffusersModel, ImageBackend):
     """A text-to-image diffusers pipeline, loaded once and called once per batch."""
 
@@ -235,7 +250,8 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
                     self.controlnets.load_seconds if self.controlnets else 0.0
                 ),
                 **self.compile_watch.summary(),
-            }
+            },
+            totals=STEP_TOTALS,
         )
 
     def pipeline_kwargs(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:

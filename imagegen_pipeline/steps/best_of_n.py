@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from imagegen_pipeline.backends.base import ImageBackend
+from imagegen_pipeline.backends.base import ImageBackend, RunSummary
 from imagegen_pipeline.claims import partition_claim
 from imagegen_pipeline.model_resolution import weights_present
 from imagegen_pipeline.model_settings import ImageTarget
@@ -153,6 +153,7 @@ class CandidatesOutcome:
     placements: dict[str, str] = field(default_factory=dict)  # ungated scorer: where, and why
     scorer_load_seconds: float = 0.0
     budget_stopped: list[str] = field(default_factory=list)  # prompts a budget left short
+    summary: RunSummary = field(default_factory=RunSummary)  # the backend's, over every round
 
 
 def run_candidates_step(
@@ -197,7 +198,7 @@ def run_candidates_step(
         extra_records = []
         if extra:
             extra_outcome = run_step(maker, list(extra), place, log)
-            _add(result.outcome, extra_outcome)
+            _add(result, extra_outcome, maker)
             extra_records = extra_outcome.records
         planned = plan_candidates(enhanced, target, drawn, since)
         gated = sorted(scorers_needed(policies, True) & set(scorers))
@@ -206,7 +207,7 @@ def run_candidates_step(
         while planned:
             result.rounds += 1
             outcome = run_step(maker, planned, place, log)
-            _add(result.outcome, outcome)
+            _add(result, outcome, maker)
             records.update({(r.prompt_id, r.image_index): r for r in outcome.records})
             since = dict(drawn)
             open_gates = [
@@ -263,11 +264,14 @@ def _passes(score: float | None, gate: float | None) -> bool:
     return score is not None and gate is not None and score >= gate
 
 
-def _add(total: StepOutcome[ImageRecord], outcome: StepOutcome[ImageRecord]) -> None:
+def _add(result: CandidatesOutcome, outcome: StepOutcome[ImageRecord], maker: ImagesKind) -> None:
     """Add one round's totals to the step's (records and counts are set at the end)."""
+    total = result.outcome
     total.generated += outcome.generated
     total.load_seconds += outcome.load_seconds
     total.damaged += outcome.damaged
+    if outcome.generated:  # the backend ran: its loads and switches of this round count too
+        result.summary = result.summary.followed_by(maker.run_summary())
 
 
 def _spend_within_budget(

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from upath import UPath
 
-from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult
+from imagegen_pipeline.backends.base import ImageBackend, ImageRequest, ImageResult, RunSummary
 from imagegen_pipeline.claims import partition_claim
 from imagegen_pipeline.control import DEFAULT_CONTROL_SCALE, control_of
 from imagegen_pipeline.image_files import (
@@ -225,6 +225,10 @@ class ImagesKind:
 
     def load(self) -> float:
         return self.backend().load()
+
+    def run_summary(self) -> RunSummary:
+        """The backend's summary of the ``produce`` that just made something."""
+        return self.backend().run_summary()
 
     def produce(self, items: list[PlannedImage]) -> Iterator[tuple[PlannedImage, ImageResult]]:
         # By seed too: a replacement shares its prompt id and index with the image it replaces.

@@ -64,3 +64,29 @@ def test_address_ignores_what_does_not_change_pixels():
     # The prompt id and the image's position only name the file; the pixels are the same.
     moved = replace(REQUEST, prompt_id="renamed", image_index=3)
     assert content_address(SETTINGS, moved) == content_address(SETTINGS, REQUEST)
+
+
+def test_a_steps_summary_adds_the_totals_of_its_calls_and_keeps_the_last_facts():
+    from imagegen_pipeline.backends.base import RunSummary
+
+    totals = frozenset({"loads", "seconds", "errors", "budget_reached"})
+    first = RunSummary(
+        {"loads": 1, "seconds": 0.5, "errors": {"429": 2}, "budget_reached": False, "batch": 8},
+        ["slow"],
+        totals,
+    )
+    later = RunSummary(
+        {"loads": 2, "seconds": 0.25, "errors": {"429": 1, "503": 1}, "budget_reached": True,
+         "batch": 4},
+        ["slow", "budget"],
+        totals,
+    )  # fmt: skip
+    step = RunSummary().followed_by(first).followed_by(later)
+    assert step.metadata == {
+        "loads": 3,
+        "seconds": 0.75,
+        "errors": {"429": 3, "503": 1},
+        "budget_reached": True,
+        "batch": 4,  # not a total: the later call's
+    }
+    assert step.warnings == ["slow", "budget"]

@@ -86,6 +86,21 @@ def checked_settings(settings: GeminiSettings) -> GeminiSettings:
     return settings.model_copy(update={"api_key": key})
 
 
+# What adds up over the generate calls of one step (see RunSummary.totals).
+STEP_TOTALS = frozenset(
+    {
+        "prompt_tokens",
+        "output_tokens",
+        "retries",
+        "http_calls",
+        "spent_usd",
+        "budget_reached",
+        "daily_quota_exhausted",
+        "errors_by_status",
+    }
+)
+
+
 @dataclass
 class GeminiRunStats:
     """What one ``generate`` call did: the source of ``run_summary`` and the benchmark's figures."""
@@ -181,7 +196,7 @@ class GeminiBackend(ImageBackend):
             )
         if stats.daily_quota_exhausted:
             warnings.append(DAILY_QUOTA_WARNING)
-        return RunSummary(metadata=metadata, warnings=warnings)
+        return RunSummary(metadata=metadata, warnings=warnings, totals=STEP_TOTALS)
 
     # --- the caller's thread ---
 

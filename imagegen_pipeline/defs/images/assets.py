@@ -12,7 +12,6 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from imagegen_pipeline.backends.base import RunSummary
 from imagegen_pipeline.defs.gpu import GPU_POOL, gpu_op_tags, model_for_step
 from imagegen_pipeline.defs.images.routing import images_kind, route, set_settings
 from imagegen_pipeline.defs.metadata import add_partition_metadata, markdown_table, thumbnails
@@ -39,7 +38,7 @@ from imagegen_pipeline.steps.best_of_n import (
     scorers_to_place,
 )
 from imagegen_pipeline.steps.hybrid import Routing
-from imagegen_pipeline.steps.images import ImagesKind, ImagesStepContext, images_folder
+from imagegen_pipeline.steps.images import ImagesStepContext, images_folder
 from imagegen_pipeline.steps.regenerate import standing_replacements
 
 PREVIEW_COLUMNS = ["prompt_id", "image_index", "status", "seed", "seconds", "error"]
@@ -108,10 +107,7 @@ def make_images(
                 kind=kind,
             )
         outcome = best_of_n.outcome
-        # The backend's totals are those of its last generate call: this partition's only if
-        # it made something (a batch step makes no generate call).
-        made = outcome.generated and kind is ImagesKind
-        summary = model().run_summary() if made else RunSummary()
+        summary = best_of_n.summary
         for warning in summary.warnings:
             context.log.warning(warning)
         counts = outcome.counts
