@@ -313,12 +313,21 @@ def _read_partition(
     for attempt in range(READ_ATTEMPTS):
         try:
             rows = _read_files(storage, folder, _ordered_names(names), schema, current)
-            return resolve(rows, table), len(names)
         except FileNotFoundError:
             if attempt == READ_ATTEMPTS - 1:
                 raise
             # A compaction deleted a listed part: its rows are in the compacted file now.
             names = list(storage.list_files(folder))
+            continue
+        # A listing is no snapshot: one taken while a compaction ran can miss both the file it
+        # wrote and the parts it then deleted. A compacted file that the listing lacked says
+        # that may have happened (it is written before any part is deleted): read again.
+        again = list(storage.list_files(folder))
+        if attempt == READ_ATTEMPTS - 1 or not {
+            name for name in again if name.startswith(COMPACTED_PREFIX)
+        } - set(names):
+            return resolve(rows, table), len(names)
+        names = again
     raise AssertionError("unreachable")
 
 

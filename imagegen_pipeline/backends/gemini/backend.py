@@ -86,21 +86,6 @@ def checked_settings(settings: GeminiSettings) -> GeminiSettings:
     return settings.model_copy(update={"api_key": key})
 
 
-# What adds up over the generate calls of one step (see RunSummary.totals).
-STEP_TOTALS = frozenset(
-    {
-        "prompt_tokens",
-        "output_tokens",
-        "retries",
-        "http_calls",
-        "spent_usd",
-        "budget_reached",
-        "daily_quota_exhausted",
-        "errors_by_status",
-    }
-)
-
-
 @dataclass
 class GeminiRunStats:
     """What one ``generate`` call did: the source of ``run_summary`` and the benchmark's figures."""
@@ -182,7 +167,7 @@ class GeminiBackend(ImageBackend):
             "retries": stats.retries,
             "http_calls": stats.http_calls,
             "spent_usd": stats.spent_usd,
-            **({"budget_usd": float(budget)} if budget is not None else {}),
+            **({"budget_usd": float(budget)} if budget is not None else {}),  # not a total
             "budget_reached": stats.budget_reached,
             "daily_quota_exhausted": stats.daily_quota_exhausted,
             "errors_by_status": dict(stats.errors_by_status),
@@ -196,7 +181,7 @@ class GeminiBackend(ImageBackend):
             )
         if stats.daily_quota_exhausted:
             warnings.append(DAILY_QUOTA_WARNING)
-        return RunSummary(metadata=metadata, warnings=warnings, totals=STEP_TOTALS)
+        return RunSummary(metadata, warnings, totals=frozenset(metadata) - {"budget_usd"})
 
     # --- the caller's thread ---
 
