@@ -305,14 +305,14 @@ def test_requests_are_paced_to_the_requests_per_minute(fake_gemini: FakeGemini):
     results = list(backend.generate([request(f"p{i}") for i in range(20)]))
 
     assert all(result.status == "ok" for result in results)
-    # Windows of 0.9 s: arrival times carry the scheduling jitter of a loaded machine (tests
-    # run on two workers), up to a tenth of a second, which a sender paced at 10/s never makes
-    # into an 11th request within one window.
+    # Arrival times carry the scheduling jitter of a loaded machine (tests run on two workers),
+    # up to a tenth of a second, so the checks allow that much: windows of 0.9 s, which a
+    # sender paced at 10/s never makes hold an 11th request, and a span short by at most 0.1 s
+    # of the 19 gaps of 0.1 s that the average rate of 600/min needs (a CI run saw 1.895 s).
     stats = arrival_stats(fake_gemini.requests, window_seconds=0.9)
     assert stats.count == 20
-    assert stats.per_minute <= 600  # the average rate
-    assert stats.max_in_window <= 10  # and no burst: at most 600/60 in any second
-    assert stats.span_seconds >= 1.8  # 19 gaps of 1/9.8 s: paced, not sent at once
+    assert stats.max_in_window <= 10  # no burst: at most 600/60 in any second
+    assert stats.span_seconds >= 19 / 10 - 0.1  # the average rate: paced, not sent at once
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])

@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -566,11 +566,10 @@ class ArrivalStats:
     count: int
     span_seconds: float
     max_in_window: int
-    per_minute: float = field(default=0.0)
 
 
 def arrival_stats(requests: list[RecordedRequest], window_seconds: float) -> ArrivalStats:
-    """Count, time span, the most requests in any ``window_seconds`` and the rate per minute."""
+    """Count, time span and the most requests in any ``window_seconds``."""
     times = sorted(request.received_at for request in requests)
     if not times:
         return ArrivalStats(0, 0.0, 0)
@@ -580,6 +579,4 @@ def arrival_stats(requests: list[RecordedRequest], window_seconds: float) -> Arr
         while arrived - times[start] >= window_seconds:
             start += 1
         most = max(most, end - start + 1)
-    span = times[-1] - times[0]
-    per_minute = (len(times) - 1) / span * 60.0 if span > 0 else 0.0
-    return ArrivalStats(len(times), span, most, per_minute)
+    return ArrivalStats(len(times), times[-1] - times[0], most)
