@@ -209,21 +209,22 @@ def test_a_gate_draws_new_seeds_until_one_passes_and_a_rerun_makes_nothing(
     assert rows["image_id"].is_unique and len(rows) == len(second.outcome.records)
 
 
-def test_the_step_reports_the_adapter_loads_of_every_round(
+def test_rounds_reuse_the_loaded_lora_and_the_step_reports_every_rounds_work(
     tmp_path: Path, sdxl, hps, tiny_sdxl: Path
 ) -> None:
-    # Each round is a generate call that loads the row's LoRA and frees it when done: a gate
-    # no candidate passes spends every round, and the step row counts all of their loads,
-    # not only the last call's.
+    # Each round is a generate call: a gate no candidate passes spends every round. The
+    # row's LoRA is read once, in the first round, and the later rounds switch to it; the
+    # step row counts every round's work, not only the last call's.
     lora = make_lora("sdxl_turbo", tiny_sdxl, tmp_path / "style", seed=1)
     table = enhanced(
         tmp_path, "candidates,scorer,min_score,lora,backends", f"3,hpsv2,1000000,{lora},sdxl_turbo"
     )
     result = run(sdxl, hps, table, Storage(str(tmp_path / "storage")), "r0")
     assert result.rounds == 3 and result.outcome.generated == 3 * len(PROMPTS)
-    assert sdxl.run_summary().metadata["adapter_loads"] == 1  # the last call's own
-    assert result.summary.metadata["adapter_loads"] == 3
-    assert result.summary.metadata["adapter_switches"] >= 3
+    last_call = sdxl.run_summary().metadata
+    assert last_call["adapter_loads"] == 0  # the last round switched to what was loaded
+    assert result.summary.metadata["adapter_loads"] == 1  # the first round's, counted
+    assert result.summary.metadata["adapter_switches"] >= 1
     assert result.summary.metadata["batch_size"] == sdxl.run_summary().metadata["batch_size"]
 
 

@@ -3,8 +3,8 @@
 A step's work is ordered by adapter set, so the base model stays loaded and only the adapters
 change between groups: ``load_lora_weights(..., adapter_name=...)`` the first time an adapter
 is needed, ``set_adapters`` to switch (a switch costs milliseconds; reloading FLUX costs tens of
-seconds), ``delete_adapters`` once no later group needs it, so the warm base model is left as
-it was loaded.
+seconds), ``delete_adapters`` at the first call that does not use it, so the warm base model
+carries only the adapters of its latest call (which the step's next call likely uses again).
 
 Under compile (``backends/compilation.py``) switching by name would recompile the denoiser:
 ``set_adapters`` and ``delete_adapters`` change the modules and the Python floats the compiled
@@ -182,8 +182,8 @@ class AdapterSwitcher:
         self, adapter_sets: Iterable[Sequence[LoraAdapter]], bytes_per_element: int
     ) -> dict[str, int]:
         """Memory the adapters of ``adapter_sets`` add to each component once loaded: every
-        distinct adapter (loaded once, freed after its last group) or, under hotswap, the
-        slots padded to their rank."""
+        distinct adapter (each is loaded once and all stay loaded through the call) or,
+        under hotswap, the slots padded to their rank."""
         sets = [tuple(loras) for loras in adapter_sets if loras]
         distinct = {a.sha256: a for loras in sets for a in loras}
         totals: dict[str, int] = {}
@@ -222,7 +222,7 @@ class AdapterSwitcher:
         self.load_seconds += time.perf_counter() - started
 
     def release(self, still_needed: Iterable[str] = ()) -> None:
-        """Delete the loaded adapters that no later group needs (hotswap slots stay)."""
+        """Delete the loaded adapters but those ``still_needed`` (hotswap slots stay)."""
         if self.hotswap:
             return
         keep = set(still_needed)

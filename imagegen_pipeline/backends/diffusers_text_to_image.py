@@ -278,10 +278,14 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
         if self.controlnets is not None:
             self.controlnets.reset_counts()
         self.compile_watch.reset_counts()
+        # Adapters stay loaded after a call: a step calls again with the same ones (its
+        # replacements, then each best-of-N round), and reading a file again costs what a
+        # switch saves. What this call does not use is freed before the memory plan.
+        self.adapters.release(still_needed=(a.adapter_name for r in requests for a in r.loras))
         self.adapters.prepare(request.loras for request in requests)  # hotswap slots, if any
         self.fit_adapters(requests)
         # One group per adapter set, ControlNet and size: the base model stays loaded and the
-        # adapters switch between groups (each group's last use frees its adapters).
+        # adapters switch between groups.
         groups: dict[tuple[Any, ...], list[ImageRequest]] = {}
         for request in requests:
             adapters = tuple((a.adapter_name, a.scale) for a in request.loras)
@@ -289,12 +293,10 @@ class DiffusersTextToImage(DiffusersModel, ImageBackend):
             key = (adapters, control, request.width, request.height)
             groups.setdefault(key, []).append(request)
         order = sorted(groups, key=lambda key: (len(key[0]), key[0], key[1]))
-        for position, key in enumerate(order):
+        for key in order:
             same_group = groups[key]
             self.adapters.activate(same_group[0].loras)
-            later = {name for k in order[position + 1 :] for name, _ in k[0]}
             yield from self._generate_group(same_group)
-            self.adapters.release(still_needed=later)
 
     def _generate_group(self, same_size: list[ImageRequest]) -> Iterator[ImageResult]:
         """The requests of one adapter set and size, batched (see ``generate``)."""

@@ -106,9 +106,19 @@ def test_adapters_change_the_image_and_switch_without_reloading(
     np.testing.assert_allclose(results[3], base, atol=1.0)  # scale 0: the base image
     assert backend.pipeline is not None and backend.model_loads == 1
     assert backend.adapters.loads == 2  # `one` at 1.0 and at 0.0 is one file, loaded once
-    assert backend.adapters.loaded == {}  # every adapter freed once its group was done
     summary = backend.run_summary().metadata
     assert summary["adapter_loads"] == 2 and summary["adapter_switches"] >= 3
+
+    # The step's next call (a best-of-N round) uses `two` again: switched to, not read again;
+    # `one`, which it does not use, is freed.
+    again = next(iter(backend.generate([request(1, [two])])))
+    np.testing.assert_array_equal(pixels(again), results[2])
+    assert backend.run_summary().metadata["adapter_loads"] == 0
+    assert set(backend.adapters.loaded) == {two.adapter_name}
+    # A call without adapters frees them all and makes the base image.
+    plain = next(iter(backend.generate([request(0)])))
+    np.testing.assert_array_equal(pixels(plain), base)
+    assert backend.adapters.loaded == {}
 
 
 def test_a_flux_lora_changes_flux_images(tiny_flux: Path, flux_lora: Path) -> None:
